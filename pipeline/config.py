@@ -1,0 +1,460 @@
+"""The pipeline.yaml schema, in one place.
+
+Loading a config never does work: it parses YAML, applies ``--set`` overrides, validates the
+result against the pydantic models below and, through :func:`check_models`, against the timm
+models it names.  Every failure is a :class:`ConfigError` whose message is one line naming the key
+path, the offending value and what is allowed, e.g.::
+
+    extract.layers[2]: 30 is out of range for cait_xxs24_224 (-8..7)
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import PipelineError
+
+DEFAULT_CONFIG = "pipeline.yaml"
+
+
+class ConfigError(PipelineError):
+    """A config problem, reported as one line naming the key path at fault."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class AugmentConfig(_Model):
+    """Random-resized-crop + flip policy used for teacher fitting and for cached train views."""
+
+    scale: tuple[float, float] = (0.6, 1.0)
+    ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    hflip: float = Field(0.0, ge=0.0, le=1.0)
+
+    @field_validator("scale", "ratio")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < v[0] <= v[1]):
+            raise ValueError(f"needs 0 < low <= high, got {list(v)}")
+        return v
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_le_1(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[1] > 1.0:
+            raise ValueError(f"scale is a fraction of the image area, at most 1.0, got {list(v)}")
+        return v
+
+
+class DataConfig(_Model):
+    source: Literal["digits", "imagefolder", "shards"] = "digits"
+    root: str | None = None
+    image_size: int = Field(32, ge=8, le=1024)
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    samples_per_shard: int = Field(512, ge=1)
+    train_shards: str | None = None
+    val_shards: str | None = None
+    num_classes: int = Field(10, ge=2)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    augment: AugmentConfig = AugmentConfig()
+    on_bad_sample: Literal["skip", "fail"] = "skip"
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> "DataConfig":
+        if self.source == "imagefolder" and not self.root:
+            raise ValueError("data.source 'imagefolder' needs data.root (a folder of class folders)")
+        if self.source == "shards" and not (self.train_shards and self.val_shards):
+            raise ValueError("data.source 'shards' needs data.train_shards and data.val_shards")
+        return self
+
+
+# --------------------------------------------------------------------------- teacher
+
+
+class FitConfig(_Model):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(2, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    num_workers: int = Field(0, ge=0)
+
+
+class TeacherConfig(_Model):
+    model: str = "cait_xxs24_224"
+    kwargs: dict[str, Any] = {}
+    pretrained: bool = False
+    checkpoint: str | None = None
+    fit: FitConfig | None = FitConfig()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+# --------------------------------------------------------------------------- extract
+
+
+class ExtractConfig(_Model):
+    layers: list[int] = [0, 1, 6, 7]
+    views: int = Field(2, ge=1)
+    store: list[Literal["logits", "spectra", "features"]] = ["logits", "spectra"]
+    batch_size: int = Field(128, ge=1)
+    rows_per_shard: int = Field(256, ge=1)
+    chunk_bytes: int = Field(1 << 20, ge=1024)
+    compressor: Literal["zstd", "blosc"] = "zstd"
+    clevel: int = Field(3, ge=1, le=9)
+    num_workers: int = Field(1, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["bf16", "fp16", "none"] = "bf16"
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: list[str]) -> list[str]:
+        if "logits" not in v:
+            raise ValueError("extract.store must include 'logits'")
+        return sorted(set(v), key=["logits", "spectra", "features"].index)
+
+
+# --------------------------------------------------------------------------- distill
+
+
+class LossConfig(_Model):
+    kind: Literal["none", "logits", "spectral"] = "spectral"
+    alpha: float = Field(0.9, ge=0, le=1)
+    tau: float = Field(1.0, gt=0)
+    beta: float = Field(1.0, ge=0)
+    w_fft: float = Field(0.2, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+
+
+class TrainDefaults(_Model):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1, ge=0)
+    optimizer: Literal["adamw"] = "adamw"
+    mode: Literal["cached", "online"] = "cached"
+    seed: int = 0
+    num_workers: int = Field(1, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["bf16", "fp16", "none"] = "bf16"
+
+
+class StudentConfig(_Model):
+    name: str
+    model: str
+    kwargs: dict[str, Any] = {}
+    layers: list[tuple[int, int]] = []
+    loss: LossConfig = LossConfig()
+    epochs: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    warmup_epochs: float | None = Field(None, ge=0)
+    optimizer: Literal["adamw"] | None = None
+    mode: Literal["cached", "online"] | None = None
+    seed: int | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", v):
+            raise ValueError(f"student names use letters, digits, '_', '-', '.', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _layers(self) -> "StudentConfig":
+        if self.loss.kind == "spectral" and not self.layers:
+            raise ValueError("loss.kind 'spectral' needs layers: [[student_layer, teacher_layer], ...]")
+        return self
+
+
+class DistillConfig(_Model):
+    defaults: TrainDefaults = TrainDefaults()
+    students: list[StudentConfig] = []
+
+    @field_validator("students")
+    @classmethod
+    def _unique(cls, v: list[StudentConfig]) -> list[StudentConfig]:
+        seen = set()
+        for s in v:
+            if s.name in seen:
+                raise ValueError(f"student name {s.name!r} appears twice")
+            seen.add(s.name)
+        return v
+
+
+# --------------------------------------------------------------------------- analyze
+
+
+class AnalyzeConfig(_Model):
+    workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    scheduler: str | None = None
+    memory_limit: str = "4GiB"
+    batch_size: int = Field(256, ge=1)
+    radial_bands: int = Field(4, ge=1)
+    teacher_all_layers: bool = True
+    max_rows: int | None = Field(None, ge=1)
+
+
+class PipelineConfig(_Model):
+    workdir: str = "work"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    extract: ExtractConfig = ExtractConfig()
+    distill: DistillConfig = DistillConfig()
+    analyze: AnalyzeConfig = AnalyzeConfig()
+
+    @model_validator(mode="after")
+    def _students_need_cache(self) -> "PipelineConfig":
+        for i, s in enumerate(self.distill.students):
+            mode = s.mode or self.distill.defaults.mode
+            if mode == "cached" and s.loss.kind == "spectral" and "spectra" not in self.extract.store:
+                raise ValueError(
+                    f"distill.students[{i}] ({s.name}) is a cached spectral student but extract.store "
+                    f"has no 'spectra'"
+                )
+        return self
+
+    def student(self, name: str) -> "ResolvedStudent":
+        for s in self.distill.students:
+            if s.name == name:
+                return resolve_student(s, self.distill.defaults)
+        names = ", ".join(s.name for s in self.distill.students) or "none configured"
+        raise ConfigError(f"--student: {name!r} is not a student in distill.students ({names})")
+
+
+class ResolvedStudent(_Model):
+    """A student with the shared defaults filled in: what decides its training."""
+
+    name: str
+    model: str
+    kwargs: dict[str, Any]
+    layers: list[tuple[int, int]]
+    loss: LossConfig
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_epochs: float
+    optimizer: str
+    mode: Literal["cached", "online"]
+    seed: int
+    num_workers: int
+    device: str
+    amp: str
+
+
+def resolve_student(s: StudentConfig, d: TrainDefaults) -> ResolvedStudent:
+    vals = d.model_dump()
+    vals.update({k: v for k, v in s.model_dump().items() if v is not None})
+    return ResolvedStudent(**vals)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _fmt_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """The field names of the sub-model that holds ``loc`` (for unknown-key messages)."""
+    cur: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
+            return None
+        ann = cur.model_fields[part].annotation
+        cur = _unwrap(ann)
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return list(cur.model_fields)
+    return None
+
+
+def _unwrap(ann: Any) -> Any:
+    args = getattr(ann, "__args__", None)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for a in args or ():
+        u = _unwrap(a)
+        if isinstance(u, type) and issubclass(u, BaseModel):
+            return u
+    return ann
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel] = PipelineConfig) -> str:
+    e = err.errors(include_url=False)[0]
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    # drop pydantic's union/tag branch names (e.g. 'FitConfig') from the path
+    loc = tuple(p for p in loc if not (isinstance(p, str) and p[:1].isupper()))
+    path = _fmt_loc(loc) or "<root>"
+    value = e.get("input")
+    if e["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, loc)
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        return f"{path}: unknown key{hint}"
+    msg = e["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if e["type"] == "missing":
+        return f"{path}: required key is missing"
+    if isinstance(value, (dict, list)) and len(repr(value)) > 80:
+        return f"{path}: {msg}"
+    return f"{path}: {value!r} is not allowed: {msg}"
+
+
+def _set_path(tree: dict, path: str, value: Any) -> None:
+    parts = [p for p in re.split(r"\.|\[(\d+)\]", path) if p]
+    if not parts:
+        raise ConfigError(f"--set {path!r}: empty key path")
+    cur: Any = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        key: Any = int(part) if part.isdigit() else part
+        if isinstance(cur, list):
+            if not isinstance(key, int) or not (-len(cur) <= key < len(cur)):
+                raise ConfigError(f"--set {path}: index {part} is out of range (list of {len(cur)})")
+        elif isinstance(cur, dict):
+            if isinstance(key, int):
+                key = part
+        else:
+            raise ConfigError(f"--set {path}: {'.'.join(parts[:i])} is not a mapping or list")
+        if last:
+            cur[key] = value
+        else:
+            if isinstance(cur, dict) and (key not in cur or cur[key] is None):
+                cur[key] = {}
+            cur = cur[key]
+
+
+def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    workdir: str | None = None,
+) -> PipelineConfig:
+    """Read, override and validate a pipeline file.  Raises ConfigError with one line."""
+    path = Path(path or DEFAULT_CONFIG)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return config_from_dict(tree, overrides, workdir, source=str(path))
+
+
+def config_from_dict(
+    tree: dict,
+    overrides: list[str] | None = None,
+    workdir: str | None = None,
+    source: str = "<dict>",
+) -> PipelineConfig:
+    tree = copy.deepcopy(tree)
+    for key, value in parse_overrides(overrides):
+        _set_path(tree, key, value)
+    if workdir is not None:
+        tree["workdir"] = workdir
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+# --------------------------------------------------------------------------- model checks
+
+
+def model_depth(name: str, kwargs: dict[str, Any], num_classes: int, where: str) -> tuple[int, list[dict]]:
+    """Build ``name`` on the meta device and return (number of intermediates, feature_info)."""
+    import timm
+    import torch
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise ConfigError(f"{where}.model: {name!r} is not a timm model{hint}")
+    kw = {"num_classes": num_classes, **kwargs}
+    try:
+        with torch.device("meta"):
+            m = timm.create_model(name, pretrained=False, **kw)
+    except TypeError as e:
+        raise ConfigError(f"{where}.kwargs: {kwargs!r} rejected by timm {name}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - timm raises many kinds on bad kwargs
+        raise ConfigError(f"{where}.kwargs: timm {name} cannot be built with {kwargs!r}: {e}") from None
+    if not hasattr(m, "forward_intermediates"):
+        raise ConfigError(f"{where}.model: {name!r} has no forward_intermediates in this timm version")
+    info = [dict(f) for f in getattr(m, "feature_info", [])]
+    depth = len(info) if info else len(getattr(m, "blocks", []))
+    return depth, info
+
+
+def check_index(idx: int, depth: int, name: str, where: str) -> int:
+    if not (-depth <= idx < depth):
+        raise ConfigError(f"{where}: {idx} is out of range for {name} ({-depth}..{depth - 1})")
+    return idx % depth
+
+
+def check_models(cfg: PipelineConfig) -> None:
+    """Validate model names, kwargs and layer indices against timm before any work."""
+    t = cfg.teacher
+    depth, _ = model_depth(t.model, t.kwargs, cfg.data.num_classes, "teacher")
+    seen = set()
+    for i, layer in enumerate(cfg.extract.layers):
+        norm = check_index(layer, depth, t.model, f"extract.layers[{i}]")
+        if norm in seen:
+            raise ConfigError(f"extract.layers[{i}]: {layer} names layer {norm} twice")
+        seen.add(norm)
+    cached = {layer % depth for layer in cfg.extract.layers}
+    for i, s in enumerate(cfg.distill.students):
+        sdepth, _ = model_depth(s.model, s.kwargs, cfg.data.num_classes, f"distill.students[{i}]")
+        for j, (sl, tl) in enumerate(s.layers):
+            check_index(sl, sdepth, s.model, f"distill.students[{i}].layers[{j}][0]")
+            tn = check_index(tl, depth, t.model, f"distill.students[{i}].layers[{j}][1]")
+            mode = s.mode or cfg.distill.defaults.mode
+            if s.loss.kind == "spectral" and mode == "cached" and tn not in cached:
+                raise ConfigError(
+                    f"distill.students[{i}].layers[{j}][1]: teacher layer {tl} is not in the cache "
+                    f"(extract.layers = {cfg.extract.layers})"
+                )

@@ -1,0 +1,68 @@
+"""torch.distributed helpers: the pipeline runs unchanged as one process or under torchrun."""
+
+from __future__ import annotations
+
+import os
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init() -> None:
+    """Join the process group torchrun set up (gloo on CPU, nccl with CUDA); no-op for one process."""
+    if world_size() <= 1:
+        return
+    import torch
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    tdist.init_process_group(backend=backend)
+
+
+def barrier() -> None:
+    if world_size() <= 1:
+        return
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    if world_size() <= 1:
+        return values
+    import torch
+    import torch.distributed as tdist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if tdist.get_backend() == "nccl":
+        t = t.cuda()
+    tdist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def broadcast_flag(flag: bool) -> bool:
+    """Rank 0's value of ``flag`` on every rank."""
+    if world_size() <= 1:
+        return flag
+    import torch
+    import torch.distributed as tdist
+
+    t = torch.tensor([1 if flag else 0])
+    if tdist.get_backend() == "nccl":
+        t = t.cuda()
+    tdist.broadcast(t, 0)
+    return bool(t.item())

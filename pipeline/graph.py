@@ -1,0 +1,315 @@
+"""The stage graph: prepare -> teacher -> extract -> distill -> analyze.
+
+A stage is its parameters (the config values that decide its output), its upstream stages, its
+outputs and a command, as in DVC.  Its fingerprint hashes the canonical JSON of its parameters,
+its identity inputs (a checkpoint's digest, an input shard list), its upstream fingerprints and the
+major versions of the libraries that write its output.  Outputs live in
+``<workdir>/<stage>/<fingerprint[:12]>/`` with a ``lock.json`` recording what ran; an output whose
+lock matches the current fingerprint is reused, never recomputed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import dist
+from .config import PipelineConfig
+from .fingerprint import diff, file_digest, fingerprint, library_versions
+from .fsutil import atomic_write_json, read_json
+
+log = logging.getLogger("pipeline")
+
+STAGES = ("prepare", "teacher", "extract", "distill", "analyze")
+
+
+def _pick(cfg: PipelineConfig, section: str, exclude: tuple[str, ...] = ()) -> dict:
+    d = getattr(cfg, section).model_dump(mode="json")
+    for k in exclude:
+        d.pop(k, None)
+    return d
+
+
+def _prepare_params(cfg: PipelineConfig) -> dict:
+    d = cfg.data
+    return {
+        "seed": cfg.seed,
+        "data": {
+            "source": d.source,
+            "root": d.root,
+            "image_size": d.image_size,
+            "val_fraction": d.val_fraction,
+            "samples_per_shard": d.samples_per_shard,
+            "train_shards": d.train_shards,
+            "val_shards": d.val_shards,
+        },
+    }
+
+
+def _prepare_identity(cfg: PipelineConfig) -> dict:
+    from stages.prepare import source_identity
+
+    return source_identity(cfg)
+
+
+def _preprocess(cfg: PipelineConfig) -> dict:
+    d = cfg.data
+    return {
+        "num_classes": d.num_classes,
+        "mean": list(d.mean),
+        "std": list(d.std),
+        "augment": d.augment.model_dump(mode="json"),
+        "on_bad_sample": d.on_bad_sample,
+    }
+
+
+def _teacher_params(cfg: PipelineConfig) -> dict:
+    return {"seed": cfg.seed, "teacher": _pick(cfg, "teacher", ("device",)), "data": _preprocess(cfg)}
+
+
+def _teacher_identity(cfg: PipelineConfig) -> dict:
+    ck = cfg.teacher.checkpoint
+    if not ck:
+        return {}
+    try:
+        return {"checkpoint_sha256": file_digest(ck)}
+    except OSError as e:
+        from .config import ConfigError
+
+        raise ConfigError(f"teacher.checkpoint: {ck!r} cannot be read ({e.strerror})") from None
+
+
+def _extract_params(cfg: PipelineConfig) -> dict:
+    return {
+        "seed": cfg.seed,
+        "extract": _pick(cfg, "extract", ("num_workers", "device")),
+        "data": _preprocess(cfg),
+    }
+
+
+def student_params(cfg: PipelineConfig, name: str) -> dict:
+    s = cfg.student(name)
+    d = s.model_dump(mode="json")
+    for k in ("num_workers", "device"):
+        d.pop(k, None)
+    return d
+
+
+def student_uses_cache(cfg: PipelineConfig, name: str) -> bool:
+    return cfg.student(name).mode == "cached"
+
+
+def _distill_params(cfg: PipelineConfig) -> dict:
+    return {"students": {s.name: student_params(cfg, s.name) for s in cfg.distill.students}}
+
+
+def _analyze_params(cfg: PipelineConfig) -> dict:
+    return {"analyze": _pick(cfg, "analyze", ("workers", "threads_per_worker", "scheduler", "memory_limit"))}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    upstream: tuple[str, ...]
+    params: Callable[[PipelineConfig], dict]
+    identity: Callable[[PipelineConfig], dict] = lambda cfg: {}
+    module: str = ""
+    distributed: bool = False  # every rank runs it (else rank 0 does, the others wait)
+
+
+GRAPH: dict[str, Stage] = {
+    "prepare": Stage("prepare", (), _prepare_params, _prepare_identity, "stages.prepare"),
+    "teacher": Stage("teacher", ("prepare",), _teacher_params, _teacher_identity, "stages.teacher"),
+    "extract": Stage("extract", ("teacher",), _extract_params, module="stages.extract", distributed=True),
+    "distill": Stage("distill", ("extract",), _distill_params, module="stages.distill", distributed=True),
+    "analyze": Stage("analyze", ("distill",), _analyze_params, module="stages.analyze"),
+}
+
+
+def upstream_closure(name: str) -> list[str]:
+    """``name`` and every stage it depends on, in run order."""
+    order: list[str] = []
+
+    def visit(n: str) -> None:
+        for u in GRAPH[n].upstream:
+            visit(u)
+        if n not in order:
+            order.append(n)
+
+    visit(name)
+    return order
+
+
+def downstream_of(name: str) -> list[str]:
+    return [s for s in STAGES if name in upstream_closure(s) and s != name]
+
+
+@dataclass
+class Record:
+    """A completed stage output: its folder and lock."""
+
+    stage: str
+    path: Path
+    lock: dict
+
+    @property
+    def summary(self) -> dict:
+        return self.lock.get("summary", {})
+
+
+@dataclass
+class Context:
+    """What a stage's ``run`` receives."""
+
+    cfg: PipelineConfig
+    stage: str
+    fingerprint: str
+    inputs: dict
+    out: Path
+    upstream: dict[str, Record]
+    runner: "Runner"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class State:
+    stage: str
+    status: str  # "up to date" | "stale" | "missing"
+    fingerprint: str
+    reasons: list[str]
+
+
+class Runner:
+    def __init__(self, cfg: PipelineConfig, options: dict | None = None):
+        self.cfg = cfg
+        self.workdir = Path(cfg.workdir)
+        self.options = options or {}
+        self._fp: dict[str, tuple[str, dict]] = {}
+        self.versions = library_versions()
+
+    # ------------------------------------------------------------ fingerprints
+    def inputs(self, name: str) -> dict:
+        return self.fingerprint_of(name)[1]
+
+    def fingerprint_of(self, name: str) -> tuple[str, dict]:
+        if name not in self._fp:
+            st = GRAPH[name]
+            inputs = {
+                "stage": name,
+                "params": st.params(self.cfg),
+                "identity": st.identity(self.cfg),
+                "upstream": {u: self.fingerprint_of(u)[0] for u in st.upstream},
+                "versions": self.versions,
+            }
+            self._fp[name] = (fingerprint(inputs), inputs)
+        return self._fp[name]
+
+    def student_fingerprint(self, name: str) -> tuple[str, dict]:
+        inputs = {
+            "student": student_params(self.cfg, name),
+            "upstream": {
+                "teacher": self.fingerprint_of("teacher")[0],
+                "extract": self.fingerprint_of("extract")[0],
+            },
+            "versions": self.versions,
+        }
+        return fingerprint(inputs), inputs
+
+    def out_dir(self, name: str, fp: str | None = None) -> Path:
+        fp = fp or self.fingerprint_of(name)[0]
+        return self.workdir / name / fp[:12]
+
+    # ------------------------------------------------------------ state
+    def record(self, name: str) -> Record | None:
+        out = self.out_dir(name)
+        lock = out / "lock.json"
+        if not lock.exists():
+            return None
+        try:
+            data = read_json(lock)
+        except (OSError, ValueError):
+            return None
+        if data.get("fingerprint") != self.fingerprint_of(name)[0] or not data.get("complete"):
+            return None
+        return Record(name, out, data)
+
+    def state(self, name: str) -> State:
+        fp, inputs = self.fingerprint_of(name)
+        if self.record(name) is not None:
+            return State(name, "up to date", fp, [])
+        latest = self.workdir / name / "latest.json"
+        if latest.exists():
+            try:
+                old = read_json(latest)
+            except (OSError, ValueError):
+                old = {}
+            changed = diff(old.get("inputs", {}), inputs)
+            changed = [c for c in changed if not c.startswith("upstream.")] + [
+                f"upstream {c.split('.', 1)[1]} changed" for c in changed if c.startswith("upstream.")
+            ]
+            return State(name, "stale", fp, changed or ["output incomplete"])
+        return State(name, "missing", fp, ["never run"])
+
+    def status(self) -> list[State]:
+        return [self.state(s) for s in STAGES]
+
+    # ------------------------------------------------------------ running
+    def run(self, target: str, force: bool = False) -> dict[str, Record]:
+        targets = list(STAGES) if target == "all" else upstream_closure(target)
+        last = STAGES[-1] if target == "all" else target
+        done: dict[str, Record] = {}
+        for name in targets:
+            forced = force and name == last
+            rec = None if forced else self.record(name)
+            if rec is not None:
+                if dist.is_main():
+                    log.info(f"{name}: up to date ({rec.lock['fingerprint'][:12]}), skipped")
+                done[name] = rec
+                continue
+            done[name] = self._run_stage(name, done)
+        return done
+
+    def _run_stage(self, name: str, done: dict[str, Record]) -> Record:
+        st = GRAPH[name]
+        fp, inputs = self.fingerprint_of(name)
+        out = self.out_dir(name, fp)
+        upstream = {u: done[u] if u in done else self.record(u) for u in upstream_closure(name)[:-1]}
+        ctx = Context(self.cfg, name, fp, inputs, out, upstream, self, self.options)
+        mod = importlib.import_module(st.module)
+        if dist.is_main():
+            log.info(f"{name}: running ({fp[:12]}) -> {out}")
+        t0 = time.time()
+        if st.distributed or dist.is_main():
+            if dist.is_main():
+                out.mkdir(parents=True, exist_ok=True)
+            dist.barrier()
+            summary = mod.run(ctx) or {}
+        else:
+            summary = {}
+        dist.barrier()
+        wall = time.time() - t0
+        lock = {
+            "stage": name,
+            "fingerprint": fp,
+            "inputs": inputs,
+            "config": self.cfg.model_dump(mode="json"),
+            "versions": self.versions,
+            "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+            "wall_s": round(wall, 3),
+            "summary": summary,
+            "complete": summary.get("complete", True) if isinstance(summary, dict) else True,
+        }
+        if dist.is_main():
+            atomic_write_json(out / "lock.json", lock)
+            if lock["complete"]:
+                atomic_write_json(self.workdir / name / "latest.json", lock)
+            log.info(f"{name}: done in {wall:.1f}s")
+        dist.barrier()
+        if not dist.is_main():
+            lock = read_json(out / "lock.json")
+        return Record(name, out, lock)

@@ -1,0 +1,245 @@
+"""Webdataset shards as an indexed sample table, and the one function that builds a view.
+
+A webdataset shard is a tar of samples ``<key>.<ext>``; each sample here has an image member
+(png/jpg/jpeg/webp) and a ``cls`` label.  :func:`scan_shards` reads the tar headers once and
+returns, per sample, where its image bytes sit (url, offset, size), so any stage can rebuild any
+sample's view without scanning again.  :func:`build_view` turns an image and explicit view
+parameters (a crop box as fractions of the image, a flip) into a normalized tensor: the extract
+stage and the distill loader call the same function, which is what makes cached targets valid.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+import zlib
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import torch
+from braceexpand import braceexpand
+from PIL import Image
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline")
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
+
+
+@dataclass
+class Sample:
+    key: str
+    label: int
+    url: str
+    offset: int
+    size: int
+
+
+@dataclass
+class BadSample:
+    key: str
+    url: str
+    error: str
+
+
+def expand_urls(pattern: str | list[str]) -> list[str]:
+    """Brace patterns (``train-{000000..000009}.tar``) and lists of them to a flat url list."""
+    pats = [pattern] if isinstance(pattern, str) else list(pattern)
+    out: list[str] = []
+    for p in pats:
+        for part in p.split("::"):
+            out.extend(braceexpand(part))
+    return out
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """webdataset's rule: the key is everything before the first dot of the basename."""
+    d = name.rfind("/") + 1
+    dot = name.find(".", d)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1 :].lower()
+
+
+def scan_shard(url: str) -> tuple[list[Sample], list[BadSample]]:
+    """Index one tar: image member offsets and labels.  A truncated tar yields what precedes the cut."""
+    samples: dict[str, dict] = {}
+    bad: list[BadSample] = []
+    try:
+        f = fsspec.open(url, "rb").open()
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{url}: cannot open shard ({e})") from None
+    with f:
+        try:
+            tf = tarfile.open(fileobj=f, mode="r:")
+        except tarfile.TarError as e:
+            return [], [BadSample("<shard>", url, f"not a tar file: {e}")]
+        last_key = "<start>"
+        try:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, ext = _split_name(m.name)
+                last_key = key
+                rec = samples.setdefault(key, {})
+                if ext in IMAGE_EXTS:
+                    rec["img"] = (m.offset_data, m.size)
+                elif ext == "cls":
+                    data = tf.extractfile(m).read()
+                    try:
+                        rec["cls"] = int(data.decode().strip())
+                    except ValueError:
+                        rec["err"] = f"bad cls value {data[:20]!r}"
+        except (tarfile.TarError, EOFError, OSError) as e:
+            bad.append(BadSample(last_key, url, f"truncated or corrupt tar after this key: {e}"))
+            # the last sample may be partial: drop it unless both members were read whole
+    out: list[Sample] = []
+    for key, rec in samples.items():
+        if "err" in rec:
+            bad.append(BadSample(key, url, rec["err"]))
+        elif "img" not in rec or "cls" not in rec:
+            missing = "image" if "img" not in rec else "cls label"
+            bad.append(BadSample(key, url, f"sample has no {missing}"))
+        else:
+            off, size = rec["img"]
+            out.append(Sample(key, rec["cls"], url, off, size))
+    if bad and bad[-1].error.startswith("truncated") and out and out[-1].key == bad[-1].key:
+        out.pop()
+    return out, bad
+
+
+def scan_shards(urls: list[str], progress: bool = True) -> tuple[list[Sample], list[BadSample]]:
+    from tqdm.auto import tqdm
+
+    samples: list[Sample] = []
+    bad: list[BadSample] = []
+    for url in tqdm(urls, desc="scan shards", unit="shard", disable=not progress or len(urls) < 4):
+        s, b = scan_shard(url)
+        samples.extend(s)
+        bad.extend(b)
+    return samples, bad
+
+
+class ImageReader:
+    """Reads image bytes by (url, offset, size), keeping a few shard files open per process."""
+
+    def __init__(self, max_open: int = 16):
+        self._files: dict[str, object] = {}
+        self.max_open = max_open
+
+    def read(self, url: str, offset: int, size: int) -> bytes:
+        f = self._files.get(url)
+        if f is None:
+            if len(self._files) >= self.max_open:
+                _, old = self._files.popitem()
+                old.close()
+            f = fsspec.open(url, "rb").open()
+            self._files[url] = f
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"short read ({len(data)} of {size} bytes)")
+        return data
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __getstate__(self) -> dict:  # file handles do not cross process boundaries
+        return {"max_open": self.max_open, "_files": {}}
+
+
+def decode_image(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("RGB")
+
+
+# ----------------------------------------------------------------------------- views
+
+VIEW_FIELDS = ("crop_top", "crop_left", "crop_height", "crop_width", "flip")
+PLAIN_VIEW = {"crop_top": 0.0, "crop_left": 0.0, "crop_height": 1.0, "crop_width": 1.0, "flip": False}
+
+
+def view_rng(seed: int, key: str, view: int) -> np.random.Generator:
+    """The generator for one (sample, view): depends on the key, not the sample's position."""
+    return np.random.default_rng([seed, zlib.crc32(key.encode()), view])
+
+
+def sample_view_params(rng: np.random.Generator, scale, ratio, hflip: float) -> dict:
+    """Random-resized-crop parameters as fractions of the image (size-independent), plus a flip.
+
+    The crop has area fraction ``s ~ U(scale)`` and aspect ``r`` log-uniform in ``ratio``; its
+    sides as fractions are ``w = sqrt(s * r)``, ``h = sqrt(s / r)`` (for a square image; for other
+    shapes the box is applied to each side's length, which keeps the area fraction).
+    """
+    for _ in range(10):
+        s = rng.uniform(scale[0], scale[1])
+        r = float(np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]))))
+        w, h = float(np.sqrt(s * r)), float(np.sqrt(s / r))
+        if w <= 1.0 and h <= 1.0:
+            top = float(rng.uniform(0, 1 - h))
+            left = float(rng.uniform(0, 1 - w))
+            break
+    else:
+        side = float(np.sqrt(scale[1]))
+        h = w = min(side, 1.0)
+        top, left = (1 - h) / 2, (1 - w) / 2
+    flip = bool(rng.uniform() < hflip)
+    return {"crop_top": top, "crop_left": left, "crop_height": h, "crop_width": w, "flip": flip}
+
+
+def crop_box(params: dict, width: int, height: int) -> tuple[int, int, int, int]:
+    """Integer (top, left, height, width) of the crop in an image of the given size."""
+    top = int(round(params["crop_top"] * height))
+    left = int(round(params["crop_left"] * width))
+    h = max(1, int(round(params["crop_height"] * height)))
+    w = max(1, int(round(params["crop_width"] * width)))
+    h = min(h, height - top)
+    w = min(w, width - left)
+    return top, left, h, w
+
+
+def build_view(img: Image.Image, params: dict, size: int, mean, std) -> torch.Tensor:
+    """The view of ``img`` described by ``params``: crop, resize to size x size, flip, normalize.
+
+    Pure and deterministic: the same image and parameters give the same tensor, bit for bit.
+    """
+    top, left, h, w = crop_box(params, img.width, img.height)
+    im = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+    if params["flip"]:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    arr = np.asarray(im, dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """Map-style dataset over rows: each row is (Sample, view params); returns (image, label, ok).
+
+    A sample whose image cannot be read or decoded returns a zero image and ``ok = False`` (the
+    caller records or fails on it), so one bad image never kills a worker.
+    """
+
+    def __init__(self, rows: list[tuple[Sample, dict]], size: int, mean, std):
+        self.rows = rows
+        self.size, self.mean, self.std = size, mean, std
+        self.reader = ImageReader()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        s, params = self.rows[i]
+        try:
+            img = decode_image(self.reader.read(s.url, s.offset, s.size))
+            x = build_view(img, params, self.size, self.mean, self.std)
+            ok = True
+        except Exception:  # noqa: BLE001 - any decode failure marks the row bad
+            x = torch.zeros(3, self.size, self.size)
+            ok = False
+        return x, s.label, ok, i

@@ -1,0 +1,157 @@
+"""prepare: turn a source into train and val webdataset shards.
+
+Sources: ``digits`` (scikit-learn's bundled 1797 8x8 digit images, upscaled, RGB, stratified
+split), ``imagefolder`` (``root/<class>/<image>``), or ``shards`` (existing webdataset shards named
+by ``data.train_shards`` / ``data.val_shards``: nothing is written).  Tars are byte-reproducible:
+fixed mtime, owner and order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from pathlib import Path
+
+import fsspec
+import numpy as np
+from PIL import Image
+
+from pipeline.config import PipelineConfig
+from pipeline.errors import PipelineError
+from pipeline.fsutil import atomic_write, atomic_write_json
+
+from .data import IMAGE_EXTS, expand_urls
+
+log = logging.getLogger("pipeline")
+
+MTIME = 0.0  # fixed tar member time: shards depend on content only
+
+
+def source_identity(cfg: PipelineConfig) -> dict:
+    """What, beyond config values, decides prepare's output: the input files' names and sizes."""
+    d = cfg.data
+    if d.source == "shards":
+        out = {}
+        for split, pat in (("train", d.train_shards), ("val", d.val_shards)):
+            entries = []
+            for url in expand_urls(pat):
+                fs, path = fsspec.core.url_to_fs(url)
+                try:
+                    entries.append([url, fs.size(path)])
+                except (OSError, FileNotFoundError):
+                    raise PipelineError(f"data.{split}_shards: {url} does not exist") from None
+            out[split] = entries
+        return {"shards": out}
+    if d.source == "imagefolder":
+        root = Path(d.root)
+        if not root.is_dir():
+            raise PipelineError(f"data.root: {d.root!r} is not a folder")
+        h = hashlib.sha256()
+        n = 0
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                h.update(f"{p.relative_to(root)}\0{p.stat().st_size}\n".encode())
+                n += 1
+        return {"imagefolder": {"files": n, "listing_sha256": h.hexdigest()}}
+    return {}
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic per-class split: indices (sorted) of train and val."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_val = max(1, int(round(len(idx) * val_fraction)))
+        val.extend(idx[:n_val].tolist())
+        train.extend(idx[n_val:].tolist())
+    return np.array(sorted(train)), np.array(sorted(val))
+
+
+def write_shards(out: Path, prefix: str, items: list[tuple[str, bytes, str, int]], per_shard: int) -> list[str]:
+    """items: (key, image bytes, image ext, label) -> prefix-000000.tar, ...; returns the paths."""
+    import webdataset as wds
+
+    paths = []
+    for s in range(0, max(1, (len(items) + per_shard - 1) // per_shard)):
+        chunk = items[s * per_shard : (s + 1) * per_shard]
+        path = out / f"{prefix}-{s:06d}.tar"
+
+        def write(f, chunk=chunk):
+            with wds.TarWriter(f, mtime=MTIME, user="", group="", encoder=False) as w:
+                for key, data, ext, label in chunk:
+                    w.write({"__key__": key, ext: data, "cls": str(int(label)).encode()})
+
+        atomic_write(path, write)
+        paths.append(str(path))
+    return paths
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def digits_items(size: int) -> tuple[list[tuple[str, bytes, str, int]], np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    items = []
+    for i, (img, y) in enumerate(zip(d.images, d.target)):
+        a = np.clip(img * (255.0 / 16.0), 0, 255).astype(np.uint8)
+        im = Image.fromarray(a, mode="L").resize((size, size), Image.BILINEAR).convert("RGB")
+        items.append((f"digits_{i:05d}", _png(np.asarray(im)), "png", int(y)))
+    return items, d.target.astype(np.int64)
+
+
+def imagefolder_items(root: Path) -> tuple[list[tuple[str, bytes, str, int]], np.ndarray, list[str]]:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise PipelineError(f"data.root: {root} has no class folders")
+    items, labels = [], []
+    for ci, c in enumerate(classes):
+        for p in sorted((root / c).iterdir()):
+            ext = p.suffix.lower().lstrip(".")
+            if not p.is_file() or ext not in IMAGE_EXTS:
+                continue
+            key = f"{c}_{p.stem}".replace(".", "_")
+            items.append((key, p.read_bytes(), ext, ci))
+            labels.append(ci)
+    return items, np.array(labels), classes
+
+
+def run(ctx) -> dict:
+    cfg = ctx.cfg
+    d = cfg.data
+    out: Path = ctx.out
+    if d.source == "shards":
+        train, val = expand_urls(d.train_shards), expand_urls(d.val_shards)
+        classes = None
+    else:
+        if d.source == "digits":
+            items, labels = digits_items(d.image_size)
+            classes = [str(i) for i in range(10)]
+        else:
+            items, labels, classes = imagefolder_items(Path(d.root))
+        if len(classes) > d.num_classes:
+            raise PipelineError(
+                f"data.num_classes: {d.num_classes} but the source has {len(classes)} classes"
+            )
+        tr, va = stratified_split(labels, d.val_fraction, cfg.seed)
+        log.info(f"prepare: {d.source}: {len(tr)} train / {len(va)} val samples, {len(classes)} classes")
+        train = write_shards(out, "train", [items[i] for i in tr], d.samples_per_shard)
+        val = write_shards(out, "val", [items[i] for i in va], d.samples_per_shard)
+    manifest = {"train": train, "val": val, "classes": classes}
+    atomic_write_json(out / "shards.json", manifest)
+    return {"train_shards": len(train), "val_shards": len(val), "classes": classes}
+
+
+def shard_lists(record) -> tuple[list[str], list[str]]:
+    """The train and val shard urls a prepare record points at."""
+    from pipeline.fsutil import read_json
+
+    m = read_json(Path(record.path) / "shards.json")
+    return m["train"], m["val"]

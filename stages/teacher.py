@@ -1,0 +1,141 @@
+"""teacher: resolve the teacher model: timm hub weights, a local checkpoint, and/or a fit.
+
+Output: ``model.pt`` (the weights), the sha256 digest of the weights (recorded in the lock and in
+every cache made from them) and the val top-1.  The default fits a small CaiT on the embedded
+digits shards with AdamW, warmup + cosine, random-resized-crop views, keeping the best epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.config import PipelineConfig
+from pipeline.errors import PipelineError
+from pipeline.fsutil import atomic_torch_save
+
+from . import models
+from .data import PLAIN_VIEW, ViewDataset, sample_view_params, scan_shards
+from .prepare import shard_lists
+from .train import adamw, evaluate, warmup_cosine
+
+log = logging.getLogger("pipeline")
+
+
+def build(cfg: PipelineConfig) -> torch.nn.Module:
+    t = cfg.teacher
+    return models.create(t.model, t.kwargs, cfg.data.num_classes, t.pretrained, t.checkpoint)
+
+
+def load(record, cfg: PipelineConfig) -> torch.nn.Module:
+    """The teacher a completed teacher record holds, in eval mode."""
+    t = cfg.teacher
+    m = models.create(t.model, t.kwargs, cfg.data.num_classes, pretrained=False)
+    models.load_checkpoint(m, str(Path(record.path) / "model.pt"))
+    got = models.weights_digest(m)
+    want = record.summary.get("weights_sha256")
+    if want and got != want:
+        raise PipelineError(f"{record.path}/model.pt: weights digest {got[:12]} != recorded {want[:12]}")
+    return m.eval()
+
+
+def _loader(rows, cfg, batch_size, shuffle, workers, seed=0):
+    ds = ViewDataset(rows, cfg.data.image_size, cfg.data.mean, cfg.data.std)
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=g, drop_last=False,
+        persistent_workers=False,
+    )
+
+
+def _xy(loader, bad: set):
+    for x, y, ok, idx in loader:
+        if not bool(ok.all()):
+            for i in idx[~ok].tolist():
+                bad.add(i)
+            x, y = x[ok], y[ok]
+            if len(y) == 0:
+                continue
+        yield x, y
+
+
+def fit(model, cfg: PipelineConfig, train, val, device) -> dict:
+    f = cfg.teacher.fit
+    aug = cfg.data.augment
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    opt = adamw(model, f.lr, f.weight_decay)
+    steps_per_epoch = (len(train) + f.batch_size - 1) // f.batch_size
+    sched = warmup_cosine(opt, f.epochs * steps_per_epoch, int(f.warmup_epochs * steps_per_epoch))
+    crit = torch.nn.CrossEntropyLoss(label_smoothing=f.label_smoothing)
+    val_loader = _loader([(s, PLAIN_VIEW) for s in val], cfg, 256, False, f.num_workers)
+    best = {"top1": -1.0}
+    best_state = None
+    bad: set = set()
+    history = []
+    for epoch in range(f.epochs):
+        t0 = time.time()
+        rng = np.random.default_rng([cfg.seed, epoch, 17])
+        rows = [(s, sample_view_params(rng, aug.scale, aug.ratio, aug.hflip)) for s in train]
+        loader = _loader(rows, cfg, f.batch_size, True, f.num_workers, seed=cfg.seed * 1000 + epoch)
+        model.train()
+        tot, n = 0.0, 0
+        for x, y in tqdm(_xy(loader, bad), total=steps_per_epoch, desc=f"teacher fit {epoch + 1}/{f.epochs}",
+                         leave=False, disable=None):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = crit(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += loss.item() * len(y)
+            n += len(y)
+        ev = evaluate(model, _xy(val_loader, bad), device)
+        history.append({"epoch": epoch, "train_loss": tot / max(1, n), "val_top1": ev["top1"]})
+        log.info(
+            f"teacher fit epoch {epoch + 1}/{f.epochs}: loss {tot / max(1, n):.4f} "
+            f"val top-1 {ev['top1']:.2f}% ({time.time() - t0:.1f}s)"
+        )
+        if ev["top1"] > best["top1"]:
+            best = {**ev, "epoch": epoch}
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return {"best_epoch": best["epoch"], "history": history, "bad_samples": len(bad)}
+
+
+def run(ctx) -> dict:
+    cfg = ctx.cfg
+    t0 = time.time()
+    train_urls, val_urls = shard_lists(ctx.upstream["prepare"])
+    train, bad_t = scan_shards(train_urls)
+    val, bad_v = scan_shards(val_urls)
+    for b in bad_t + bad_v:
+        log.warning(f"teacher: skipping bad sample {b.key} in {b.url}: {b.error}")
+    if cfg.data.on_bad_sample == "fail" and (bad_t or bad_v):
+        b = (bad_t + bad_v)[0]
+        raise PipelineError(f"{b.url}: bad sample {b.key}: {b.error} (data.on_bad_sample: fail)")
+    device = models.resolve_device(cfg.teacher.device)
+    model = build(cfg)
+    info: dict = {}
+    if cfg.teacher.fit is not None:
+        info = fit(model, cfg, train, val, device)
+    model.to(device)
+    ev = evaluate(model, _xy(_loader([(s, PLAIN_VIEW) for s in val], cfg, 256, False, 0), set()), device)
+    model.cpu()
+    atomic_torch_save(ctx.out / "model.pt", {"state_dict": model.state_dict(), "model": cfg.teacher.model,
+                                             "kwargs": cfg.teacher.kwargs})
+    digest = models.weights_digest(model)
+    log.info(f"teacher: val top-1 {ev['top1']:.2f}% top-5 {ev['top5']:.2f}% (weights {digest[:12]})")
+    return {
+        "val_top1": ev["top1"],
+        "val_top5": ev["top5"],
+        "weights_sha256": digest,
+        "params": sum(p.numel() for p in model.parameters()),
+        "fit_seconds": round(time.time() - t0, 1),
+        **info,
+    }
