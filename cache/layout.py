@@ -1,0 +1,126 @@
+"""The on-disk cache layout: the only place that knows array names, shapes, chunks and codecs.
+
+One Zarr v3 group per extract fingerprint::
+
+    logits              (rows, num_classes)          float16
+    spectra/<layer>     (rows, C, H, W//2+1, 2)      float16   rfft2(norm="ortho"), real/imag last
+    features/<layer>    (rows, C, H, W)              float16   when extract.store has 'features'
+    valid               (rows,)                      uint8     1 = teacher saw the row's view
+    manifest.parquet    row -> key, split, label, view, view parameters, source location, shard
+    _complete/<s>.json  written after shard s is durably on disk
+    zarr.json attrs     fingerprint, inputs, config, teacher identity, layers, row blocks, versions
+
+A row is one (sample, view).  Arrays share one row sharding (``rows_per_shard``): a Zarr shard of
+rows is the unit of writing, resuming and verifying.  Inner chunks are sized near
+``chunk_bytes`` and carry a crc32c checksum after compression.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MANIFEST = "manifest.parquet"
+COMPLETE_DIR = "_complete"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    index: int
+    name: str
+    channels: int
+    height: int
+    width: int
+
+    def spectrum_shape(self) -> tuple[int, ...]:
+        return (self.channels, self.height, self.width // 2 + 1, 2)
+
+    def feature_shape(self) -> tuple[int, ...]:
+        return (self.channels, self.height, self.width)
+
+
+@dataclass
+class CacheSpec:
+    rows: int
+    rows_per_shard: int
+    num_classes: int
+    layers: list[LayerSpec]
+    store: tuple[str, ...] = ("logits", "spectra")
+    chunk_bytes: int = 1 << 20
+    compressor: str = "zstd"
+    clevel: int = 3
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_shards(self) -> int:
+        return max(1, -(-self.rows // self.rows_per_shard))
+
+    def shard_rows(self, s: int) -> tuple[int, int]:
+        a = s * self.rows_per_shard
+        return a, min(self.rows, a + self.rows_per_shard)
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (per-row shape, dtype) for every array this cache holds."""
+        out: dict[str, tuple[tuple[int, ...], str]] = {"logits": ((self.num_classes,), "float16")}
+        for layer in self.layers:
+            if "spectra" in self.store:
+                out[f"spectra/{layer.name}"] = (layer.spectrum_shape(), "float16")
+            if "features" in self.store:
+                out[f"features/{layer.name}"] = (layer.feature_shape(), "float16")
+        out["valid"] = ((), "uint8")
+        return out
+
+    def chunk_rows(self, row_shape: tuple[int, ...], dtype: str) -> int:
+        """Largest divisor of rows_per_shard whose chunk stays within chunk_bytes (at least 1)."""
+        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        best = 1
+        for n in range(1, self.rows_per_shard + 1):
+            if self.rows_per_shard % n == 0 and n * row_bytes <= self.chunk_bytes:
+                best = n
+        return best
+
+    def compressors(self):
+        from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+        comp = ZstdCodec(level=self.clevel) if self.compressor == "zstd" else BloscCodec(
+            cname="zstd", clevel=self.clevel, shuffle="bitshuffle"
+        )
+        return [comp, Crc32cCodec()]
+
+    def bytes_per_row(self) -> dict[str, int]:
+        return {
+            name: int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+            for name, (shape, dt) in self.arrays().items()
+        }
+
+
+def spec_to_attrs(spec: CacheSpec) -> dict:
+    return {
+        "rows": spec.rows,
+        "rows_per_shard": spec.rows_per_shard,
+        "num_classes": spec.num_classes,
+        "layers": [l.__dict__ for l in spec.layers],
+        "store": list(spec.store),
+        "chunk_bytes": spec.chunk_bytes,
+        "compressor": spec.compressor,
+        "clevel": spec.clevel,
+    }
+
+
+def spec_from_attrs(a: dict) -> CacheSpec:
+    return CacheSpec(
+        rows=a["rows"],
+        rows_per_shard=a["rows_per_shard"],
+        num_classes=a["num_classes"],
+        layers=[LayerSpec(**l) for l in a["layers"]],
+        store=tuple(a["store"]),
+        chunk_bytes=a["chunk_bytes"],
+        compressor=a["compressor"],
+        clevel=a["clevel"],
+    )
+
+
+def marker_name(s: int) -> str:
+    return f"{COMPLETE_DIR}/{s:06d}.json"

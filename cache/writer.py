@@ -1,0 +1,133 @@
+"""Writing the cache: whole shards, durably, each recorded complete only once it is on disk.
+
+zarr-python loses data when two writers touch one shard (zarr-python #3682, #3514), so a writer
+is given whole shards and writes each with one full-shard assignment per array.  After the shard
+files are fsynced, a marker ``_complete/<s>.json`` is written atomically; a shard without its
+marker is rewritten on resume, a shard with one is never touched again.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from pipeline.errors import PipelineError
+from pipeline.fsutil import atomic_write, atomic_write_json, fsync_dir, read_json
+
+from .layout import COMPLETE_DIR, FORMAT_VERSION, MANIFEST, CacheSpec, marker_name, spec_to_attrs
+
+
+def _disk_error(path: Path, e: OSError, what: str) -> PipelineError:
+    if e.errno == errno.ENOSPC:
+        why = "disk full"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "not writable"
+    else:
+        why = e.strerror or str(e)
+    return PipelineError(f"{path}: cannot write {what} ({why}); completed shards are kept, rerun to resume")
+
+
+class CacheWriter:
+    def __init__(self, path: str | Path, spec: CacheSpec):
+        self.path = Path(path)
+        self.spec = spec
+        self.group = None
+
+    # ---------------------------------------------------------------- create / resume
+    def create_or_resume(self, attrs: dict, manifest: pa.Table) -> bool:
+        """Create the group and arrays, or reopen one with the same fingerprint.  True if resumed."""
+        zj = self.path / "zarr.json"
+        try:
+            if zj.exists():
+                g = zarr.open_group(str(self.path), mode="r+")
+                if g.attrs.get("fingerprint") == attrs["fingerprint"]:
+                    self.group = g
+                    return True
+                # another fingerprint in this folder: never mix, start over
+            self.path.mkdir(parents=True, exist_ok=True)
+            g = zarr.open_group(str(self.path), mode="w")
+            full = {
+                **attrs,
+                "format_version": FORMAT_VERSION,
+                "spec": spec_to_attrs(self.spec),
+                "num_shards": self.spec.num_shards,
+                "complete": False,
+                "created": _dt.datetime.now().isoformat(timespec="seconds"),
+            }
+            g.attrs.update(full)
+            for name, (shape, dtype) in self.spec.arrays().items():
+                n = self.spec.chunk_rows(shape, dtype)
+                g.create_array(
+                    name,
+                    shape=(self.spec.rows, *shape),
+                    dtype=dtype,
+                    chunks=(n, *shape),
+                    shards=(self.spec.rows_per_shard, *shape),
+                    compressors=self.spec.compressors(),
+                    fill_value=0,
+                    dimension_names=["row", *[f"d{i}" for i in range(len(shape))]],
+                )
+            atomic_write(self.path / MANIFEST, lambda f: pq.write_table(manifest, f, compression="zstd"))
+            (self.path / COMPLETE_DIR).mkdir(exist_ok=True)
+            self.group = g
+            return False
+        except OSError as e:
+            raise _disk_error(self.path, e, "the cache") from None
+
+    def completed(self) -> set[int]:
+        d = self.path / COMPLETE_DIR
+        if not d.exists():
+            return set()
+        return {int(p.stem) for p in d.glob("*.json") if p.stem.isdigit()}
+
+    # ---------------------------------------------------------------- shards
+    def _shard_files(self, s: int) -> list[Path]:
+        out = []
+        for name in self.spec.arrays():
+            arr = self.group[name]
+            key = arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))
+            out.append(self.path / name / key)
+        return out
+
+    def write_shard(self, s: int, data: dict[str, np.ndarray], bad: list[dict]) -> None:
+        """Write shard ``s`` of every array (data[name] holds exactly the shard's rows), then mark it."""
+        a, b = self.spec.shard_rows(s)
+        try:
+            for name in self.spec.arrays():
+                block = data[name]
+                if block.shape[0] != b - a:
+                    raise ValueError(f"shard {s}: {name} has {block.shape[0]} rows, expected {b - a}")
+                self.group[name][a:b] = block
+            for f in self._shard_files(s):
+                if f.exists():
+                    fd = os.open(f, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    fsync_dir(f.parent)
+            atomic_write_json(self.path / marker_name(s), {"shard": s, "rows": [a, b], "bad": bad})
+        except OSError as e:
+            raise _disk_error(self.path, e, f"shard {s}") from None
+
+    def finalize(self, extra: dict) -> dict:
+        """Mark the cache complete once every shard is; returns the collected bad rows."""
+        done = self.completed()
+        missing = sorted(set(range(self.spec.num_shards)) - done)
+        if missing:
+            raise PipelineError(f"{self.path}: shards {missing[:10]} are not complete; rerun extract")
+        bad = []
+        for s in sorted(done):
+            bad.extend(read_json(self.path / marker_name(s)).get("bad", []))
+        try:
+            self.group.attrs.update({**extra, "complete": True, "bad_rows": bad})
+        except OSError as e:
+            raise _disk_error(self.path, e, "the cache attributes") from None
+        return {"bad_rows": bad}

@@ -1,0 +1,327 @@
+"""extract: run the teacher once over every (sample, view) and write what students need.
+
+1. Plan: scan the shards, then lay out rows: train rows view-major (all samples of view 0, then
+   view 1, ...), then val rows (one plain view).  Each train view's parameters are drawn from a
+   generator seeded by (seed, sample key, view) and stored explicitly in the manifest.
+2. Teacher pass: eval + inference mode; ``forward_intermediates`` gives the logits and the
+   selected layers (NCHW, prefix tokens dropped); spectra are rfft2(norm="ortho") in float32,
+   stored as float16 at teacher width.
+3. Write: rows are grouped by Zarr shard; DataLoader workers decode and build views while the
+   teacher runs, and a writer thread compresses and writes finished shards behind a bounded
+   queue.  Under torchrun rank r owns the shards s with s % world == r.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from cache.layout import CacheSpec, LayerSpec
+from cache.reader import Cache
+from cache.writer import CacheWriter
+from pipeline import dist
+from pipeline.config import PipelineConfig
+from pipeline.errors import PipelineError
+
+from . import models, teacher as teacher_stage
+from .data import PLAIN_VIEW, VIEW_FIELDS, Sample, ViewDataset, sample_view_params, scan_shards, view_rng
+from .prepare import shard_lists
+from .spectral import spectrum
+
+log = logging.getLogger("pipeline")
+
+CACHE_DIR = "cache.zarr"
+
+
+def cache_path(record) -> Path:
+    return Path(record.path) / CACHE_DIR
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def plan_rows(cfg: PipelineConfig, train: list[Sample], val: list[Sample]):
+    """Rows (sample, view params), the manifest table and the (split, view) row blocks."""
+    aug = cfg.data.augment
+    rows: list[tuple[Sample, dict]] = []
+    meta: list[tuple[str, int]] = []
+    blocks = []
+    for v in range(cfg.extract.views):
+        start = len(rows)
+        for s in train:
+            rows.append((s, sample_view_params(view_rng(cfg.seed, s.key, v), aug.scale, aug.ratio, aug.hflip)))
+            meta.append(("train", v))
+        blocks.append({"split": "train", "view": v, "start": start, "stop": len(rows)})
+    start = len(rows)
+    for s in val:
+        rows.append((s, dict(PLAIN_VIEW)))
+        meta.append(("val", 0))
+    blocks.append({"split": "val", "view": 0, "start": start, "stop": len(rows)})
+    rps = cfg.extract.rows_per_shard
+    cols = {
+        "row": np.arange(len(rows), dtype=np.int64),
+        "split": [m[0] for m in meta],
+        "view": np.array([m[1] for m in meta], dtype=np.int32),
+        "key": [r[0].key for r in rows],
+        "label": np.array([r[0].label for r in rows], dtype=np.int64),
+        "url": [r[0].url for r in rows],
+        "offset": np.array([r[0].offset for r in rows], dtype=np.int64),
+        "size": np.array([r[0].size for r in rows], dtype=np.int64),
+    }
+    for f in VIEW_FIELDS:
+        cols[f] = np.array([r[1][f] for r in rows], dtype=bool if f == "flip" else np.float64)
+    cols["shard"] = (np.arange(len(rows)) // rps).astype(np.int32)
+    return rows, pa.table(cols), blocks
+
+
+def manifest_rows(manifest: pa.Table) -> list[tuple[Sample, dict]]:
+    """The (sample, view params) of every manifest row: what :func:`stages.data.build_view` takes."""
+    c = {n: manifest.column(n).to_pylist() for n in manifest.column_names}
+    out = []
+    for i in range(manifest.num_rows):
+        s = Sample(c["key"][i], c["label"][i], c["url"][i], c["offset"][i], c["size"][i])
+        out.append((s, {f: c[f][i] for f in VIEW_FIELDS}))
+    return out
+
+
+@torch.inference_mode()
+def layer_specs(model, cfg: PipelineConfig, device) -> list[LayerSpec]:
+    size = cfg.data.image_size
+    x = torch.zeros(1, 3, size, size, device=device)
+    _, feats = models.intermediates(model, x, cfg.extract.layers)
+    names = models.layer_names(model, cfg.extract.layers)
+    d = models.depth(model)
+    out = []
+    for idx, name, f in zip(cfg.extract.layers, names, feats):
+        if f.ndim != 4:
+            raise PipelineError(f"extract.layers: layer {idx} ({name}) is not a 2-D feature map: {tuple(f.shape)}")
+        out.append(LayerSpec(idx % d, name, int(f.shape[1]), int(f.shape[2]), int(f.shape[3])))
+    return out
+
+
+class ShardBatches(torch.utils.data.Sampler):
+    """Batches of row indices that never cross a shard boundary, for the given shards in order."""
+
+    def __init__(self, spec: CacheSpec, shards: list[int], batch_size: int):
+        self.batches = []
+        for s in shards:
+            a, b = spec.shard_rows(s)
+            for i in range(a, b, batch_size):
+                self.batches.append(list(range(i, min(b, i + batch_size))))
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _Writer(threading.Thread):
+    """Writes finished shards behind a bounded queue so the teacher never waits on compression."""
+
+    def __init__(self, writer: CacheWriter, depth: int = 2):
+        super().__init__(daemon=True, name="cache-writer")
+        self.writer = writer
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.written = 0
+
+    def run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                self.writer.write_shard(*item)
+                self.written += 1
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                self.error = e
+
+    def put(self, item) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(item)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def run(ctx) -> dict:
+    cfg: PipelineConfig = ctx.cfg
+    e = cfg.extract
+    t_start = time.time()
+    trec = ctx.upstream["teacher"]
+    train_urls, val_urls = shard_lists(ctx.upstream["prepare"])
+    train, bad_t = scan_shards(train_urls, progress=dist.is_main())
+    val, bad_v = scan_shards(val_urls, progress=dist.is_main())
+    skipped = [{"key": b.key, "url": b.url, "error": b.error} for b in bad_t + bad_v]
+    if skipped and cfg.data.on_bad_sample == "fail":
+        b = skipped[0]
+        raise PipelineError(f"{b['url']}: bad sample {b['key']}: {b['error']} (data.on_bad_sample: fail)")
+    for b in skipped:
+        if dist.is_main():
+            log.warning(f"extract: skipping sample {b['key']} in {b['url']}: {b['error']}")
+
+    device = models.resolve_device(e.device)
+    model = teacher_stage.load(trec, cfg).to(device)
+    rows, manifest, blocks = plan_rows(cfg, train, val)
+    spec = CacheSpec(
+        rows=len(rows),
+        rows_per_shard=e.rows_per_shard,
+        num_classes=cfg.data.num_classes,
+        layers=layer_specs(model, cfg, device),
+        store=tuple(e.store),
+        chunk_bytes=e.chunk_bytes,
+        compressor=e.compressor,
+        clevel=e.clevel,
+    )
+    path = Path(ctx.out) / CACHE_DIR
+    writer = CacheWriter(path, spec)
+    attrs = {
+        "fingerprint": ctx.fingerprint,
+        "inputs": ctx.inputs,
+        "config": cfg.model_dump(mode="json"),
+        "teacher": {
+            "model": cfg.teacher.model,
+            "kwargs": cfg.teacher.kwargs,
+            "weights_sha256": trec.summary.get("weights_sha256"),
+            "fingerprint": trec.lock["fingerprint"],
+        },
+        "layers": [{"index": l.index, "name": l.name, "shape": [l.channels, l.height, l.width]} for l in spec.layers],
+        "views": e.views,
+        "blocks": blocks,
+        "image_size": cfg.data.image_size,
+        "mean": list(cfg.data.mean),
+        "std": list(cfg.data.std),
+        "spectrum": {"fft": "rfft2", "axes": ["H", "W"], "norm": "ortho", "compute_dtype": "float32",
+                     "last_axis": ["real", "imag"]},
+        "skipped_samples": skipped,
+        "versions": ctx.runner.versions,
+    }
+    if dist.is_main():
+        resumed = writer.create_or_resume(attrs, manifest)
+    dist.barrier()
+    if not dist.is_main():
+        resumed = writer.create_or_resume(attrs, manifest)
+    done = writer.completed()
+    mine = [s for s in range(spec.num_shards) if s % dist.world_size() == dist.rank()]
+    todo = [s for s in mine if s not in done]
+    if dist.is_main() and resumed:
+        log.info(f"extract: resuming, {len(done)}/{spec.num_shards} shards already complete")
+    n_todo = sum(spec.shard_rows(s)[1] - spec.shard_rows(s)[0] for s in todo)
+    t_pass = time.time()
+    if todo:
+        _teacher_pass(cfg, model, device, rows, spec, todo, writer, n_todo)
+    pass_s = time.time() - t_pass
+    dist.barrier()
+    summary: dict = {"rows": spec.rows, "shards": spec.num_shards, "rows_computed": n_todo,
+                     "teacher_pass_s": round(pass_s, 3)}
+    if dist.is_main():
+        fin = writer.finalize({"extract_seconds": round(time.time() - t_start, 2)})
+        raw32 = {n: b * 2 for n, b in spec.bytes_per_row().items() if n.startswith(("spectra/", "features/"))}
+        stored = {n: _du(path / n) for n in raw32}
+        views = spec.rows
+        summary.update({
+            "bad_rows": len(fin["bad_rows"]),
+            "skipped_samples": len(skipped),
+            "cache_bytes": _du(path),
+            "bytes_per_view": {n: round(stored[n] / views, 1) for n in stored},
+            "compression_vs_float32": {n: round(raw32[n] * views / max(1, stored[n]), 2) for n in stored},
+        })
+        log.info(
+            f"extract: {spec.rows} rows in {spec.num_shards} shards, {summary['cache_bytes'] / 2**20:.1f} MiB, "
+            f"{summary['bad_rows']} bad rows, {len(skipped)} skipped samples"
+        )
+    return summary
+
+
+@torch.inference_mode()
+def _teacher_pass(cfg, model, device, rows, spec: CacheSpec, todo, writer, n_todo) -> None:
+    e = cfg.extract
+    ds = ViewDataset(rows, cfg.data.image_size, cfg.data.mean, cfg.data.std)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_sampler=ShardBatches(spec, todo, e.batch_size),
+        num_workers=e.num_workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if e.num_workers > 0 else None,
+        persistent_workers=False,
+    )
+    arrays = spec.arrays()
+    layer_of = {f"spectra/{l.name}": i for i, l in enumerate(spec.layers)}
+    feat_of = {f"features/{l.name}": i for i, l in enumerate(spec.layers)}
+    wt = _Writer(writer)
+    wt.start()
+    cur, buf, bad = -1, {}, []
+
+    def flush():
+        if cur >= 0:
+            wt.put((cur, buf, bad))
+
+    bar = tqdm(total=n_todo, desc="extract", unit="row", disable=not dist.is_main() or None, smoothing=0.1)
+    try:
+        for x, y, ok, idx in loader:
+            s = int(idx[0]) // spec.rows_per_shard
+            if s != cur:
+                flush()
+                cur = s
+                a, b = spec.shard_rows(s)
+                buf = {n: np.zeros((b - a, *shape), dtype=dt) for n, (shape, dt) in arrays.items()}
+                bad = []
+            a = cur * spec.rows_per_shard
+            local = (idx - a).numpy()
+            okn = ok.numpy().astype(bool)
+            if not okn.all():
+                for j in np.flatnonzero(~okn):
+                    r = int(idx[j])
+                    sm = rows[r][0]
+                    if cfg.data.on_bad_sample == "fail":
+                        raise PipelineError(f"{sm.url}: cannot decode image of sample {sm.key} "
+                                            f"(row {r}; data.on_bad_sample: fail)")
+                    log.warning(f"extract: bad image {sm.key} in {sm.url} (row {r}): skipped")
+                    bad.append({"row": r, "key": sm.key, "url": sm.url, "error": "cannot decode image"})
+            x = x.to(device, non_blocking=True)
+            with models.autocast(device, e.amp):
+                logits, feats = models.intermediates(model, x, e.layers)
+            out = {"logits": logits.float()}
+            for n, i in layer_of.items():
+                if n in arrays:
+                    out[n] = spectrum(feats[i])
+            for n, i in feat_of.items():
+                if n in arrays:
+                    out[n] = feats[i].float()
+            for n, t in out.items():
+                v = t.to(torch.float16).cpu().numpy()
+                v[~okn] = 0
+                buf[n][local] = v
+            buf["valid"][local] = okn.astype(np.uint8)
+            bar.update(len(idx))
+        flush()
+        cur = -1
+    finally:
+        bar.close()
+        wt.close()
+
+
+def open_cache(extract_record, runner=None) -> Cache:
+    """The cache of a completed extract record, checked against the record's fingerprint."""
+    fp = extract_record.lock["fingerprint"]
+    inputs = extract_record.lock.get("inputs")
+    return Cache(cache_path(extract_record), expect_fingerprint=fp, expect_inputs=inputs)

@@ -1,0 +1,187 @@
+"""The SpectralKD math, pure and small.
+
+Notation (DESIGN.md, "The math"): features ``X`` are (B, C, H, W) NCHW maps from timm's
+``forward_intermediates``.
+
+* :func:`spectrum`: ``S = rfft2(X, norm="ortho")`` over (H, W) in float32, returned as a real tensor
+  (B, C, H, W//2+1, 2) with (real, imag) on the last axis: the cache's storage form.
+* :func:`pool_channels`: adaptive average pooling along C (adjacent channel groups, as
+  ``adaptive_avg_pool1d`` groups them).  Linear and on another axis than the FFT, so it commutes
+  with it: the cached teacher spectrum is pooled to the student's width at read time.
+* :func:`spectral_layer_loss`: MSE over the stacked (real, imag) of the student's spectrum and the
+  pooled teacher spectrum.
+* :func:`spectralkd_loss`: ``(1 - alpha) * CE_ls(z_s, y) + alpha * T^2 * KL(p_t || p_s)
+  + beta * w_fft * mean_pairs(layer loss)``.
+* :func:`channel_spectrum` / :func:`intensity`: the interpretability measure
+  ``S_l(f) = mean_{b,h,w} |FFT_C(X)[f]| / C`` and ``L(X) = mean_f S_l(f)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import PipelineError
+
+
+def spectrum(x: torch.Tensor) -> torch.Tensor:
+    """rfft2 over the last two axes (norm="ortho"), float32, as (..., H, W//2+1, 2) real/imag."""
+    s = torch.fft.rfft2(x.float(), norm="ortho")
+    return torch.view_as_real(s)
+
+
+def inverse_spectrum(s: torch.Tensor, width: int) -> torch.Tensor:
+    """Features back from a stored spectrum: irfft2 with the original width."""
+    c = torch.view_as_complex(s.float().contiguous())
+    return torch.fft.irfft2(c, s=(c.shape[-2], width), norm="ortho")
+
+
+def pool_channels(t: torch.Tensor, channels: int, axis: int = 1) -> torch.Tensor:
+    """Adaptive average pooling of axis ``axis`` down to ``channels`` (identity if equal).
+
+    Group i averages input channels ``floor(i*C/c) .. ceil((i+1)*C/c) - 1``.
+    """
+    c_in = t.shape[axis]
+    if c_in == channels:
+        return t
+    if channels > c_in:
+        raise PipelineError(f"cannot pool {c_in} teacher channels up to {channels} student channels")
+    moved = t.movedim(axis, -1)
+    shape = moved.shape
+    pooled = F.adaptive_avg_pool1d(moved.reshape(-1, 1, c_in), channels)
+    return pooled.reshape(*shape[:-1], channels).movedim(-1, axis)
+
+
+def spectral_layer_loss(student_spec: torch.Tensor, teacher_spec: torch.Tensor) -> torch.Tensor:
+    """MSE between a student spectrum and the teacher's, pooled to the student's width first."""
+    t = pool_channels(teacher_spec.float(), student_spec.shape[1], axis=1)
+    return F.mse_loss(student_spec.float(), t)
+
+
+def check_pair(student_feat_shape, teacher_spec_shape, pair_name: str) -> None:
+    """Clear error for spatial mismatches between a student feature map and a teacher spectrum."""
+    h, w = student_feat_shape[-2:]
+    th, tw = teacher_spec_shape[-3], teacher_spec_shape[-2]
+    if (h, w // 2 + 1) != (th, tw):
+        raise PipelineError(
+            f"layer pair {pair_name}: student grid {h}x{w} (spectrum {h}x{w // 2 + 1}) does not match "
+            f"the teacher spectrum {th}x{tw}"
+        )
+    if student_feat_shape[1] > teacher_spec_shape[1]:
+        raise PipelineError(
+            f"layer pair {pair_name}: student has {student_feat_shape[1]} channels, more than the "
+            f"teacher's {teacher_spec_shape[1]}: channel pooling only narrows"
+        )
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    ce: torch.Tensor
+    kd: torch.Tensor
+    spec: torch.Tensor
+
+    def items(self) -> dict[str, float]:
+        return {k: float(getattr(self, k).detach()) for k in ("total", "ce", "kd", "spec")}
+
+
+def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), batch mean."""
+    log_ps = F.log_softmax(student_logits.float() / tau, dim=1)
+    log_pt = F.log_softmax(teacher_logits.float() / tau, dim=1)
+    return (tau * tau) * F.kl_div(log_ps, log_pt, log_target=True, reduction="batchmean")
+
+
+def spectralkd_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    student_feats: list[torch.Tensor] | None = None,
+    teacher_specs: list[torch.Tensor] | None = None,
+    *,
+    kind: str = "spectral",
+    alpha: float = 0.9,
+    tau: float = 1.0,
+    beta: float = 1.0,
+    w_fft: float = 0.2,
+    label_smoothing: float = 0.1,
+) -> LossTerms:
+    """The SpectralKD objective.  Usable in any training loop.
+
+    Args:
+        student_logits: (B, K) student logits.
+        labels: (B,) class indices.
+        teacher_logits: (B, K) teacher logits (kinds 'logits' and 'spectral').
+        student_feats: student NCHW feature maps, one per layer pair (kind 'spectral').
+        teacher_specs: teacher spectra (B, C_t, H, W//2+1, 2) as :func:`spectrum` returns them
+            (float16 from the cache is fine), one per layer pair, C_t >= C_s.
+        kind: 'none' (CE only), 'logits' (KD on logits) or 'spectral' (KD + spectral loss).
+
+    Returns:
+        LossTerms(total, ce, kd, spec); kd and spec are zero tensors where the kind has none.
+        With kind 'none' the total is the plain label-smoothed CE (alpha is not applied).
+    """
+    ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=label_smoothing)
+    zero = ce.new_zeros(())
+    if kind == "none":
+        return LossTerms(ce, ce, zero, zero)
+    if teacher_logits is None:
+        raise ValueError(f"loss kind {kind!r} needs teacher_logits")
+    kd = kd_kl(student_logits, teacher_logits, tau)
+    spec = zero
+    if kind == "spectral":
+        if not student_feats or teacher_specs is None or len(student_feats) != len(teacher_specs):
+            raise ValueError("loss kind 'spectral' needs one teacher spectrum per student feature map")
+        losses = []
+        for i, (f, ts) in enumerate(zip(student_feats, teacher_specs)):
+            check_pair(f.shape, ts.shape, f"#{i}")
+            losses.append(spectral_layer_loss(spectrum(f), ts))
+        spec = torch.stack(losses).mean()
+    elif kind != "logits":
+        raise ValueError(f"unknown loss kind {kind!r} (none | logits | spectral)")
+    total = (1 - alpha) * ce + alpha * kd + beta * w_fft * spec
+    return LossTerms(total, ce, kd, spec)
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def channel_spectrum(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """S(f) = mean over b, h, w of |FFT_C(X)[f]| / C for X (B, C, H, W); float64 numpy (C,)."""
+    a = np.asarray(x, dtype=np.float64)
+    c = a.shape[1]
+    mag = np.abs(np.fft.fft(a, axis=1)) / c
+    return mag.mean(axis=(0, 2, 3))
+
+
+def channel_spectrum_sum(block: np.ndarray) -> np.ndarray:
+    """Per-block partial sums for :func:`channel_spectrum`: (C,) sum over b, h, w of |FFT_C|/C."""
+    a = np.asarray(block, dtype=np.float32)
+    c = a.shape[1]
+    mag = np.abs(np.fft.fft(a, axis=1)) / c
+    return mag.sum(axis=(0, 2, 3), dtype=np.float64)
+
+
+def intensity(x) -> float:
+    """L(X) = mean over f of S(f)."""
+    return float(channel_spectrum(x).mean())
+
+
+def radial_band_index(h: int, w: int, bands: int) -> np.ndarray:
+    """Band (0 = lowest) of each rfft2 bin (h, w//2+1): radial frequency split into equal bands."""
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    r = np.sqrt(fy**2 + fx**2) / np.sqrt(0.5**2 + 0.5**2)
+    return np.minimum((r * bands).astype(int), bands - 1)
+
+
+def radial_energy_sum(block: np.ndarray, bands: int) -> np.ndarray:
+    """Per-block sums of |rfft2(X)|^2 per radial band (summed over b, c)."""
+    a = np.asarray(block, dtype=np.float32)
+    s = np.fft.rfft2(a, norm="ortho")
+    e = (np.abs(s) ** 2).sum(axis=(0, 1))
+    idx = radial_band_index(a.shape[-2], a.shape[-1], bands)
+    return np.bincount(idx.ravel(), weights=e.ravel(), minlength=bands).astype(np.float64)
