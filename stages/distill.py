@@ -1,0 +1,472 @@
+"""distill: train every stale student against the cached teacher with the SpectralKD loss.
+
+Cached mode never loads the teacher: each train row's exact view is rebuilt from the source shard
+and the view parameters stored in the manifest (the extract stage's :func:`build_view`), and the
+teacher's logits and only the spectra the student needs are read from the cache.
+
+View order: epoch ``e`` trains on view ``e mod K`` of every sample (K = extract.views).  The rows
+of one view are a contiguous block of the cache, so an epoch reads it in chunk-aligned units
+(shuffled unit order, rows shuffled inside a small pool of units): no tiny random reads.
+
+Online mode runs the teacher live on the same views, for A/B checks and for users without disk.
+Each student's output folder holds ``ckpt.pt`` (every epoch; a rerun resumes from it),
+``final.pt``, ``metrics.parquet`` (one row per epoch, each loss term separately) and ``lock.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from cache.reader import Cache
+from pipeline import dist
+from pipeline.config import PipelineConfig, ResolvedStudent
+from pipeline.errors import PipelineError
+from pipeline.fsutil import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text, read_json
+
+from . import models, teacher as teacher_stage
+from .data import ViewDataset
+from .extract import manifest_rows, open_cache
+from .spectral import spectralkd_loss, spectrum
+from .train import adamw, evaluate, warmup_cosine
+
+log = logging.getLogger("pipeline")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def units_of(start: int, stop: int, unit: int) -> list[tuple[int, int]]:
+    """Split [start, stop) at multiples of ``unit`` (chunk-aligned read ranges)."""
+    out = []
+    a = start
+    while a < stop:
+        b = min(stop, (a // unit + 1) * unit)
+        out.append((a, b))
+        a = b
+    return out
+
+
+class _UnitImages(torch.utils.data.Dataset):
+    """Images (rebuilt views) and labels of one read unit of rows."""
+
+    def __init__(self, views: ViewDataset, units: list[tuple[int, int]]):
+        self.views, self.units = views, units
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, u: int):
+        a, b = self.units[u]
+        items = [self.views[r] for r in range(a, b)]
+        x = torch.stack([it[0] for it in items])
+        y = torch.tensor([it[1] for it in items])
+        ok = torch.tensor([it[2] for it in items])
+        return u, x, y, ok
+
+
+class CachedBatches:
+    """Batches of (x, y, row ids, teacher targets) over a block of cache rows.
+
+    targets: {"logits": (B, K) float16, <teacher layer index>: (B, C, H, W//2+1, 2) float16}.
+    Images come from DataLoader workers; cache reads run in a prefetch thread of this process.
+    """
+
+    def __init__(
+        self,
+        cache: Cache,
+        views: ViewDataset,
+        rows: tuple[int, int],
+        batch_size: int,
+        layers: list[int],
+        want_logits: bool,
+        seed: int,
+        shuffle: bool,
+        num_workers: int = 0,
+        pool_units: int = 2,
+    ):
+        self.cache, self.views = cache, views
+        self.unit = cache.chunk_rows()
+        self.units = units_of(rows[0], rows[1], self.unit)
+        self.batch_size, self.layers, self.want_logits = batch_size, layers, want_logits
+        self.seed, self.shuffle, self.num_workers, self.pool_units = seed, shuffle, num_workers, pool_units
+        self.valid = cache.valid
+
+    def order(self) -> list[int]:
+        idx = np.arange(len(self.units))
+        if self.shuffle:
+            idx = np.random.default_rng([self.seed, 1]).permutation(idx)
+        if dist.world_size() > 1:
+            idx = idx[dist.rank() :: dist.world_size()]
+        return idx.tolist()
+
+    def _targets(self, u: int) -> dict:
+        a, b = self.units[u]
+        out = {}
+        if self.want_logits:
+            out["logits"] = torch.from_numpy(self.cache.read("logits", a, b))
+        for t in self.layers:
+            name = self.cache.layer(t).name
+            out[t] = torch.from_numpy(self.cache.read(f"spectra/{name}", a, b))
+        return out
+
+    def __len__(self) -> int:
+        n = sum(int(self.valid[a:b].sum()) for a, b in self.units)
+        if dist.world_size() > 1:
+            n //= dist.world_size()
+        return max(1, -(-n // self.batch_size))
+
+    def __iter__(self):
+        order = self.order()
+        loader = torch.utils.data.DataLoader(
+            _UnitImages(self.views, self.units), batch_size=None, sampler=order, num_workers=self.num_workers,
+            prefetch_factor=2 if self.num_workers else None,
+        )
+        need_targets = self.want_logits or bool(self.layers)
+        q: queue.Queue = queue.Queue(maxsize=3)
+        stop = threading.Event()
+
+        def reader():
+            try:
+                for u in order:
+                    if stop.is_set():
+                        return
+                    q.put((u, self._targets(u) if need_targets else {}))
+            except BaseException as e:  # noqa: BLE001 - surfaced in the consumer
+                q.put(e)
+
+        th = threading.Thread(target=reader, daemon=True, name="cache-reader")
+        th.start()
+        rng = np.random.default_rng([self.seed, 2])
+        pool: list[dict] = []
+        pooled = 0
+        try:
+            for u, x, y, ok in loader:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                tu, tg = item
+                assert tu == u
+                a, b = self.units[u]
+                keep = ok.numpy() & self.valid[a:b]
+                rows = torch.arange(a, b)[torch.from_numpy(keep)]
+                part = {"x": x[keep], "y": y[keep], "rows": rows, **{k: v[keep] for k, v in tg.items()}}
+                pool.append(part)
+                pooled += len(rows)
+                if len(pool) >= self.pool_units:
+                    yield from self._drain(pool, rng, final=False)
+                    pooled = sum(len(p["rows"]) for p in pool)
+            yield from self._drain(pool, rng, final=True)
+        finally:
+            stop.set()
+            while th.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    th.join(0.05)
+
+    def _drain(self, pool: list[dict], rng, final: bool):
+        if not pool:
+            return
+        merged = {k: torch.cat([p[k] for p in pool]) for k in pool[0]}
+        n = len(merged["rows"])
+        perm = torch.from_numpy(rng.permutation(n)) if self.shuffle else torch.arange(n)
+        bs = self.batch_size
+        full = n // bs * bs if not final else n
+        for i in range(0, full, bs):
+            sel = perm[i : i + bs]
+            batch = {k: v[sel] for k, v in merged.items()}
+            yield batch["x"], batch["y"], batch["rows"], {k: v for k, v in batch.items() if k not in ("x", "y", "rows")}
+        rest = perm[full:]
+        pool.clear()
+        if len(rest):
+            pool.append({k: v[rest] for k, v in merged.items()})
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def student_dir(runner, name: str) -> Path:
+    fp, _ = runner.student_fingerprint(name)
+    return runner.workdir / "distill" / "students" / f"{name}-{fp[:12]}"
+
+
+def check_student(cache: Cache | None, model, st: ResolvedStudent, size: int, teacher_depth: int) -> None:
+    """Fail before training when a layer pair cannot be matched against the cached teacher layer."""
+    if st.loss.kind != "spectral" or cache is None:
+        return
+    d = models.depth(model)
+    with torch.no_grad():
+        _, feats = models.intermediates(model.eval(), torch.zeros(1, 3, size, size), [s % d for s, _ in st.layers])
+    for (sl, tl), f in zip(st.layers, feats):
+        pair = f"{st.name} [{sl}, {tl}]"
+        layer = cache.layer(tl % teacher_depth)
+        if (f.shape[2], f.shape[3]) != (layer.height, layer.width):
+            raise PipelineError(
+                f"distill.students: layer pair {pair}: student grid {f.shape[2]}x{f.shape[3]} does not match "
+                f"teacher layer {layer.name} grid {layer.height}x{layer.width}"
+            )
+        if f.shape[1] > layer.channels:
+            raise PipelineError(
+                f"distill.students: layer pair {pair}: student has {f.shape[1]} channels, more than the "
+                f"teacher's {layer.channels} (the cache can only be pooled down)"
+            )
+
+
+class _WithFeatures(torch.nn.Module):
+    """forward(x) -> (logits, [features of the chosen layers]): one module DDP can wrap."""
+
+    def __init__(self, model: torch.nn.Module, indices: list[int]):
+        super().__init__()
+        self.model, self.indices = model, indices
+
+    def forward(self, x):
+        return models.intermediates(self.model, x, self.indices)
+
+
+class Trainer:
+    def __init__(self, cfg: PipelineConfig, st: ResolvedStudent, cache: Cache, out: Path, teacher_depth: int,
+                 teacher=None):
+        self.cfg, self.st, self.cache, self.out = cfg, st, cache, out
+        self.device = models.resolve_device(st.device)
+        torch.manual_seed(st.seed)
+        self.model = models.create(st.model, st.kwargs, cfg.data.num_classes).to(self.device)
+        self.depth = models.depth(self.model)
+        spectral = st.loss.kind == "spectral"
+        self.s_layers = [s % self.depth for s, _ in st.layers] if spectral else []
+        self.t_layers = [t % teacher_depth for _, t in st.layers] if spectral else []
+        self.teacher = teacher
+        self.views = ViewDataset(manifest_rows(cache.manifest), cfg.data.image_size, cfg.data.mean, cfg.data.std)
+        self.net: torch.nn.Module = _WithFeatures(self.model, self.s_layers)
+        if dist.world_size() > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+
+    def train_batches(self, epoch: int) -> CachedBatches:
+        k = self.cache.views("train")
+        b = self.cache.block("train", epoch % k)
+        cached = self.st.mode == "cached"
+        return CachedBatches(
+            self.cache, self.views, (b.start, b.stop), self.st.batch_size,
+            layers=sorted(set(self.t_layers)) if cached else [],
+            want_logits=cached and self.st.loss.kind != "none",
+            seed=self.st.seed * 100003 + epoch, shuffle=True, num_workers=self.st.num_workers,
+        )
+
+    def val_batches(self):
+        b = self.cache.block("val", 0)
+        it = CachedBatches(self.cache, self.views, (b.start, b.stop), 256, [], False, 0, False, 0)
+        for x, y, _, _ in it:
+            yield x, y
+
+    def targets_online(self, x: torch.Tensor) -> dict:
+        with torch.no_grad(), models.autocast(self.device, self.st.amp):
+            logits, feats = models.intermediates(self.teacher, x, sorted(set(self.t_layers)))
+        out = {"logits": logits.float()}
+        for t, f in zip(sorted(set(self.t_layers)), feats):
+            out[t] = spectrum(f)
+        return out
+
+    def loss(self, x, y, tg):
+        st = self.st
+        with models.autocast(self.device, st.amp):
+            logits, feats = self.net(x)
+        spectral = st.loss.kind == "spectral"
+        return spectralkd_loss(
+            logits.float(), y,
+            teacher_logits=tg.get("logits"),
+            student_feats=[f.float() for f in feats] if spectral else None,
+            teacher_specs=[tg[t] for t in self.t_layers] if spectral else None,
+            kind=st.loss.kind, alpha=st.loss.alpha, tau=st.loss.tau, beta=st.loss.beta,
+            w_fft=st.loss.w_fft, label_smoothing=st.loss.label_smoothing,
+        )
+
+    def fit(self, max_steps: int | None = None) -> list[dict]:
+        st, out = self.st, self.out
+        opt = adamw(self.model, st.lr, st.weight_decay)
+        steps_per_epoch = len(self.train_batches(0))
+        sched = warmup_cosine(opt, st.epochs * steps_per_epoch, int(st.warmup_epochs * steps_per_epoch))
+        metrics: list[dict] = []
+        start = 0
+        ck = out / "ckpt.pt"
+        if ck.exists():
+            state = torch.load(ck, map_location="cpu", weights_only=False)
+            self.model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            metrics = state["metrics"]
+            start = state["epoch"] + 1
+            if dist.is_main():
+                log.info(f"{st.name}: resuming after epoch {start} from {ck}")
+        for epoch in range(start, st.epochs):
+            torch.manual_seed(st.seed * 1000 + epoch)
+            t0 = time.time()
+            self.model.train()
+            sums = np.zeros(5)
+            step_times = []
+            batches = self.train_batches(epoch)
+            bar = tqdm(batches, total=len(batches), desc=f"{st.name} {epoch + 1}/{st.epochs}", leave=False,
+                       disable=not dist.is_main() or None)
+            for i, (x, y, _, tg) in enumerate(bar):
+                ts = time.perf_counter()
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                tg = {k: v.to(self.device, non_blocking=True) for k, v in tg.items()}
+                if st.mode == "online" and st.loss.kind != "none":
+                    tg = self.targets_online(x)
+                terms = self.loss(x, y, tg)
+                opt.zero_grad(set_to_none=True)
+                terms.total.backward()
+                opt.step()
+                sched.step()
+                it = terms.items()
+                sums += np.array([it["total"] * len(y), it["ce"] * len(y), it["kd"] * len(y),
+                                  it["spec"] * len(y), len(y)])
+                step_times.append(time.perf_counter() - ts)
+                if max_steps is not None and i + 1 >= max_steps:
+                    break
+            tot = dist.all_reduce_sum(sums.tolist())
+            n = max(1.0, tot[4])
+            ev = evaluate(self.model, self.val_batches(), self.device,
+                          lambda: models.autocast(self.device, st.amp))
+            row = {
+                "student": st.name, "epoch": epoch, "lr": float(sched.get_last_lr()[0]),
+                "loss_total": tot[0] / n, "loss_ce": tot[1] / n, "loss_kd": tot[2] / n, "loss_spec": tot[3] / n,
+                "val_top1": ev["top1"], "val_top5": ev["top5"], "val_loss": ev["loss"],
+                "epoch_s": time.time() - t0, "step_s": float(np.mean(step_times)) if step_times else 0.0,
+            }
+            metrics.append(row)
+            if dist.is_main():
+                log.info(
+                    f"{st.name} epoch {epoch + 1}/{st.epochs}: loss {row['loss_total']:.4f} (ce {row['loss_ce']:.3f} "
+                    f"kd {row['loss_kd']:.3f} spec {row['loss_spec']:.4f}) val top-1 {ev['top1']:.2f}% "
+                    f"({row['epoch_s']:.1f}s)"
+                )
+                atomic_torch_save(ck, {"model": self.model.state_dict(), "opt": opt.state_dict(),
+                                       "sched": sched.state_dict(), "epoch": epoch, "metrics": metrics})
+                write_metrics(out / "metrics.parquet", metrics)
+            dist.barrier()
+        return metrics
+
+
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    table = pa.Table.from_pylist(rows)
+    atomic_write(path, lambda f: pq.write_table(table, f))
+
+
+def train_student(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher_depth: int, teacher=None,
+                  max_steps: int | None = None) -> dict:
+    st = cfg.student(name)
+    out = student_dir(runner, name)
+    fp, inputs = runner.student_fingerprint(name)
+    lock = out / "lock.json"
+    if lock.exists():
+        done = read_json(lock)
+        if done.get("fingerprint") == fp and done.get("complete"):
+            if dist.is_main():
+                log.info(f"{name}: up to date ({fp[:12]}), skipped")
+            return done["summary"]
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    t0 = time.time()
+    tr = Trainer(cfg, st, cache, out, teacher_depth=teacher_depth, teacher=teacher)
+    check_student(cache if st.mode == "cached" else None, tr.model, st, cfg.data.image_size, teacher_depth)
+    metrics = tr.fit(max_steps=max_steps)
+    last = metrics[-1]
+    summary = {
+        "student": name, "model": st.model, "kind": st.loss.kind, "mode": st.mode, "seed": st.seed,
+        "val_top1": last["val_top1"], "val_top5": last["val_top5"],
+        "best_val_top1": max(m["val_top1"] for m in metrics), "epochs": st.epochs,
+        "params": sum(p.numel() for p in tr.model.parameters()), "train_s": round(time.time() - t0, 1),
+        "step_s": float(np.mean([m["step_s"] for m in metrics])),
+    }
+    if dist.is_main():
+        atomic_torch_save(out / "final.pt", {"state_dict": tr.model.state_dict(), "model": st.model,
+                                             "kwargs": st.kwargs})
+        atomic_write_json(lock, {"fingerprint": fp, "inputs": inputs, "summary": summary, "complete": True})
+    dist.barrier()
+    return summary
+
+
+def load_student(runner, cfg: PipelineConfig, name: str) -> torch.nn.Module:
+    st = cfg.student(name)
+    m = models.create(st.model, st.kwargs, cfg.data.num_classes)
+    models.load_checkpoint(m, str(student_dir(runner, name) / "final.pt"))
+    return m.eval()
+
+
+def summary_table(teacher_summary: dict, cfg: PipelineConfig, rows: list[dict]) -> tuple[pa.Table, str]:
+    all_rows = [{"model": f"teacher ({cfg.teacher.model})", "kind": "teacher", "mode": "-",
+                 "val_top1": teacher_summary.get("val_top1"), "val_top5": teacher_summary.get("val_top5"),
+                 "params": teacher_summary.get("params")}]
+    for r in rows:
+        all_rows.append({"model": r["student"], "kind": r["kind"], "mode": r["mode"], "val_top1": r["val_top1"],
+                         "val_top5": r["val_top5"], "params": r["params"]})
+    table = pa.Table.from_pylist(all_rows)
+    md = ["| model | kind | mode | val top-1 | val top-5 | params |", "|---|---|---|---|---|---|"]
+    for r in all_rows:
+        t1 = f"{r['val_top1']:.2f}" if r["val_top1"] is not None else "-"
+        t5 = f"{r['val_top5']:.2f}" if r["val_top5"] is not None else "-"
+        md.append(f"| {r['model']} | {r['kind']} | {r['mode']} | {t1} | {t5} | {r['params'] or '-'} |")
+    return table, "\n".join(md) + "\n"
+
+
+def check_cache_teacher(cache: Cache, trec) -> None:
+    want = trec.summary.get("weights_sha256")
+    got = cache.attrs.get("teacher", {}).get("weights_sha256")
+    if want and got != want:
+        raise PipelineError(
+            f"{cache.path}: cache was made by teacher weights {str(got)[:12]}, but the teacher is now "
+            f"{want[:12]}; refusing it (rerun extract)"
+        )
+
+
+def run(ctx) -> dict:
+    cfg: PipelineConfig = ctx.cfg
+    names = [s.name for s in cfg.distill.students]
+    wanted = ctx.options.get("students") or names
+    for w in wanted:
+        cfg.student(w)  # names an unknown student clearly
+    if not names:
+        log.warning("distill: no students configured (distill.students is empty)")
+    cache = open_cache(ctx.upstream["extract"])
+    trec = ctx.upstream["teacher"]
+    check_cache_teacher(cache, trec)
+    tdepth = _teacher_depth(cfg)
+    # fail before any training if any chosen student cannot use the cache
+    for name in wanted:
+        st = cfg.student(name)
+        if st.mode == "cached" and st.loss.kind == "spectral":
+            for _, t in st.layers:
+                cache.layer(t % tdepth)
+    teacher = None
+    if any(cfg.student(n).mode == "online" and cfg.student(n).loss.kind != "none" for n in wanted):
+        teacher = teacher_stage.load(trec, cfg).to(models.resolve_device(cfg.distill.defaults.device))
+    results = []
+    for name in wanted:
+        results.append(train_student(ctx.runner, cfg, name, cache, tdepth, teacher=teacher))
+    complete = set(wanted) == set(names)
+    summary = {"students": {r["student"]: {k: r[k] for k in ("val_top1", "val_top5", "kind", "mode")}
+                            for r in results}, "complete": complete}
+    if dist.is_main() and complete:
+        table, md = summary_table(trec.summary, cfg, results)
+        atomic_write(ctx.out / "summary.parquet", lambda f: pq.write_table(table, f))
+        atomic_write_text(ctx.out / "summary.md", md)
+        print("\n" + md)
+    return summary
+
+
+def _teacher_depth(cfg: PipelineConfig) -> int:
+    from pipeline.config import model_depth
+
+    return model_depth(cfg.teacher.model, cfg.teacher.kwargs, cfg.data.num_classes, "teacher")[0]
