@@ -1,0 +1,449 @@
+"""analyze: where each model concentrates information, and whether students mirror their teacher.
+
+1. Features on the val split, written to ``features.zarr/<model>/<layer>`` (rows, C, H, W),
+   sharded like the cache: the teacher's cached layers come from the cache (stored features, or
+   the inverse rfft2 of the stored spectra), its other layers and every student's layers from a
+   forward pass over the val views.
+2. On Dask (chunks = shards, per-chunk FFTs and partial sums, never a whole-array load), per model
+   and layer: the channel spectrum S_l(f) = mean_{b,h,w} |FFT_C(X)[f]| / C, the intensity
+   L = mean_f S_l(f), and the spatial-frequency energy per radial band of the rfft2 grid.
+3. Tables (Parquet, long format), plots (PNG) and a Markdown report with the findings.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+from pipeline.config import PipelineConfig
+from pipeline.errors import PipelineError
+from pipeline.fsutil import atomic_write, atomic_write_text
+
+from . import models, teacher as teacher_stage
+from .data import ViewDataset
+from .extract import manifest_rows, open_cache
+from .spectral import channel_spectrum_sum, inverse_spectrum, radial_energy_sum
+
+log = logging.getLogger("pipeline")
+
+TEACHER = "teacher"
+
+
+# ----------------------------------------------------------------------------- dask metrics
+
+
+def _cs_block(block: np.ndarray) -> np.ndarray:
+    return channel_spectrum_sum(block)[None, :]
+
+
+def _radial_block(block: np.ndarray, bands: int) -> np.ndarray:
+    return radial_energy_sum(block, bands)[None, :]
+
+
+def layer_metrics(arr, bands: int):
+    """Lazy (channel-spectrum sums, radial energy sums, positions) of one (rows, C, H, W) array.
+
+    ``arr`` is a dask array chunked along rows only; every task reads one chunk.
+    """
+    c = arr.shape[1]
+    per_row = arr.shape[2] * arr.shape[3]
+    cs = arr.map_blocks(_cs_block, drop_axis=[2, 3], chunks=((1,) * arr.numblocks[0], (c,)), dtype=np.float64)
+    re = arr.map_blocks(_radial_block, bands, drop_axis=[2, 3], chunks=((1,) * arr.numblocks[0], (bands,)),
+                        dtype=np.float64)
+    return cs.sum(axis=0), re.sum(axis=0), arr.shape[0] * per_row
+
+
+def dask_channel_spectra(arrays: dict, bands: int, progress: bool = True, client=None) -> dict:
+    """{key: dask array} -> {key: (channel spectrum (C,), intensity, radial energy fractions (bands,))}."""
+    import dask
+
+    lazy = {k: layer_metrics(a, bands) for k, a in arrays.items()}
+    flat = []
+    for k, (cs, re, _) in lazy.items():
+        flat += [cs, re]
+    if client is not None:
+        from distributed import as_completed
+
+        futures = client.compute(flat)
+        for _ in tqdm(as_completed(futures), total=len(futures), desc="analyze", disable=not progress or None):
+            pass
+        values = client.gather(futures)
+    else:
+        values = dask.compute(*flat)
+    out = {}
+    for i, (k, (_, _, positions)) in enumerate(lazy.items()):
+        cs_sum, re_sum = values[2 * i], values[2 * i + 1]
+        spec = np.asarray(cs_sum) / positions
+        energy = np.asarray(re_sum)
+        out[k] = (spec, float(spec.mean()), energy / max(energy.sum(), 1e-30))
+    return out
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def _feature_writer(root: zarr.Group, model: str, name: str, rows: int, shape, rps: int):
+    c, h, w = shape
+    row_bytes = c * h * w * 2
+    n = 1
+    for k in range(1, rps + 1):
+        if rps % k == 0 and k * row_bytes <= (1 << 20):
+            n = k
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return root.create_array(
+        f"{model}/{name}", shape=(rows, c, h, w), dtype="float16", chunks=(n, c, h, w), shards=(rps, c, h, w),
+        compressors=[ZstdCodec(level=1), Crc32cCodec()], fill_value=0, overwrite=True,
+    )
+
+
+@torch.inference_mode()
+def write_model_features(root, label: str, model, indices: list[int], names: list[str], views: ViewDataset,
+                         rows: tuple[int, int], rps: int, batch: int, device) -> None:
+    """Run ``model`` on val rows and write its layers, one shard of rows at a time."""
+    model = model.to(device).eval()
+    a0, b0 = rows
+    n = b0 - a0
+    x0 = views[a0][0][None].to(device)
+    _, f0 = models.intermediates(model, x0, indices)
+    arrays = [_feature_writer(root, label, nm, n, tuple(f.shape[1:]), rps) for nm, f in zip(names, f0)]
+    for s in tqdm(range(0, n, rps), desc=f"features {label}", leave=False, disable=None):
+        e = min(n, s + rps)
+        bufs = [np.zeros((e - s, *a.shape[1:]), np.float16) for a in arrays]
+        for i in range(s, e, batch):
+            j = min(e, i + batch)
+            x = torch.stack([views[a0 + r][0] for r in range(i, j)]).to(device)
+            _, feats = models.intermediates(model, x, indices)
+            for buf, f in zip(bufs, feats):
+                buf[i - s : j - s] = f.float().cpu().numpy().astype(np.float16)
+        for arr, buf in zip(arrays, bufs):
+            arr[s:e] = buf
+
+
+def write_cached_teacher_layers(root, cache, rows: tuple[int, int], rps: int) -> list[int]:
+    """The teacher's cached layers on val rows: stored features, else irfft2 of the stored spectra."""
+    a0, b0 = rows
+    n = b0 - a0
+    done = []
+    for layer in cache.spec.layers:
+        arr = _feature_writer(root, TEACHER, layer.name, n, layer.feature_shape(), rps)
+        for s in range(0, n, rps):
+            e = min(n, s + rps)
+            if "features" in cache.spec.store:
+                block = cache.read(f"features/{layer.name}", a0 + s, a0 + e)
+            else:
+                spec = torch.from_numpy(cache.read(f"spectra/{layer.name}", a0 + s, a0 + e))
+                block = inverse_spectrum(spec, layer.width).numpy().astype(np.float16)
+            arr[s:e] = block
+        done.append(layer.index)
+    return done
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _plot_intensity(df_int: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    by_model: dict[str, list[dict]] = {}
+    for r in df_int:
+        by_model.setdefault(r["model"], []).append(r)
+    for model, rs in by_model.items():
+        rs = sorted(rs, key=lambda r: r["depth_frac"])
+        style = dict(color="black", linewidth=2.5, marker="o") if model == TEACHER else dict(marker=".")
+        ax.plot([r["depth_frac"] for r in rs], [r["intensity"] for r in rs], label=model, **style)
+    ax.set_xlabel("relative depth (layer / (depth - 1))")
+    ax.set_ylabel("intensity L(X) = mean_f |FFT_C(X)| / C")
+    ax.set_title("Channel-spectrum intensity across depth (val split)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_spectra(rows: list[dict], model: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    layers = sorted({r["layer"] for r in rows if r["model"] == model})
+    cmap = plt.get_cmap("viridis")
+    for i, layer in enumerate(layers):
+        rs = sorted((r for r in rows if r["model"] == model and r["layer"] == layer), key=lambda r: r["frequency"])
+        c = len(rs)
+        half = rs[: c // 2 + 1]  # |FFT| of a real signal is symmetric
+        ax.plot([r["frequency"] for r in half], [r["value"] for r in half], color=cmap(i / max(1, len(layers) - 1)),
+                label=f"layer {layer}")
+    ax.set_xlabel("channel frequency f")
+    ax.set_ylabel("S_l(f)")
+    ax.set_yscale("log")
+    ax.set_title(f"Channel spectra per layer: {model}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _write_table(path: Path, rows: list[dict]) -> None:
+    t = pa.Table.from_pylist(rows)
+    atomic_write(path, lambda f: pq.write_table(t, f))
+
+
+def _norm_profile(v: np.ndarray) -> np.ndarray:
+    return v / max(float(np.mean(v)), 1e-30)
+
+
+def profile_distance(t_depth: np.ndarray, t_val: np.ndarray, s_depth: np.ndarray, s_val: np.ndarray) -> float:
+    """Mean |difference| of mean-normalized intensity profiles, teacher interpolated at student depths."""
+    t_at = np.interp(s_depth, t_depth, _norm_profile(t_val))
+    return float(np.mean(np.abs(_norm_profile(s_val) - t_at)))
+
+
+def spectrum_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """L2 distance of two channel spectra, each normalized to sum 1, on a common relative-frequency grid."""
+    grid = np.linspace(0, 1, 64)
+    fa = np.interp(grid, np.linspace(0, 1, len(a)), a / max(a.sum(), 1e-30) * len(a))
+    fb = np.interp(grid, np.linspace(0, 1, len(b)), b / max(b.sum(), 1e-30) * len(b))
+    return float(np.sqrt(np.mean((fa - fb) ** 2)))
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def _client(cfg: PipelineConfig):
+    from distributed import Client, LocalCluster
+
+    for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker",
+                 "distributed.core", "distributed.http.proxy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    a = cfg.analyze
+    if a.scheduler:
+        try:
+            return Client(a.scheduler, timeout="20s"), None
+        except OSError as e:
+            raise PipelineError(f"analyze.scheduler: cannot reach {a.scheduler} ({e})") from None
+    cluster = LocalCluster(n_workers=a.workers, threads_per_worker=a.threads_per_worker,
+                           memory_limit=a.memory_limit, processes=True, dashboard_address=None)
+    return Client(cluster), cluster
+
+
+def run(ctx) -> dict:
+    import dask.array as da
+
+    cfg: PipelineConfig = ctx.cfg
+    a = cfg.analyze
+    t0 = time.time()
+    cache = open_cache(ctx.upstream["extract"])
+    trec = ctx.upstream["teacher"]
+    vb = cache.block("val", 0)
+    rows = (vb.start, vb.stop if a.max_rows is None else min(vb.stop, vb.start + a.max_rows))
+    rps = cache.spec.rows_per_shard
+    views = ViewDataset(manifest_rows(cache.manifest), cfg.data.image_size, cfg.data.mean, cfg.data.std)
+    device = models.resolve_device(cfg.teacher.device)
+    store = Path(ctx.out) / "features.zarr"
+    root = zarr.open_group(str(store), mode="w")
+
+    # teacher: cached layers from the cache, the rest (optionally) from a forward pass
+    teacher = teacher_stage.load(trec, cfg)
+    tdepth = models.depth(teacher)
+    cached = write_cached_teacher_layers(root, cache, rows, rps)
+    layer_index = {TEACHER: {}}
+    for l in cache.spec.layers:
+        layer_index[TEACHER][l.name] = l.index
+    if a.teacher_all_layers:
+        rest = [i for i in range(tdepth) if i not in cached]
+        if rest:
+            names = models.layer_names(teacher, rest)
+            write_model_features(root, TEACHER, teacher, rest, names, views, rows, rps, a.batch_size, device)
+            layer_index[TEACHER].update(dict(zip(names, rest)))
+    depths = {TEACHER: tdepth}
+    # students
+    from .distill import load_student
+
+    kinds = {TEACHER: "teacher"}
+    pairs_cfg = {}
+    for s in cfg.distill.students:
+        st = cfg.student(s.name)
+        m = load_student(ctx.runner, cfg, s.name)
+        d = models.depth(m)
+        idx = list(range(d))
+        names = models.layer_names(m, idx)
+        write_model_features(root, s.name, m, idx, names, views, rows, rps, a.batch_size, device)
+        layer_index[s.name] = dict(zip(names, idx))
+        depths[s.name] = d
+        kinds[s.name] = st.loss.kind
+        pairs_cfg[s.name] = [(sl % d, tl % tdepth) for sl, tl in st.layers]
+
+    # dask: chunks = shards
+    g = zarr.open_group(str(store), mode="r")
+    arrays = {}
+    for model, names in layer_index.items():
+        for name, idx in names.items():
+            z = g[f"{model}/{name}"]
+            arrays[(model, idx)] = da.from_zarr(z, chunks=z.shards)
+    client, cluster = _client(cfg)
+    try:
+        metrics = dask_channel_spectra(arrays, a.radial_bands, client=client)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+    # tables
+    spectra_rows, int_rows, radial_rows = [], [], []
+    for (model, idx), (spec, inten, radial) in sorted(metrics.items()):
+        frac = idx / max(1, depths[model] - 1)
+        int_rows.append({"model": model, "kind": kinds[model], "layer": idx, "depth_frac": frac, "intensity": inten})
+        spectra_rows += [{"model": model, "layer": idx, "frequency": f, "value": float(v)} for f, v in enumerate(spec)]
+        radial_rows += [{"model": model, "layer": idx, "band": b, "value": float(v)} for b, v in enumerate(radial)]
+    prof_rows, pair_rows = [], []
+    t_rows = sorted((r for r in int_rows if r["model"] == TEACHER), key=lambda r: r["layer"])
+    t_depth = np.array([r["depth_frac"] for r in t_rows])
+    t_val = np.array([r["intensity"] for r in t_rows])
+    for s in cfg.distill.students:
+        s_rows = sorted((r for r in int_rows if r["model"] == s.name), key=lambda r: r["layer"])
+        prof_rows.append({
+            "model": s.name, "kind": kinds[s.name],
+            "profile_distance": profile_distance(t_depth, t_val, np.array([r["depth_frac"] for r in s_rows]),
+                                                 np.array([r["intensity"] for r in s_rows])),
+        })
+        for sl, tl in pairs_cfg[s.name]:
+            if (TEACHER, tl) not in metrics:
+                continue
+            ts, tl_int, _ = metrics[(TEACHER, tl)]
+            ss, sl_int, _ = metrics[(s.name, sl)]
+            pair_rows.append({"model": s.name, "student_layer": sl, "teacher_layer": tl,
+                              "intensity_distance": abs(tl_int - sl_int),
+                              "relative_intensity_distance": abs(tl_int - sl_int) / max(tl_int, 1e-30),
+                              "spectrum_distance": spectrum_distance(ts, ss)})
+    out = Path(ctx.out)
+    _write_table(out / "intensity.parquet", int_rows)
+    _write_table(out / "channel_spectra.parquet", spectra_rows)
+    _write_table(out / "radial_energy.parquet", radial_rows)
+    _write_table(out / "profile_distance.parquet", prof_rows)
+    if pair_rows:
+        _write_table(out / "layer_pairs.parquet", pair_rows)
+    _plot_intensity(int_rows, out / "intensity.png")
+    plots = ["intensity.png"]
+    for model in layer_index:
+        _plot_spectra(spectra_rows, model, out / f"channel_spectra_{model}.png")
+        plots.append(f"channel_spectra_{model}.png")
+    report = make_report(cfg, int_rows, prof_rows, pair_rows, radial_rows, plots, rows[1] - rows[0])
+    atomic_write_text(out / "report.md", report)
+    log.info(f"analyze: report at {out / 'report.md'}")
+    return {"models": list(layer_index), "val_rows": rows[1] - rows[0], "seconds": round(time.time() - t0, 1),
+            "profile_distance": {r["model"]: r["profile_distance"] for r in prof_rows},
+            "top_teacher_layers": top_layers(t_rows, 3)}
+
+
+def top_layers(teacher_rows: list[dict], k: int) -> list[int]:
+    return [r["layer"] for r in sorted(teacher_rows, key=lambda r: -r["intensity"])[:k]]
+
+
+def make_report(cfg, int_rows, prof_rows, pair_rows, radial_rows, plots, n_rows) -> str:
+    t_rows = sorted((r for r in int_rows if r["model"] == TEACHER), key=lambda r: r["layer"])
+    top = sorted(t_rows, key=lambda r: -r["intensity"])[:3]
+    lines = [
+        "# Spectral analysis",
+        "",
+        f"Val split, {n_rows} rows. Teacher `{cfg.teacher.model}`; students: "
+        + (", ".join(f"`{s.name}` ({s.loss.kind})" for s in cfg.distill.students) or "none") + ".",
+        "",
+        "![intensity across depth](intensity.png)",
+        "",
+        "## Where the teacher concentrates information",
+        "",
+        "Most information-rich teacher layers (highest intensity L): "
+        + ", ".join(f"layer {r['layer']} (L = {r['intensity']:.4g})" for r in top) + ".",
+        "",
+        "| layer | intensity | low-band energy | high-band energy |",
+        "|---|---|---|---|",
+    ]
+    bands = {}
+    for r in radial_rows:
+        if r["model"] == TEACHER:
+            bands.setdefault(r["layer"], {})[r["band"]] = r["value"]
+    for r in t_rows:
+        b = bands.get(r["layer"], {})
+        lo, hi = b.get(0, float("nan")), b.get(max(b) if b else 0, float("nan"))
+        lines.append(f"| {r['layer']} | {r['intensity']:.4g} | {lo:.3f} | {hi:.3f} |")
+    lines += ["", "## Do students mirror the teacher?", "",
+              "Profile distance: mean |difference| between the student's intensity profile and the teacher's "
+              "(each divided by its mean, teacher interpolated at the student's relative depths). Lower is closer.",
+              "", "| student | kind | profile distance |", "|---|---|---|"]
+    for r in sorted(prof_rows, key=lambda r: r["profile_distance"]):
+        lines.append(f"| {r['model']} | {r['kind']} | {r['profile_distance']:.4f} |")
+    none = [r for r in prof_rows if r["kind"] == "none"]
+    kd = [r for r in prof_rows if r["kind"] != "none"]
+    if none and kd:
+        base = min(r["profile_distance"] for r in none)
+        closer = [r["model"] for r in kd if r["profile_distance"] < base]
+        lines += ["", f"Finding: {len(closer)} of {len(kd)} distilled students are closer to the teacher's profile "
+                  f"than the closest no-KD student ({base:.4f})" + (f": {', '.join(closer)}." if closer else ".")]
+    if pair_rows:
+        lines += ["", "### Distilled layer pairs", "",
+                  "| student | student layer | teacher layer | relative intensity distance | spectrum distance |",
+                  "|---|---|---|---|---|"]
+        for r in pair_rows:
+            lines.append(f"| {r['model']} | {r['student_layer']} | {r['teacher_layer']} | "
+                         f"{r['relative_intensity_distance']:.4f} | {r['spectrum_distance']:.4f} |")
+    lines += ["", "## Plots", ""] + [f"- [{p}]({p})" for p in plots]
+    lines += ["", "Tables: intensity.parquet, channel_spectra.parquet, radial_energy.parquet, "
+              "profile_distance.parquet, layer_pairs.parquet (long format).", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- select-layers
+
+
+def propose_layers(intensities: list[float], k: int, method: str, student_depth: int | None) -> list[tuple[int, int]]:
+    """Teacher layers to distill from, paired with student layers.
+
+    top: the k layers of highest intensity; ends: the first ceil(k/2) and last floor(k/2) layers.
+    Student layers: the teacher layer's relative depth mapped onto the student (distinct, in order).
+    """
+    d = len(intensities)
+    k = max(1, min(k, d))
+    if method == "top":
+        chosen = sorted(int(i) for i in np.argsort(-np.asarray(intensities), kind="stable")[:k])
+    else:
+        first = (k + 1) // 2
+        chosen = sorted(set(list(range(first)) + list(range(d - (k - first), d))))
+    sd = student_depth or d
+    pairs, used = [], set()
+    for t in chosen:
+        s = int(round(t * (sd - 1) / max(1, d - 1)))
+        while s in used and s < sd - 1:
+            s += 1
+        used.add(s)
+        pairs.append((s, t))
+    return pairs
+
+
+def select_layers_cli(runner, k: int, method: str, student_depth: int | None) -> str:
+    rec = runner.record("analyze")
+    if rec is None:
+        runner.run("analyze")
+        rec = runner.record("analyze")
+    t = pq.read_table(Path(rec.path) / "intensity.parquet").to_pylist()
+    t_rows = sorted((r for r in t if r["model"] == TEACHER), key=lambda r: r["layer"])
+    vals = [r["intensity"] for r in t_rows]
+    pairs = propose_layers(vals, k, method, student_depth)
+    prof = ", ".join(f"{r['layer']}:{r['intensity']:.3g}" for r in t_rows)
+    return (f"# teacher intensity by layer: {prof}\n# method {method}, k={k}\n"
+            f"layers: [{', '.join(f'[{s}, {t}]' for s, t in pairs)}]   # [student_layer, teacher_layer]")
