@@ -130,7 +130,8 @@ def spectralkd_loss(
         return LossTerms(ce, ce, zero, zero)
     if teacher_logits is None:
         raise ValueError(f"loss kind {kind!r} needs teacher_logits")
-    kd = kd_kl(student_logits, teacher_logits, tau)
+    # teacher quantities are targets: no gradient flows into them
+    kd = kd_kl(student_logits, teacher_logits.detach(), tau)
     spec = zero
     if kind == "spectral":
         if not student_feats or teacher_specs is None or len(student_feats) != len(teacher_specs):
@@ -138,7 +139,7 @@ def spectralkd_loss(
         losses = []
         for i, (f, ts) in enumerate(zip(student_feats, teacher_specs)):
             check_pair(f.shape, ts.shape, f"#{i}")
-            losses.append(spectral_layer_loss(spectrum(f), ts))
+            losses.append(spectral_layer_loss(spectrum(f), ts.detach()))
         spec = torch.stack(losses).mean()
     elif kind != "logits":
         raise ValueError(f"unknown loss kind {kind!r} (none | logits | spectral)")

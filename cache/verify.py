@@ -1,0 +1,124 @@
+"""``python -m pipeline verify``: check a stage's output against the current config, byte by byte.
+
+Each problem is one line naming the shard, array or row at fault; an empty list means sound.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pipeline.errors import PipelineError
+from pipeline.fsutil import read_json
+
+from .layout import MANIFEST, marker_name
+from .reader import Cache
+
+
+def verify_cache(path: Path, fingerprint: str | None, teacher_digest: str | None = None,
+                 progress: bool = True) -> list[str]:
+    problems: list[str] = []
+    try:
+        cache = Cache(path)
+    except PipelineError as e:
+        return [str(e)]
+    except Exception as e:  # noqa: BLE001 - a damaged group can fail in many ways
+        return [f"{path}: cannot open the cache ({type(e).__name__}: {e})"]
+    attrs = cache.attrs
+    if fingerprint and attrs.get("fingerprint") != fingerprint:
+        problems.append(f"{path}: fingerprint {str(attrs.get('fingerprint'))[:12]} != config's {fingerprint[:12]}")
+    got = attrs.get("teacher", {}).get("weights_sha256")
+    if teacher_digest and got != teacher_digest:
+        problems.append(f"{path}: made by teacher weights {str(got)[:12]}, current teacher is {teacher_digest[:12]}")
+    spec = cache.spec
+    arrays = spec.arrays()
+    for s in range(spec.num_shards):
+        if not (path / marker_name(s)).exists():
+            problems.append(f"{path}: shard {s} is not marked complete")
+    total = spec.num_shards * len(arrays)
+    bar = tqdm(total=total, desc="verify", unit="shard", disable=not progress or None)
+    for name in arrays:
+        arr = cache.group[name]
+        for s in range(spec.num_shards):
+            a, b = spec.shard_rows(s)
+            key = arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))
+            f = path / name / key
+            if not f.exists():
+                problems.append(f"{path}/{name}: shard {s} file {key} is missing")
+                bar.update(1)
+                continue
+            try:
+                block = arr[a:b]
+                if block.dtype.kind == "f" and not np.isfinite(block).all():
+                    problems.append(f"{path}/{name}: shard {s} holds non-finite values")
+            except Exception as e:  # noqa: BLE001 - checksum mismatch or a damaged shard index
+                why = "checksum mismatch" if "checksum" in str(e).lower() else f"{type(e).__name__}: {e}"
+                problems.append(f"{path}/{name}: shard {s} (rows {a}..{b - 1}) is corrupt ({why})")
+            bar.update(1)
+    bar.close()
+    # manifest against arrays
+    m = cache.manifest
+    if m.num_rows != spec.rows:
+        problems.append(f"{path}/{MANIFEST}: {m.num_rows} rows, arrays have {spec.rows}")
+        return problems
+    row = cache.column("row")
+    if not np.array_equal(row, np.arange(spec.rows)):
+        problems.append(f"{path}/{MANIFEST}: row column is not 0..{spec.rows - 1}")
+    shard = cache.column("shard")
+    bad_shard = np.flatnonzero(shard != row // spec.rows_per_shard)
+    if len(bad_shard):
+        problems.append(f"{path}/{MANIFEST}: row {int(bad_shard[0])} has shard {int(shard[bad_shard[0]])}")
+    label = cache.column("label")
+    out = np.flatnonzero((label < 0) | (label >= spec.num_classes))
+    if len(out):
+        problems.append(f"{path}/{MANIFEST}: row {int(out[0])} has label {int(label[out[0]])} outside 0..{spec.num_classes - 1}")
+    split, view = cache.column("split"), cache.column("view")
+    for blk in cache.blocks:
+        sl = slice(blk.start, blk.stop)
+        if not (np.all(split[sl] == blk.split) and np.all(view[sl] == blk.view)):
+            problems.append(f"{path}/{MANIFEST}: rows {blk.start}..{blk.stop - 1} are not all {blk.split} view {blk.view}")
+    k = attrs.get("views", 1)
+    if sum(1 for b in cache.blocks if b.split == "train") != k:
+        problems.append(f"{path}: {k} views configured, {sum(1 for b in cache.blocks if b.split == 'train')} train blocks")
+    try:
+        valid = cache.read("valid", 0, spec.rows)
+        n_bad = int((valid == 0).sum())
+        recorded = len(attrs.get("bad_rows", []))
+        if n_bad != recorded:
+            problems.append(f"{path}/valid: {n_bad} rows marked invalid but {recorded} bad rows recorded")
+    except PipelineError:
+        pass  # already reported shard by shard
+    return problems
+
+
+def verify_stage(runner, stage: str) -> list[str]:
+    rec = runner.record(stage)
+    fp = runner.fingerprint_of(stage)[0]
+    if rec is None:
+        return [f"{stage}: no complete output for the current config ({fp[:12]}) under {runner.out_dir(stage)}; "
+                f"run `python -m pipeline run {stage}`"]
+    if stage == "extract":
+        from stages.extract import cache_path
+
+        trec = runner.record("teacher")
+        digest = trec.summary.get("weights_sha256") if trec else None
+        return verify_cache(cache_path(rec), fp, digest)
+    if stage == "distill":
+        from stages.distill import student_dir
+
+        problems = []
+        for s in runner.cfg.distill.students:
+            d = student_dir(runner, s.name)
+            lock = d / "lock.json"
+            if not lock.exists():
+                problems.append(f"{d}: student {s.name} has no lock.json")
+                continue
+            if read_json(lock).get("fingerprint") != runner.student_fingerprint(s.name)[0]:
+                problems.append(f"{d}: student {s.name} lock fingerprint does not match the config")
+            for f in ("final.pt", "metrics.parquet"):
+                if not (d / f).exists():
+                    problems.append(f"{d}/{f}: missing")
+        return problems
+    raise PipelineError(f"verify: no checks for stage {stage!r}")

@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny pipeline (digits, a 4-block CaiT, 2-block students) built once per session."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "workdir": "work",
+    "seed": 0,
+    "data": {"source": "digits", "image_size": 16, "samples_per_shard": 400,
+             "augment": {"scale": [0.7, 1.0], "ratio": [0.8, 1.25], "hflip": 0.5}},
+    "teacher": {
+        "model": "cait_xxs24_224",
+        "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 2,
+                   "depth_token_only": 1},
+        "fit": {"epochs": 1, "batch_size": 64, "lr": 0.002},
+    },
+    "extract": {"layers": [0, -1], "views": 2, "store": ["logits", "spectra"], "batch_size": 64,
+                "rows_per_shard": 256, "num_workers": 0},
+    "distill": {
+        "defaults": {"epochs": 1, "batch_size": 64, "lr": 0.002, "num_workers": 0},
+        "students": [
+            {"name": "none", "model": "deit_tiny_patch16_224",
+             "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2},
+             "loss": {"kind": "none"}},
+            {"name": "spectral", "model": "deit_tiny_patch16_224",
+             "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2},
+             "layers": [[0, 0], [1, 3]], "loss": {"kind": "spectral"}},
+        ],
+    },
+    "analyze": {"workers": 1, "memory_limit": "2GiB", "radial_bands": 3},
+}
+
+
+def tiny_tree(**changes) -> dict:
+    """The tiny config as a dict, with dotted-path changes applied."""
+    from pipeline.config import _set_path
+
+    tree = copy.deepcopy(TINY)
+    for k, v in changes.items():
+        _set_path(tree, k.replace("__", "."), v)
+    return tree
+
+
+def write_config(path: Path, tree: dict) -> Path:
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd or ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=e)
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    """prepare -> teacher -> extract on the tiny config, once; returns (cfg, runner, records)."""
+    from pipeline.config import config_from_dict
+    from pipeline.graph import Runner
+
+    wd = tmp_path_factory.mktemp("built")
+    cfg = config_from_dict(TINY, workdir=str(wd / "work"))
+    runner = Runner(cfg)
+    recs = runner.run("extract")
+    return cfg, runner, recs

@@ -1,0 +1,161 @@
+"""The SpectralKD math against independent float64 numpy computations, plus its properties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stages.spectral import (
+    channel_spectrum,
+    channel_spectrum_sum,
+    inverse_spectrum,
+    pool_channels,
+    radial_energy_sum,
+    spectralkd_loss,
+    spectrum,
+)
+
+
+def np_pool(x: np.ndarray, c_out: int) -> np.ndarray:
+    """Adaptive average pooling of axis 1: group i = channels floor(i*C/c) .. ceil((i+1)*C/c)-1."""
+    c = x.shape[1]
+    out = []
+    for i in range(c_out):
+        a, b = (i * c) // c_out, -(-((i + 1) * c) // c_out)
+        out.append(x[:, a:b].mean(axis=1))
+    return np.stack(out, axis=1)
+
+
+def np_spectrum(x: np.ndarray) -> np.ndarray:
+    s = np.fft.rfft2(x.astype(np.float64), axes=(-2, -1), norm="ortho")
+    return np.stack([s.real, s.imag], axis=-1)
+
+
+def np_log_softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def np_loss(zs, y, zt, fs, ts_feats, alpha, tau, beta, w_fft, ls):
+    """DESIGN.md's total loss, in float64 numpy; teacher spectra computed from teacher features."""
+    k = zs.shape[1]
+    logp = np_log_softmax(zs)
+    onehot = np.eye(k)[y]
+    target = onehot * (1 - ls) + ls / k
+    ce = -(target * logp).sum(1).mean()
+    ls_s, ls_t = np_log_softmax(zs / tau), np_log_softmax(zt / tau)
+    kl = (np.exp(ls_t) * (ls_t - ls_s)).sum(1).mean() * tau * tau
+    layer = []
+    for f, t in zip(fs, ts_feats):
+        ss = np_spectrum(f)
+        tt = np_pool(np_spectrum(t), f.shape[1])
+        layer.append(((ss - tt) ** 2).mean())
+    return (1 - alpha) * ce + alpha * kl + beta * w_fft * np.mean(layer)
+
+
+@pytest.mark.parametrize("w", [6, 7])
+@pytest.mark.parametrize("c_s,c_t", [(8, 8), (6, 16), (5, 12)])
+def test_spectral_loss_matches_numpy_float64(w, c_s, c_t):
+    rng = np.random.default_rng(w * 100 + c_s)
+    b, h, k = 3, 5, 7
+    zs, zt = rng.normal(size=(b, k)), rng.normal(size=(b, k))
+    y = rng.integers(0, k, b)
+    fs = [rng.normal(size=(b, c_s, h, w)) for _ in range(2)]
+    tf = [rng.normal(size=(b, c_t, h, w)) for _ in range(2)]
+    want = np_loss(zs, y, zt, fs, tf, 0.9, 2.0, 1.0, 0.2, 0.1)
+    terms = spectralkd_loss(
+        torch.tensor(zs, dtype=torch.float32), torch.tensor(y), torch.tensor(zt, dtype=torch.float32),
+        [torch.tensor(f, dtype=torch.float32) for f in fs],
+        [spectrum(torch.tensor(t, dtype=torch.float32)) for t in tf],
+        kind="spectral", alpha=0.9, tau=2.0, beta=1.0, w_fft=0.2, label_smoothing=0.1,
+    )
+    assert terms.total.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_gradients_reach_only_the_student():
+    torch.manual_seed(0)
+    student_feat = torch.randn(2, 4, 4, 4, requires_grad=True)
+    student_logits = torch.randn(2, 5, requires_grad=True)
+    teacher_feat = torch.randn(2, 8, 4, 4, requires_grad=True)
+    teacher_logits = torch.randn(2, 5, requires_grad=True)
+    t_spec = spectrum(teacher_feat)
+    terms = spectralkd_loss(student_logits, torch.tensor([0, 3]), teacher_logits, [student_feat], [t_spec])
+    params = [student_feat, student_logits, teacher_feat, teacher_logits]
+    grads = torch.autograd.grad(terms.total, params, allow_unused=True)
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    assert grads[1] is not None and grads[1].abs().sum() > 0
+    # the loss treats teacher quantities as constants: no gradient flows back into them
+    assert grads[2] is None or grads[2].abs().sum() == 0
+    assert grads[3] is None or grads[3].abs().sum() == 0
+
+
+def test_kinds_select_terms():
+    zs, zt = torch.randn(4, 3), torch.randn(4, 3)
+    y = torch.tensor([0, 1, 2, 0])
+    none = spectralkd_loss(zs, y, kind="none", label_smoothing=0.0)
+    assert none.total.item() == pytest.approx(torch.nn.functional.cross_entropy(zs, y).item(), rel=1e-6)
+    logits = spectralkd_loss(zs, y, zt, kind="logits", alpha=1.0, label_smoothing=0.0)
+    assert logits.spec.item() == 0 and logits.total.item() == pytest.approx(logits.kd.item())
+    assert logits.kd.item() > 0
+    with pytest.raises(ValueError):
+        spectralkd_loss(zs, y, zt, kind="spectral")
+
+
+def test_spatial_mismatch_names_the_pair():
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="layer pair #0"):
+        spectralkd_loss(torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(2, 3),
+                        [torch.randn(2, 4, 4, 4)], [spectrum(torch.randn(2, 4, 5, 5))])
+
+
+arrays = st.tuples(st.integers(1, 3), st.integers(2, 12), st.integers(2, 6), st.integers(2, 7), st.integers(0, 10**6))
+
+
+@settings(max_examples=25, deadline=None)
+@given(arrays, st.integers(1, 12))
+def test_pooling_commutes_with_fft(shape, c_out):
+    b, c, h, w, seed = shape
+    c_out = min(c_out, c)
+    x = torch.tensor(np.random.default_rng(seed).normal(size=(b, c, h, w)), dtype=torch.float64)
+    lhs = spectrum(pool_channels(x, c_out))
+    rhs = pool_channels(spectrum(x.double()), c_out)
+    np.testing.assert_allclose(lhs.numpy(), rhs.numpy(), atol=1e-5)
+    np.testing.assert_allclose(pool_channels(x, c_out).numpy(), np_pool(x.numpy(), c_out), atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(arrays)
+def test_spectrum_parseval_linearity_inverse(shape):
+    b, c, h, w, seed = shape
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=(b, c, h, w)), rng.normal(size=(b, c, h, w))
+    sx = spectrum(torch.tensor(x)).numpy().astype(np.float64)
+    np.testing.assert_allclose(sx, np_spectrum(x), atol=1e-4)
+    # linearity
+    sxy = spectrum(torch.tensor(2 * x - 3 * y)).numpy()
+    np.testing.assert_allclose(sxy, 2 * sx - 3 * spectrum(torch.tensor(y)).numpy(), atol=1e-3)
+    # Parseval for the ortho rfft2: bins other than the DC/Nyquist columns appear twice in the full FFT
+    full = np.fft.fft2(x, norm="ortho")
+    assert np.sum(np.abs(full) ** 2) == pytest.approx(np.sum(x**2), rel=1e-9)
+    # inverse recovers the features for odd and even widths
+    back = inverse_spectrum(spectrum(torch.tensor(x)), w).numpy()
+    np.testing.assert_allclose(back, x, atol=1e-4)
+
+
+def test_channel_spectrum_and_partial_sums_match_numpy():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, 10, 3, 4))
+    want = np.array([np.mean(np.abs(np.fft.fft(x[:, :, i, j], axis=1)) / 10, axis=0)
+                     for i in range(3) for j in range(4)]).mean(0)
+    np.testing.assert_allclose(channel_spectrum(x), want, rtol=1e-12)
+    parts = channel_spectrum_sum(x[:2]) + channel_spectrum_sum(x[2:])
+    np.testing.assert_allclose(parts / (6 * 12), want, rtol=1e-5)
+    e = radial_energy_sum(x, 3)
+    assert e.shape == (3,)
+    # total radial energy equals the rfft2 energy (ortho): sum over the half-plane bins
+    s = np.fft.rfft2(x, norm="ortho")
+    assert e.sum() == pytest.approx((np.abs(s) ** 2).sum(), rel=1e-5)
