@@ -1,0 +1,171 @@
+"""distill: cached == online targets, three kinds from one cache, resume, refusing bad caches."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cache.reader import Cache
+from pipeline.config import config_from_dict
+from pipeline.errors import PipelineError
+from pipeline.graph import Runner
+from stages import teacher as teacher_stage
+from stages.distill import CachedBatches, Trainer, check_cache_teacher, student_dir
+from stages.extract import cache_path, open_cache
+from tests.conftest import ROOT, TINY, tiny_tree, write_config
+
+
+def test_cached_loss_equals_online_loss(built):
+    cfg, runner, recs = built
+    cache = open_cache(recs["extract"])
+    teacher = teacher_stage.load(recs["teacher"], cfg)
+    st = cfg.student("spectral")
+    tr = Trainer(cfg, st, cache, Path("/nonexistent"), teacher_depth=4, teacher=teacher)
+    x, y, rows, tg = next(iter(tr.train_batches(0)))
+    assert set(tg) == {"logits", 0, 3}
+    assert tg[0].dtype == torch.float16
+    torch.manual_seed(0)
+    cached = tr.loss(x, y, tg)
+    online = tr.loss(x, y, tr.targets_online(x))
+    for k in ("total", "ce", "kd", "spec"):
+        assert getattr(cached, k).item() == pytest.approx(getattr(online, k).item(), rel=2e-3, abs=1e-5), k
+    assert cached.spec.item() > 0 and cached.kd.item() > 0
+
+
+def test_loader_reads_one_view_per_epoch_in_chunk_units(built):
+    cfg, runner, recs = built
+    cache = open_cache(recs["extract"])
+    tr = Trainer(cfg, cfg.student("spectral"), cache, Path("/nonexistent"), teacher_depth=4)
+    for epoch in (0, 1, 2):
+        b = cache.block("train", epoch % 2)
+        it = tr.train_batches(epoch)
+        seen = np.concatenate([rows.numpy() for _, _, rows, _ in it])
+        assert sorted(seen.tolist()) == list(range(b.start, b.stop))  # every row of view e mod K, once
+        units = it.units
+        assert all((a // it.unit) == ((bb - 1) // it.unit) for a, bb in units)  # no unit crosses a chunk
+        labels = cache.column("label")
+        x, y, rows, _ = next(iter(tr.train_batches(epoch)))
+        assert np.array_equal(y.numpy(), labels[rows.numpy()])
+
+
+def test_students_train_from_one_cache(built):
+    cfg, runner, recs = built
+    done = runner.run("distill")
+    rec = done["distill"]
+    summary = pq.read_table(Path(rec.path) / "summary.parquet").to_pylist()
+    assert [r["kind"] for r in summary] == ["teacher", "none", "spectral"]
+    assert (Path(rec.path) / "summary.md").read_text().count("|") > 10
+    for name in ("none", "spectral"):
+        m = pq.read_table(student_dir(runner, name) / "metrics.parquet").to_pylist()
+        assert len(m) == 1
+        assert {"loss_ce", "loss_kd", "loss_spec", "val_top1", "val_top5"} <= set(m[0])
+        assert 0 <= m[0]["val_top1"] <= 100
+    spec = pq.read_table(student_dir(runner, "spectral") / "metrics.parquet").to_pylist()[0]
+    assert spec["loss_spec"] > 0 and spec["loss_kd"] > 0
+    none = pq.read_table(student_dir(runner, "none") / "metrics.parquet").to_pylist()[0]
+    assert none["loss_spec"] == 0 and none["loss_kd"] == 0
+    # a second run reuses everything
+    again = Runner(cfg).run("distill")
+    assert again["distill"].lock["fingerprint"] == rec.lock["fingerprint"]
+
+
+def test_cache_with_other_fingerprint_is_refused(built):
+    cfg, runner, recs = built
+    other = Runner(config_from_dict(TINY, ["extract.views=3"], workdir=str(cfg.workdir)))
+    fp, inputs = other.fingerprint_of("extract")
+    with pytest.raises(PipelineError, match=r"differs in: .*params\.extract\.views"):
+        Cache(cache_path(recs["extract"]), expect_fingerprint=fp, expect_inputs=inputs)
+
+
+def test_cache_from_other_teacher_is_refused(built):
+    cfg, runner, recs = built
+    cache = open_cache(recs["extract"])
+
+    class FakeTeacher:
+        summary = {"weights_sha256": "f" * 64}
+
+    with pytest.raises(PipelineError, match="teacher weights"):
+        check_cache_teacher(cache, FakeTeacher())
+
+
+def test_missing_teacher_layer_is_named(built):
+    cfg, runner, recs = built
+    cache = open_cache(recs["extract"])
+    with pytest.raises(PipelineError, match=r"teacher layer 2 is not in the cache \(cached: \[0, 3\]\)"):
+        cache.layer(2)
+
+
+def test_student_wider_than_teacher_fails_before_training(built, tmp_path):
+    cfg, runner, recs = built
+    from stages.distill import check_student
+    from stages import models
+
+    cfg2 = config_from_dict(tiny_tree(**{"distill.students[1].kwargs.embed_dim": 64}), workdir=str(tmp_path))
+    st = cfg2.student("spectral")
+    m = models.create(st.model, st.kwargs, 10)
+    with pytest.raises(PipelineError, match=r"layer pair spectral \[0, 0\]: student has 64 channels"):
+        check_student(open_cache(recs["extract"]), m, st, 16, 4)
+
+
+def _copy_upstream(recs, wd: Path, stages=("prepare", "teacher", "extract")) -> None:
+    for st in stages:
+        shutil.copytree(Path(recs[st].path), wd / st / Path(recs[st].path).name)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_resumes_to_same_metrics(built, tmp_path):
+    cfg, runner, recs = built
+    tree = tiny_tree(**{"distill.defaults.epochs": 4, "distill.students": [TINY["distill"]["students"][1]]})
+    conf = write_config(tmp_path / "p.yaml", tree)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
+    results = []
+    for kill in (False, True):
+        wd = tmp_path / ("killed" if kill else "clean")
+        _copy_upstream(recs, wd)
+        cmd = [sys.executable, "-m", "pipeline", "run", "distill", "-c", str(conf), "--workdir", str(wd)]
+        if kill:
+            p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.time() + 120
+            while time.time() < deadline and p.poll() is None and not list(wd.glob("distill/students/*/ckpt.pt")):
+                time.sleep(0.01)
+            assert p.poll() is None, "distill ended before it could be killed"
+            time.sleep(0.15)  # inside epoch 2
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+            assert not list(wd.glob("distill/students/*/final.pt"))
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        if kill:
+            assert "resuming after epoch" in r.stderr
+        m = pq.read_table(next(wd.glob("distill/students/*/metrics.parquet"))).to_pylist()
+        results.append(m)
+    clean, killed = results
+    assert len(clean) == len(killed) == 4
+    for a, b in zip(clean, killed):
+        for k in ("loss_total", "loss_spec", "val_top1", "val_top5", "val_loss"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["epoch"], k)
+
+
+def test_corrupt_chunk_fails_distill_naming_shard(built, tmp_path):
+    cfg, runner, recs = built
+    wd = tmp_path / "w"
+    _copy_upstream(recs, wd)
+    cdir = next(wd.glob("extract/*/cache.zarr"))
+    f = cdir / "spectra" / "blocks.3" / "c" / "1" / "0" / "0" / "0" / "0"
+    b = bytearray(f.read_bytes())
+    b[300] ^= 0xFF
+    f.write_bytes(bytes(b))
+    cfg2 = config_from_dict(TINY, workdir=str(wd))
+    with pytest.raises(PipelineError, match=r"spectra/blocks\.3: shard 1 is corrupt"):
+        Runner(cfg2, {"students": ["spectral"]}).run("distill")
+    assert not list(wd.glob("distill/students/spectral-*/final.pt"))

@@ -1,0 +1,160 @@
+"""extract: replayable views, plain Zarr/Dask access, resume after SIGKILL, torchrun ranks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from stages import models
+from stages import teacher as teacher_stage
+from stages.data import build_view, decode_image, ImageReader
+from stages.extract import cache_path, manifest_rows, open_cache
+from stages.spectral import spectrum
+from tests.conftest import ROOT, TINY, tiny_tree, write_config
+
+
+def test_replay_reproduces_cached_targets(built):
+    cfg, runner, recs = built
+    cache = open_cache(recs["extract"])
+    teacher = teacher_stage.load(recs["teacher"], cfg)
+    rows = manifest_rows(cache.manifest)
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.choice(cache.spec.rows, 24, replace=False))
+    reader = ImageReader()
+    x = torch.stack([
+        build_view(decode_image(reader.read(rows[r][0].url, rows[r][0].offset, rows[r][0].size)), rows[r][1],
+                   cfg.data.image_size, cfg.data.mean, cfg.data.std)
+        for r in pick
+    ])
+    with torch.inference_mode():
+        logits, feats = models.intermediates(teacher, x, cfg.extract.layers)
+    got_logits = np.stack([cache.read("logits", r, r + 1)[0] for r in pick]).astype(np.float32)
+    np.testing.assert_allclose(got_logits, logits.numpy(), rtol=2e-3, atol=2e-3)
+    for layer, f in zip(cache.spec.layers, feats):
+        cached = np.stack([cache.read(f"spectra/{layer.name}", r, r + 1)[0] for r in pick]).astype(np.float32)
+        want = spectrum(f).numpy()
+        np.testing.assert_allclose(cached, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    # train views differ between views of a sample; val rows are the plain view
+    m = cache.manifest.to_pydict()
+    train0 = [i for i in range(cache.spec.rows) if m["split"][i] == "train" and m["view"][i] == 0][:50]
+    assert any(m["crop_height"][i] < 1.0 for i in train0)
+    val = [i for i in range(cache.spec.rows) if m["split"][i] == "val"]
+    assert all(m["crop_height"][i] == 1.0 and not m["flip"][i] for i in val)
+
+
+def test_cache_opens_with_plain_zarr_and_dask(built):
+    cfg, runner, recs = built
+    path = cache_path(recs["extract"])
+    g = zarr.open_group(str(path), mode="r")
+    rows = g.attrs["spec"]["rows"]
+    assert rows == 2 * 1438 + 359
+    assert g["logits"].shape == (rows, 10) and g["logits"].dtype == np.float16
+    names = [l["name"] for l in g.attrs["layers"]]
+    assert names == ["blocks.0", "blocks.3"]
+    for n in names:
+        a = g[f"spectra/{n}"]
+        assert a.shape == (rows, 32, 4, 3, 2) and a.dtype == np.float16
+        assert a.shards[0] == cfg.extract.rows_per_shard
+        d = da.from_zarr(a, chunks=a.shards)
+        assert d.chunks[0][0] == cfg.extract.rows_per_shard
+        assert np.isfinite(d[:300].astype(np.float32).sum().compute())
+    assert g.attrs["fingerprint"] == recs["extract"].lock["fingerprint"]
+    assert g.attrs["teacher"]["weights_sha256"] == recs["teacher"].summary["weights_sha256"]
+    assert g.attrs["complete"] is True
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    g = zarr.open_group(str(path), mode="r")
+    out = {"logits": g["logits"][:], "valid": g["valid"][:]}
+    for l in g.attrs["layers"]:
+        out[l["name"]] = g[f"spectra/{l['name']}"][:]
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(built, tmp_path):
+    cfg, runner, recs = built
+    ref = _arrays(cache_path(recs["extract"]))
+    # same config, fresh workdir, with the upstream outputs copied so only extract runs
+    import shutil
+
+    wd = tmp_path / "w"
+    for st in ("prepare", "teacher"):
+        shutil.copytree(Path(recs[st].path), wd / st / Path(recs[st].path).name)
+    # prepare's shard list holds absolute paths into the original workdir; they stay valid
+    conf = write_config(tmp_path / "p.yaml", tiny_tree(**{"extract.batch_size": 16}))
+    ref_fp = None
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "pipeline", "run", "extract", "-c", str(conf), "--workdir", str(wd)]
+    rng = np.random.default_rng(int(time.time()))
+    marker_dir = None
+    for attempt in range(2):
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # wait until some (but not all) shards are complete, then SIGKILL
+        deadline = time.time() + 120
+        want = int(rng.integers(2, 8)) + attempt * 3
+        while time.time() < deadline and p.poll() is None:
+            found = list(wd.glob("extract/*/cache.zarr/_complete/*.json"))
+            if len(found) >= want:
+                marker_dir = found[0].parent
+                break
+            time.sleep(0.02)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+    assert marker_dir is not None, "extract finished or never started before the kill"
+    done_before = {m.name: m.stat().st_mtime_ns for m in marker_dir.glob("*.json")}
+    shard_files = {}
+    cache_dir = marker_dir.parent
+    for m in done_before:
+        s = int(m.split(".")[0])
+        f = cache_dir / "logits" / "c" / str(s) / "0"
+        shard_files[f] = (f.stat().st_mtime_ns, f.stat().st_ino)
+    assert 0 < len(done_before) < 13
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming" in r.stderr
+    # completed shards were not rewritten
+    for m, t in done_before.items():
+        assert (marker_dir / m).stat().st_mtime_ns == t
+    for f, (t, ino) in shard_files.items():
+        assert (f.stat().st_mtime_ns, f.stat().st_ino) == (t, ino)
+    got = _arrays(cache_dir)
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    del ref_fp
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process(built, tmp_path):
+    cfg, runner, recs = built
+    ref = _arrays(cache_path(recs["extract"]))
+    import shutil
+
+    wd = tmp_path / "w"
+    for st in ("prepare", "teacher"):
+        shutil.copytree(Path(recs[st].path), wd / st / Path(recs[st].path).name)
+    conf = write_config(tmp_path / "p.yaml", TINY)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "pipeline", "run", "extract", "-c", str(conf), "--workdir", str(wd)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    caches = list(wd.glob("extract/*/cache.zarr"))
+    assert len(caches) == 1
+    got = _arrays(caches[0])
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    g = zarr.open_group(str(caches[0]), mode="r")
+    assert g.attrs["complete"] is True
