@@ -150,7 +150,8 @@ def write_cached_teacher_layers(root, cache, rows: tuple[int, int], rps: int) ->
 # ----------------------------------------------------------------------------- outputs
 
 
-def _plot_intensity(df_int: list[dict], path: Path) -> None:
+def _plot_intensity(df_int: list[dict], path: Path) -> dict:
+    """Intensity against relative depth, one line per model; returns what the figure shows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,10 +169,13 @@ def _plot_intensity(df_int: list[dict], path: Path) -> None:
     ax.set_ylabel("intensity L(X) = mean_f |FFT_C(X)| / C")
     ax.set_title("Channel-spectrum intensity across depth (val split)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    legend = ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
+    shown = {"legend": [t.get_text() for t in legend.get_texts()], "xlabel": ax.get_xlabel(),
+             "ylabel": ax.get_ylabel(), "lines": {l.get_label(): len(l.get_xdata()) for l in ax.get_lines()}}
     plt.close(fig)
+    return shown
 
 
 def _plot_spectra(rows: list[dict], model: str, path: Path) -> None:
@@ -338,7 +342,7 @@ def run(ctx) -> dict:
     _write_table(out / "profile_distance.parquet", prof_rows)
     if pair_rows:
         _write_table(out / "layer_pairs.parquet", pair_rows)
-    _plot_intensity(int_rows, out / "intensity.png")
+    figure = _plot_intensity(int_rows, out / "intensity.png")
     plots = ["intensity.png"]
     for model in layer_index:
         _plot_spectra(spectra_rows, model, out / f"channel_spectra_{model}.png")
@@ -348,7 +352,7 @@ def run(ctx) -> dict:
     log.info(f"analyze: report at {out / 'report.md'}")
     return {"models": list(layer_index), "val_rows": rows[1] - rows[0], "seconds": round(time.time() - t0, 1),
             "profile_distance": {r["model"]: r["profile_distance"] for r in prof_rows},
-            "top_teacher_layers": top_layers(t_rows, 3)}
+            "top_teacher_layers": top_layers(t_rows, 3), "intensity_figure": figure}
 
 
 def top_layers(teacher_rows: list[dict], k: int) -> list[int]:

@@ -158,12 +158,22 @@ def channel_spectrum(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return mag.mean(axis=(0, 2, 3))
 
 
+def _row_slices(n_rows: int, row_elems: int, max_elems: int = 1 << 18):
+    step = max(1, max_elems // max(1, row_elems))
+    return [slice(i, min(n_rows, i + step)) for i in range(0, n_rows, step)]
+
+
 def channel_spectrum_sum(block: np.ndarray) -> np.ndarray:
-    """Per-block partial sums for :func:`channel_spectrum`: (C,) sum over b, h, w of |FFT_C|/C."""
-    a = np.asarray(block, dtype=np.float32)
-    c = a.shape[1]
-    mag = np.abs(np.fft.fft(a, axis=1)) / c
-    return mag.sum(axis=(0, 2, 3), dtype=np.float64)
+    """Per-block partial sums for :func:`channel_spectrum`: (C,) sum over b, h, w of |FFT_C|/C.
+
+    Works through the block a few rows at a time so its temporaries stay small.
+    """
+    c = block.shape[1]
+    out = np.zeros(c, dtype=np.float64)
+    for sl in _row_slices(block.shape[0], int(np.prod(block.shape[1:]))):
+        a = np.asarray(block[sl], dtype=np.float32)
+        out += (np.abs(np.fft.fft(a, axis=1)) / c).sum(axis=(0, 2, 3), dtype=np.float64)
+    return out
 
 
 def intensity(x) -> float:
@@ -181,8 +191,9 @@ def radial_band_index(h: int, w: int, bands: int) -> np.ndarray:
 
 def radial_energy_sum(block: np.ndarray, bands: int) -> np.ndarray:
     """Per-block sums of |rfft2(X)|^2 per radial band (summed over b, c)."""
-    a = np.asarray(block, dtype=np.float32)
-    s = np.fft.rfft2(a, norm="ortho")
-    e = (np.abs(s) ** 2).sum(axis=(0, 1))
-    idx = radial_band_index(a.shape[-2], a.shape[-1], bands)
+    e = np.zeros((block.shape[-2], block.shape[-1] // 2 + 1), dtype=np.float64)
+    for sl in _row_slices(block.shape[0], int(np.prod(block.shape[1:]))):
+        s = np.fft.rfft2(np.asarray(block[sl], dtype=np.float32), norm="ortho")
+        e += (np.abs(s) ** 2).sum(axis=(0, 1))
+    idx = radial_band_index(block.shape[-2], block.shape[-1], bands)
     return np.bincount(idx.ravel(), weights=e.ravel(), minlength=bands).astype(np.float64)
