@@ -1,0 +1,178 @@
+"""Fault injection: bad input shards, full disks, read-only caches, concurrent runs, corrupt chunks."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.config import config_from_dict
+from pipeline.errors import PipelineError
+from pipeline.graph import Runner
+from pipeline.locking import LockedError, WorkdirLock
+from tests.conftest import ROOT, TINY, cli, tiny_tree, write_config
+
+
+def _copy_upstream(recs, wd: Path, stages=("prepare", "teacher", "extract")) -> None:
+    for st in stages:
+        shutil.copytree(Path(recs[st].path), wd / st / Path(recs[st].path).name)
+
+
+def _bad_shards(recs, tmp: Path) -> tuple[str, str, str]:
+    """Copies of the prepared shards with one undecodable image (train) and a truncated tar (val)."""
+    src = Path(recs["prepare"].path)
+    d = tmp / "shards"
+    d.mkdir()
+    for p in src.glob("*.tar"):
+        shutil.copy(p, d / p.name)
+    with tarfile.open(d / "train-000001.tar") as tf:
+        m = [m for m in tf.getmembers() if m.name.endswith(".png")][5]
+    bad_key = m.name.rsplit(".", 1)[0]
+    with open(d / "train-000001.tar", "r+b") as f:
+        f.seek(m.offset_data)
+        f.write(b"X" * m.size)
+    v = d / "val-000000.tar"
+    v.write_bytes(v.read_bytes()[: v.stat().st_size // 2 + 100])
+    return str(d / "train-{000000..000003}.tar"), str(v), bad_key
+
+
+def _shard_cfg(recs, tmp: Path, **changes):
+    train, val, bad_key = _bad_shards(recs, tmp)
+    tree = tiny_tree(**{"data.source": "shards", "data.train_shards": train, "data.val_shards": val,
+                        "teacher.fit": None, "extract.store": ["logits", "spectra"], **changes})
+    return config_from_dict(tree, workdir=str(tmp / "w")), bad_key
+
+
+@pytest.mark.slow
+def test_bad_image_and_truncated_tar_are_skipped_and_recorded(built, tmp_path):
+    cfg, runner, recs = built
+    cfg2, bad_key = _shard_cfg(recs, tmp_path)
+    done = Runner(cfg2).run("extract")
+    g = zarr.open_group(str(Path(done["extract"].path) / "cache.zarr"), mode="r")
+    bad_rows = g.attrs["bad_rows"]
+    assert {b["key"] for b in bad_rows} == {bad_key}
+    assert len(bad_rows) == cfg2.extract.views  # one row per view of that sample
+    valid = g["valid"][:]
+    assert sorted(np.flatnonzero(valid == 0).tolist()) == sorted(b["row"] for b in bad_rows)
+    skipped = g.attrs["skipped_samples"]
+    assert skipped and all("truncated" in s["error"] or "no" in s["error"] for s in skipped)
+    assert skipped[0]["url"].endswith("val-000000.tar")
+    # all else intact: every train sample present, val has the samples before the cut
+    assert g.attrs["blocks"][0]["stop"] == 1438
+    val_rows = g.attrs["blocks"][-1]["stop"] - g.attrs["blocks"][-1]["start"]
+    assert 100 < val_rows < 359
+    assert np.isfinite(g["logits"][:].astype(np.float32)).all()
+    assert np.abs(g["logits"][:][valid == 1]).sum() > 0
+
+
+@pytest.mark.slow
+def test_strict_mode_fails_naming_the_key(built, tmp_path):
+    cfg, runner, recs = built
+    cfg2, bad_key = _shard_cfg(recs, tmp_path, **{"data.on_bad_sample": "fail"})
+    with pytest.raises(PipelineError, match=r"val-000000\.tar: bad sample .*truncated"):
+        Runner(cfg2).run("extract")
+    # with an intact val shard, the undecodable image is named
+    shutil.copy(Path(recs["prepare"].path) / "val-000000.tar", tmp_path / "shards" / "val-000000.tar")
+    with pytest.raises(PipelineError, match=rf"train-000001\.tar: cannot decode image of sample {bad_key}"):
+        Runner(cfg2).run("extract")
+
+
+def test_disk_full_keeps_completed_shards_and_rerun_completes(built, tmp_path, monkeypatch):
+    cfg, runner, recs = built
+    wd = tmp_path / "w"
+    _copy_upstream(recs, wd, ("prepare", "teacher"))
+    cfg2 = config_from_dict(TINY, workdir=str(wd))
+    from zarr.storage import LocalStore
+
+    real_set = LocalStore.set
+
+    async def full_disk(self, key, value, *a, **kw):
+        if key.startswith("logits/c/3/"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await real_set(self, key, value, *a, **kw)
+
+    monkeypatch.setattr(LocalStore, "set", full_disk)
+    with pytest.raises(PipelineError, match=r"cannot write shard 3 \(disk full\); completed shards are kept"):
+        Runner(cfg2).run("extract")
+    cdir = next(wd.glob("extract/*/cache.zarr"))
+    assert sorted(p.name for p in (cdir / "_complete").glob("*.json")) == ["000000.json", "000001.json",
+                                                                           "000002.json"]
+    monkeypatch.setattr(LocalStore, "set", real_set)
+    done = Runner(cfg2).run("extract")
+    ref = zarr.open_group(str(Path(recs["extract"].path) / "cache.zarr"), mode="r")
+    got = zarr.open_group(str(cdir), mode="r")
+    assert got.attrs["complete"] is True
+    for name in ("logits", "spectra/blocks.0", "spectra/blocks.3", "valid"):
+        np.testing.assert_array_equal(got[name][:], ref[name][:], err_msg=name)
+    assert done["extract"].summary["rows_computed"] == ref.attrs["spec"]["rows"] - 3 * 256
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.slow
+def test_read_only_cache_serves_distill_and_analyze(built, tmp_path):
+    cfg, runner, recs = built
+    wd = tmp_path / "w"
+    _copy_upstream(recs, wd)
+    cdir = next(wd.glob("extract/*"))
+    before = _snapshot(cdir)
+    modes = {}
+    for p in [cdir, *cdir.rglob("*")]:
+        modes[p] = p.stat().st_mode
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        cfg2 = config_from_dict(TINY, workdir=str(wd))
+        done = Runner(cfg2).run("analyze")
+        assert done["distill"].summary["complete"] and (Path(done["analyze"].path) / "report.md").exists()
+    finally:
+        for p, m in modes.items():
+            p.chmod(m)
+    assert _snapshot(cdir) == before  # nothing in the cache was written
+
+
+def test_second_run_names_the_lock_holder_and_stale_lock_is_taken_over(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys,time; sys.path.insert(0, %r)\n"
+         "from pipeline.locking import WorkdirLock\n"
+         "with WorkdirLock(%r, 'run extract'):\n    print('locked', flush=True); time.sleep(60)" % (str(ROOT), str(tmp_path))],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(LockedError, match=rf"pid {holder.pid} on .* since .*\(run extract\)"):
+        with WorkdirLock(tmp_path, "second"):
+            pass
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    # the kernel released the dead holder's lock: the next run takes it over
+    with WorkdirLock(tmp_path, "third", wait=5) as lk:
+        assert lk.holder()["pid"] == os.getpid() and lk.holder()["what"] == "third"
+
+
+def test_verify_cli_ok_then_names_flipped_shard(built, tmp_path):
+    cfg, runner, recs = built
+    wd = tmp_path / "w"
+    _copy_upstream(recs, wd)
+    conf = write_config(tmp_path / "p.yaml", TINY)
+    r = cli("verify", "-c", str(conf), "--workdir", str(wd))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "verify extract: ok" in r.stdout
+    f = next(wd.glob("extract/*/cache.zarr")) / "logits" / "c" / "2" / "0"
+    b = bytearray(f.read_bytes())
+    b[len(b) // 3] ^= 0x01
+    f.write_bytes(bytes(b))
+    r = cli("verify", "-c", str(conf), "--workdir", str(wd))
+    assert r.returncode == 1
+    assert "logits: shard 2 (rows 512..767) is corrupt (checksum mismatch)" in r.stdout
