@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +42,16 @@ class CacheWriter:
         self.group = None
 
     # ---------------------------------------------------------------- create / resume
-    def create_or_resume(self, attrs: dict, manifest: pa.Table) -> bool:
-        """Create the group and arrays, or reopen one with the same fingerprint.  True if resumed."""
+    def create_or_resume(self, attrs: dict, manifest: pa.Table, fresh: bool = False) -> bool:
+        """Create the group and arrays, or reopen one with the same fingerprint.  True if resumed.
+
+        ``fresh`` starts over even when a cache with the same fingerprint is there (--force).
+        """
         zj = self.path / "zarr.json"
         try:
-            if zj.exists():
+            if fresh and (self.path / COMPLETE_DIR).exists():
+                shutil.rmtree(self.path / COMPLETE_DIR)
+            if zj.exists() and not fresh:
                 g = zarr.open_group(str(self.path), mode="r+")
                 if g.attrs.get("fingerprint") == attrs["fingerprint"]:
                     self.group = g

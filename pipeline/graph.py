@@ -174,6 +174,7 @@ class Context:
     upstream: dict[str, Record]
     runner: "Runner"
     options: dict = field(default_factory=dict)
+    forced: bool = False  # --force: recompute, do not resume partial output
 
 
 @dataclass
@@ -271,15 +272,15 @@ class Runner:
                     log.info(f"{name}: up to date ({rec.lock['fingerprint'][:12]}), skipped")
                 done[name] = rec
                 continue
-            done[name] = self._run_stage(name, done)
+            done[name] = self._run_stage(name, done, forced)
         return done
 
-    def _run_stage(self, name: str, done: dict[str, Record]) -> Record:
+    def _run_stage(self, name: str, done: dict[str, Record], forced: bool = False) -> Record:
         st = GRAPH[name]
         fp, inputs = self.fingerprint_of(name)
         out = self.out_dir(name, fp)
         upstream = {u: done[u] if u in done else self.record(u) for u in upstream_closure(name)[:-1]}
-        ctx = Context(self.cfg, name, fp, inputs, out, upstream, self, self.options)
+        ctx = Context(self.cfg, name, fp, inputs, out, upstream, self, self.options, forced)
         mod = importlib.import_module(st.module)
         if dist.is_main():
             log.info(f"{name}: running ({fp[:12]}) -> {out}")

@@ -364,11 +364,15 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
 
 
 def train_student(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher_depth: int, teacher=None,
-                  max_steps: int | None = None) -> dict:
+                  max_steps: int | None = None, forced: bool = False) -> dict:
     st = cfg.student(name)
     out = student_dir(runner, name)
     fp, inputs = runner.student_fingerprint(name)
     lock = out / "lock.json"
+    if forced and dist.is_main():
+        for f in (lock, out / "ckpt.pt"):
+            f.unlink(missing_ok=True)
+    dist.barrier()
     if lock.exists():
         done = read_json(lock)
         if done.get("fingerprint") == fp and done.get("complete"):
@@ -454,7 +458,7 @@ def run(ctx) -> dict:
         teacher = teacher_stage.load(trec, cfg).to(models.resolve_device(cfg.distill.defaults.device))
     results = []
     for name in wanted:
-        results.append(train_student(ctx.runner, cfg, name, cache, tdepth, teacher=teacher))
+        results.append(train_student(ctx.runner, cfg, name, cache, tdepth, teacher=teacher, forced=ctx.forced))
     complete = set(wanted) == set(names)
     summary = {"students": {r["student"]: {k: r[k] for k in ("val_top1", "val_top5", "kind", "mode")}
                             for r in results}, "complete": complete}

@@ -216,7 +216,7 @@ def run(ctx) -> dict:
         "versions": ctx.runner.versions,
     }
     if dist.is_main():
-        resumed = writer.create_or_resume(attrs, manifest)
+        resumed = writer.create_or_resume(attrs, manifest, fresh=ctx.forced)
     dist.barrier()
     if not dist.is_main():
         resumed = writer.create_or_resume(attrs, manifest)

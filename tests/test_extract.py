@@ -81,20 +81,33 @@ def _arrays(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def _with_upstream(recs, wd: Path) -> Path:
+    """A fresh workdir holding copies of the prepare and teacher outputs, so only extract runs.
+
+    prepare's shard list holds absolute paths into the original workdir; they stay valid.
+    """
+    import shutil
+
+    for st in ("prepare", "teacher"):
+        shutil.copytree(Path(recs[st].path), wd / st / Path(recs[st].path).name)
+    return wd
+
+
+def _extract_subprocess(conf: Path, wd: Path, env: dict) -> Path:
+    r = subprocess.run([sys.executable, "-m", "pipeline", "run", "extract", "-c", str(conf), "--workdir", str(wd)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return next(wd.glob("extract/*/cache.zarr"))
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(built, tmp_path):
     cfg, runner, recs = built
-    ref = _arrays(cache_path(recs["extract"]))
-    # same config, fresh workdir, with the upstream outputs copied so only extract runs
-    import shutil
-
-    wd = tmp_path / "w"
-    for st in ("prepare", "teacher"):
-        shutil.copytree(Path(recs[st].path), wd / st / Path(recs[st].path).name)
-    # prepare's shard list holds absolute paths into the original workdir; they stay valid
     conf = write_config(tmp_path / "p.yaml", tiny_tree(**{"extract.batch_size": 16}))
-    ref_fp = None
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    # the uninterrupted reference: same config, same process setup
+    ref = _arrays(_extract_subprocess(conf, _with_upstream(recs, tmp_path / "ref"), env))
+    wd = _with_upstream(recs, tmp_path / "w")
     cmd = [sys.executable, "-m", "pipeline", "run", "extract", "-c", str(conf), "--workdir", str(wd)]
     rng = np.random.default_rng(int(time.time()))
     marker_dir = None
@@ -131,20 +144,16 @@ def test_sigkill_then_resume_equals_uninterrupted(built, tmp_path):
     got = _arrays(cache_dir)
     for k in ref:
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
-    del ref_fp
 
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process(built, tmp_path):
     cfg, runner, recs = built
-    ref = _arrays(cache_path(recs["extract"]))
-    import shutil
-
-    wd = tmp_path / "w"
-    for st in ("prepare", "teacher"):
-        shutil.copytree(Path(recs[st].path), wd / st / Path(recs[st].path).name)
     conf = write_config(tmp_path / "p.yaml", TINY)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    # the 1-process reference with the same per-process thread count as each rank
+    ref = _arrays(_extract_subprocess(conf, _with_upstream(recs, tmp_path / "ref"), env))
+    wd = _with_upstream(recs, tmp_path / "w")
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
          "-m", "pipeline", "run", "extract", "-c", str(conf), "--workdir", str(wd)],

@@ -1,0 +1,99 @@
+"""Dask analysis throughput: 2 workers vs 1, and Dask vs a plain numpy loop, in one run.
+
+    python benchmarks/analyze.py [--rows 8192] [--channels 96] [--arrays 4] [--repeat 2]
+
+Writes synthetic float16 feature arrays (rows, C, 8, 8) to a sharded Zarr store, then computes the
+channel spectra, intensities and radial energies of all of them three ways: a LocalCluster with 1
+worker, with 2 workers (1 thread each), and a plain single-process numpy loop over the same
+shards with the same per-chunk functions.  Prints MB/s of float16 input and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+
+import numpy as np
+
+from _common import machine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=8192)
+    ap.add_argument("--channels", type=int, default=96)
+    ap.add_argument("--arrays", type=int, default=4)
+    ap.add_argument("--rows-per-shard", type=int, default=512)
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    import dask.array as da
+    import zarr
+    from distributed import Client, LocalCluster
+
+    from stages.analyze import dask_channel_spectra
+    from stages.spectral import channel_spectrum_sum, radial_energy_sum
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    d = tempfile.mkdtemp(prefix="bench-analyze-")
+    g = zarr.open_group(d + "/f.zarr", mode="w")
+    shape = (args.channels, 8, 8)
+    rng = np.random.default_rng(0)
+    zs = {}
+    for i in range(args.arrays):
+        z = g.create_array(f"a{i}", shape=(args.rows, *shape), dtype="float16", chunks=(args.rows_per_shard // 4, *shape),
+                           shards=(args.rows_per_shard, *shape))
+        for a in range(0, args.rows, args.rows_per_shard):
+            z[a : a + args.rows_per_shard] = rng.normal(size=(min(args.rows_per_shard, args.rows - a), *shape))
+        zs[f"a{i}"] = z
+    mb = args.arrays * args.rows * int(np.prod(shape)) * 2 / 1e6
+
+    def numpy_loop():
+        out = {}
+        for k, z in zs.items():
+            cs, re = 0, 0
+            for a in range(0, args.rows, args.rows_per_shard):
+                block = z[a : a + args.rows_per_shard]
+                cs = cs + channel_spectrum_sum(block)
+                re = re + radial_energy_sum(block, 4)
+            out[k] = cs
+        return out
+
+    def with_workers(n):
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+        try:
+            arrays = {k: da.from_zarr(z, chunks=z.shards) for k, z in zs.items()}
+            dask_channel_spectra(arrays, 4, progress=False, client=client)  # warm the workers
+            best = float("inf")
+            for _ in range(args.repeat):
+                t = time.perf_counter()
+                dask_channel_spectra(arrays, 4, progress=False, client=client)
+                best = min(best, time.perf_counter() - t)
+            return best
+        finally:
+            client.close()
+            cluster.close()
+
+    t_np = min(_t(numpy_loop) for _ in range(args.repeat))
+    t1 = with_workers(1)
+    t2 = with_workers(2)
+    print(f"machine: {machine()}")
+    print(f"data: {args.arrays} arrays x ({args.rows}, {args.channels}, 8, 8) float16 = {mb:.0f} MB, "
+          f"{args.rows // args.rows_per_shard} shards each")
+    print(f"numpy loop (1 process): {mb / t_np:8.1f} MB/s")
+    print(f"dask 1 worker         : {mb / t1:8.1f} MB/s")
+    print(f"dask 2 workers        : {mb / t2:8.1f} MB/s")
+    print(f"2 workers / 1 worker  : {t1 / t2:.3f}")
+    print(f"dask (2 workers) / numpy loop: {t_np / t2:.3f}")
+
+
+def _t(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    main()
