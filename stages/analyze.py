@@ -112,7 +112,7 @@ def write_model_features(root, label: str, model, indices: list[int], names: lis
     model = model.to(device).eval()
     a0, b0 = rows
     n = b0 - a0
-    x0 = views[a0][0][None].to(device)
+    x0 = views.normalize(views[a0][0][None].to(device))
     _, f0 = models.intermediates(model, x0, indices)
     arrays = [_feature_writer(root, label, nm, n, tuple(f.shape[1:]), rps) for nm, f in zip(names, f0)]
     for s in tqdm(range(0, n, rps), desc=f"features {label}", leave=False, disable=None):
@@ -120,7 +120,7 @@ def write_model_features(root, label: str, model, indices: list[int], names: lis
         bufs = [np.zeros((e - s, *a.shape[1:]), np.float16) for a in arrays]
         for i in range(s, e, batch):
             j = min(e, i + batch)
-            x = torch.stack([views[a0 + r][0] for r in range(i, j)]).to(device)
+            x = views.normalize(torch.stack([views[a0 + r][0] for r in range(i, j)]).to(device))
             _, feats = models.intermediates(model, x, indices)
             for buf, f in zip(bufs, feats):
                 buf[i - s : j - s] = f.float().cpu().numpy().astype(np.float16)

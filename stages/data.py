@@ -156,7 +156,7 @@ class ImageReader:
 def decode_image(data: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     img.load()
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 # ----------------------------------------------------------------------------- views
@@ -204,42 +204,57 @@ def crop_box(params: dict, width: int, height: int) -> tuple[int, int, int, int]
     return top, left, h, w
 
 
-def build_view(img: Image.Image, params: dict, size: int, mean, std) -> torch.Tensor:
-    """The view of ``img`` described by ``params``: crop, resize to size x size, flip, normalize.
+def view_pixels(img: Image.Image, params: dict, size: int) -> torch.Tensor:
+    """The view of ``img`` described by ``params`` as uint8 pixels (3, size, size): crop, resize, flip.
 
-    Pure and deterministic: the same image and parameters give the same tensor, bit for bit.
+    Pure and deterministic: the same image and parameters give the same pixels, bit for bit.
     """
     top, left, h, w = crop_box(params, img.width, img.height)
-    im = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+    if (top, left, h, w) != (0, 0, img.height, img.width) or img.size != (size, size):
+        img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
     if params["flip"]:
-        im = im.transpose(Image.FLIP_LEFT_RIGHT)
-    arr = np.asarray(im, dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 pixels (..., 3, H, W) -> float32 ``(x / 255 - mean) / std``, batched, on x's device."""
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return (x.float() / 255.0 - m) / s
+
+
+def build_view(img: Image.Image, params: dict, size: int, mean, std) -> torch.Tensor:
+    """The normalized float view: :func:`normalize` of :func:`view_pixels`."""
+    return normalize(view_pixels(img, params, size), mean, std)
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """Map-style dataset over rows: each row is (Sample, view params); returns (image, label, ok).
+    """Map-style dataset over rows: each row is (Sample, view params); returns (pixels, label, ok, index).
 
-    A sample whose image cannot be read or decoded returns a zero image and ``ok = False`` (the
+    Pixels are uint8 (3, size, size), a quarter of the bytes of float across worker processes;
+    consumers normalize whole batches with :meth:`normalize` (on the GPU when there is one).
+    A sample whose image cannot be read or decoded returns zero pixels and ``ok = False`` (the
     caller records or fails on it), so one bad image never kills a worker.
     """
 
     def __init__(self, rows: list[tuple[Sample, dict]], size: int, mean, std):
         self.rows = rows
-        self.size, self.mean, self.std = size, mean, std
+        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
         self.reader = ImageReader()
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize(x, self.mean, self.std)
+
     def __getitem__(self, i: int):
         s, params = self.rows[i]
         try:
-            img = decode_image(self.reader.read(s.url, s.offset, s.size))
-            x = build_view(img, params, self.size, self.mean, self.std)
+            x = view_pixels(decode_image(self.reader.read(s.url, s.offset, s.size)), params, self.size)
             ok = True
         except Exception:  # noqa: BLE001 - any decode failure marks the row bad
-            x = torch.zeros(3, self.size, self.size)
+            x = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
             ok = False
         return x, s.label, ok, i

@@ -57,7 +57,7 @@ def units_of(start: int, stop: int, unit: int) -> list[tuple[int, int]]:
 
 
 class _UnitImages(torch.utils.data.Dataset):
-    """Images (rebuilt views) and labels of one read unit of rows."""
+    """uint8 pixels (rebuilt views) and labels of one read unit of rows."""
 
     def __init__(self, views: ViewDataset, units: list[tuple[int, int]]):
         self.views, self.units = views, units
@@ -185,7 +185,8 @@ class CachedBatches:
         for i in range(0, full, bs):
             sel = perm[i : i + bs]
             batch = {k: v[sel] for k, v in merged.items()}
-            yield batch["x"], batch["y"], batch["rows"], {k: v for k, v in batch.items() if k not in ("x", "y", "rows")}
+            x = self.views.normalize(batch["x"])
+            yield x, batch["y"], batch["rows"], {k: v for k, v in batch.items() if k not in ("x", "y", "rows")}
         rest = perm[full:]
         pool.clear()
         if len(rest):

@@ -54,7 +54,9 @@ def _loader(rows, cfg, batch_size, shuffle, workers, seed=0):
 
 
 def _xy(loader, bad: set):
+    """(normalized images, labels) of a ViewDataset loader, bad rows dropped and recorded."""
     for x, y, ok, idx in loader:
+        x = loader.dataset.normalize(x)
         if not bool(ok.all()):
             for i in idx[~ok].tolist():
                 bad.add(i)

@@ -20,7 +20,7 @@ from pipeline.config import config_from_dict
 from pipeline.errors import PipelineError
 from pipeline.graph import Runner
 from stages import teacher as teacher_stage
-from stages.distill import CachedBatches, Trainer, check_cache_teacher, student_dir
+from stages.distill import Trainer, check_cache_teacher, student_dir
 from stages.extract import cache_path, open_cache
 from tests.conftest import ROOT, TINY, tiny_tree, write_config
 
