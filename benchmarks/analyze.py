@@ -30,9 +30,9 @@ def main() -> None:
     args = ap.parse_args()
     import dask.array as da
     import zarr
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    from stages.analyze import dask_channel_spectra
+    from stages.analyze import dask_channel_spectra, local_cluster
     from stages.spectral import channel_spectrum_sum, radial_energy_sum
 
     logging.getLogger("distributed").setLevel(logging.ERROR)
@@ -61,7 +61,7 @@ def main() -> None:
         return out
 
     def with_workers(n):
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+        cluster = local_cluster(n, 1)
         client = Client(cluster)
         try:
             arrays = {k: da.from_zarr(z, chunks=z.shards) for k, z in zs.items()}

@@ -24,7 +24,7 @@ def flops(model, size: int) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.randn(1, 3, size, size)
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
+    with FlopCounterMode(display=False) as fc:
         model(x)
     return fc.get_total_flops()
 

@@ -40,25 +40,20 @@ TEACHER = "teacher"
 # ----------------------------------------------------------------------------- dask metrics
 
 
-def _cs_block(block: np.ndarray) -> np.ndarray:
-    return channel_spectrum_sum(block)[None, :]
-
-
-def _radial_block(block: np.ndarray, bands: int) -> np.ndarray:
-    return radial_energy_sum(block, bands)[None, :]
+def _metrics_block(block: np.ndarray, bands: int) -> np.ndarray:
+    """One chunk -> (1, C + bands): channel-spectrum sums, then radial energy sums (one read per chunk)."""
+    return np.concatenate([channel_spectrum_sum(block), radial_energy_sum(block, bands)])[None, :]
 
 
 def layer_metrics(arr, bands: int):
-    """Lazy (channel-spectrum sums, radial energy sums, positions) of one (rows, C, H, W) array.
+    """Lazy per-layer sums of one (rows, C, H, W) dask array chunked along rows only.
 
-    ``arr`` is a dask array chunked along rows only; every task reads one chunk.
+    Returns (sums (C + bands,), number of (b, h, w) positions); every task reads one chunk.
     """
     c = arr.shape[1]
-    per_row = arr.shape[2] * arr.shape[3]
-    cs = arr.map_blocks(_cs_block, drop_axis=[2, 3], chunks=((1,) * arr.numblocks[0], (c,)), dtype=np.float64)
-    re = arr.map_blocks(_radial_block, bands, drop_axis=[2, 3], chunks=((1,) * arr.numblocks[0], (bands,)),
-                        dtype=np.float64)
-    return cs.sum(axis=0), re.sum(axis=0), arr.shape[0] * per_row
+    per_chunk = arr.map_blocks(_metrics_block, bands, drop_axis=[2, 3],
+                               chunks=((1,) * arr.numblocks[0], (c + bands,)), dtype=np.float64)
+    return per_chunk.sum(axis=0), arr.shape[0] * arr.shape[2] * arr.shape[3]
 
 
 def dask_channel_spectra(arrays: dict, bands: int, progress: bool = True, client=None) -> dict:
@@ -66,9 +61,7 @@ def dask_channel_spectra(arrays: dict, bands: int, progress: bool = True, client
     import dask
 
     lazy = {k: layer_metrics(a, bands) for k, a in arrays.items()}
-    flat = []
-    for k, (cs, re, _) in lazy.items():
-        flat += [cs, re]
+    flat = [sums for sums, _ in lazy.values()]
     if client is not None:
         from distributed import as_completed
 
@@ -79,10 +72,10 @@ def dask_channel_spectra(arrays: dict, bands: int, progress: bool = True, client
     else:
         values = dask.compute(*flat)
     out = {}
-    for i, (k, (_, _, positions)) in enumerate(lazy.items()):
-        cs_sum, re_sum = values[2 * i], values[2 * i + 1]
-        spec = np.asarray(cs_sum) / positions
-        energy = np.asarray(re_sum)
+    for (k, (_, positions)), sums in zip(lazy.items(), values):
+        c = arrays[k].shape[1]
+        spec = np.asarray(sums[:c]) / positions
+        energy = np.asarray(sums[c:])
         out[k] = (spec, float(spec.mean()), energy / max(energy.sum(), 1e-30))
     return out
 
@@ -229,8 +222,26 @@ def spectrum_distance(a: np.ndarray, b: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- stage
 
 
+def local_cluster(workers: int, threads_per_worker: int = 1, memory_limit: str | int = "auto"):
+    """A LocalCluster of worker processes tuned for chunked FFT work.
+
+    distributed's nanny sets MALLOC_TRIM_THRESHOLD_ in workers, which turns off glibc's adaptive
+    mmap threshold: every multi-megabyte FFT temporary is then a fresh mmap with page faults, and
+    the same per-chunk work ran 2.5x slower in a worker than in the client process here.  The
+    thread caps are kept.
+    """
+    import dask
+    from distributed import LocalCluster
+
+    env = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
+           if k != "MALLOC_TRIM_THRESHOLD_"}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+        return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, memory_limit=memory_limit,
+                            processes=True, dashboard_address=None)
+
+
 def _client(cfg: PipelineConfig):
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker",
                  "distributed.core", "distributed.http.proxy"):
@@ -241,8 +252,7 @@ def _client(cfg: PipelineConfig):
             return Client(a.scheduler, timeout="20s"), None
         except OSError as e:
             raise PipelineError(f"analyze.scheduler: cannot reach {a.scheduler} ({e})") from None
-    cluster = LocalCluster(n_workers=a.workers, threads_per_worker=a.threads_per_worker,
-                           memory_limit=a.memory_limit, processes=True, dashboard_address=None)
+    cluster = local_cluster(a.workers, a.threads_per_worker, a.memory_limit)
     return Client(cluster), cluster
 
 
