@@ -65,6 +65,8 @@ def main() -> None:
             n = 0
             t = time.perf_counter()
             for x, y, _, tg in tr.train_batches(rep):
+                x, y = x.to(tr.device, non_blocking=True), y.to(tr.device, non_blocking=True)
+                tg = {k: v.to(tr.device, non_blocking=True) for k, v in tg.items()}
                 if st.mode == "online" and st.loss.kind != "none":
                     tg = tr.targets_online(x)
                 terms = tr.loss(x, y, tg)
@@ -72,9 +74,12 @@ def main() -> None:
                 terms.total.backward()
                 opt.step()
                 n += 1
+            if tr.device.type == "cuda":
+                torch.cuda.synchronize()
             times[name].append((time.perf_counter() - t) / n)
     med = {k: float(np.median(v)) for k, v in times.items()}
     st_model = models.create(base.model, base.kwargs, cfg.data.num_classes)
+    teacher = teacher.cpu()
     f_t, f_s = flops(teacher, cfg.data.image_size), flops(st_model, cfg.data.image_size)
     print(f"machine: {machine()}")
     print(f"student {base.model} {base.kwargs}, batch {base.batch_size}, pairs {base.layers}; "

@@ -207,7 +207,8 @@ def check_student(cache: Cache | None, model, st: ResolvedStudent, size: int, te
         return
     d = models.depth(model)
     with torch.no_grad():
-        _, feats = models.intermediates(model.eval(), torch.zeros(1, 3, size, size), [s % d for s, _ in st.layers])
+        x = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
+        _, feats = models.intermediates(model.eval(), x, [s % d for s, _ in st.layers])
     for (sl, tl), f in zip(st.layers, feats):
         pair = f"{st.name} [{sl}, {tl}]"
         layer = cache.layer(tl % teacher_depth)
