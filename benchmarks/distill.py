@@ -46,7 +46,7 @@ def main() -> None:
     cfg, runner = default_runner(wd, ["teacher.fit=null"])
     recs = runner.run("extract")
     cache = open_cache(recs["extract"])
-    teacher = teacher_stage.load(recs["teacher"], cfg)
+    teacher = teacher_stage.load(recs["teacher"], cfg).to(models.resolve_device(cfg.distill.defaults.device))
     tdepth = models.depth(teacher)
     spectral = next(s for s in cfg.distill.students if s.loss.kind == "spectral").name
     base = cfg.student(spectral)

@@ -114,6 +114,7 @@ class ExtractConfig(_Model):
     compressor: Literal["zstd", "blosc"] = "zstd"
     clevel: int = Field(3, ge=1, le=9)
     num_workers: int = Field(1, ge=0)
+    writers: int = Field(2, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["bf16", "fp16", "none"] = "bf16"
 

@@ -87,7 +87,7 @@ def _teacher_identity(cfg: PipelineConfig) -> dict:
 def _extract_params(cfg: PipelineConfig) -> dict:
     return {
         "seed": cfg.seed,
-        "extract": _pick(cfg, "extract", ("num_workers", "device")),
+        "extract": _pick(cfg, "extract", ("num_workers", "writers", "device")),
         "data": _preprocess(cfg),
     }
 

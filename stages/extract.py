@@ -124,26 +124,28 @@ class ShardBatches(torch.utils.data.Sampler):
         return len(self.batches)
 
 
-class _Writer(threading.Thread):
-    """Writes finished shards behind a bounded queue so the teacher never waits on compression."""
+class _Writers:
+    """Threads that write finished shards behind a bounded queue, so the teacher never waits on
+    compression or fsync.  Each shard goes to exactly one thread (writers own whole shards)."""
 
-    def __init__(self, writer: CacheWriter, depth: int = 2):
-        super().__init__(daemon=True, name="cache-writer")
+    def __init__(self, writer: CacheWriter, threads: int = 2):
         self.writer = writer
-        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.q: queue.Queue = queue.Queue(maxsize=threads + 1)
         self.error: BaseException | None = None
-        self.written = 0
+        self.threads = [threading.Thread(target=self._work, daemon=True, name=f"cache-writer-{i}")
+                        for i in range(max(1, threads))]
+        for t in self.threads:
+            t.start()
 
-    def run(self) -> None:
+    def _work(self) -> None:
         while True:
             item = self.q.get()
             if item is None:
                 return
             if self.error is not None:
-                continue
+                continue  # drain; the first error is re-raised in the main thread
             try:
                 self.writer.write_shard(*item)
-                self.written += 1
             except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                 self.error = e
 
@@ -153,8 +155,10 @@ class _Writer(threading.Thread):
         self.q.put(item)
 
     def close(self) -> None:
-        self.q.put(None)
-        self.join()
+        for _ in self.threads:
+            self.q.put(None)
+        for t in self.threads:
+            t.join()
         if self.error is not None:
             raise self.error
 
@@ -267,8 +271,7 @@ def _teacher_pass(cfg, model, device, rows, spec: CacheSpec, todo, writer, n_tod
     arrays = spec.arrays()
     layer_of = {f"spectra/{l.name}": i for i, l in enumerate(spec.layers)}
     feat_of = {f"features/{l.name}": i for i, l in enumerate(spec.layers)}
-    wt = _Writer(writer)
-    wt.start()
+    wt = _Writers(writer, e.writers)
     cur, buf, bad = -1, {}, []
 
     def flush():
@@ -320,10 +323,15 @@ def _teacher_pass(cfg, model, device, rows, spec: CacheSpec, todo, writer, n_tod
             for n, i in feat_of.items():
                 if n in arrays:
                     out[n] = feats[i].float()
-            for n, t in out.items():
-                v = t.to(torch.float16).cpu().numpy()
-                v[~okn] = 0
-                buf[n][local] = v
+            # one device-to-host copy for every array of the batch
+            names = list(out)
+            flat = torch.cat([out[n].to(torch.float16).reshape(len(idx), -1) for n in names], dim=1).cpu().numpy()
+            flat[~okn] = 0
+            col = 0
+            for n in names:
+                width = int(np.prod(arrays[n][0]))
+                buf[n][local] = flat[:, col : col + width].reshape(len(idx), *arrays[n][0])
+                col += width
             buf["valid"][local] = okn.astype(np.uint8)
             bar.update(len(idx))
             t = time.perf_counter()
