@@ -65,14 +65,7 @@ def main() -> None:
             n = 0
             t = time.perf_counter()
             for x, y, _, tg in tr.train_batches(rep):
-                x, y = x.to(tr.device, non_blocking=True), y.to(tr.device, non_blocking=True)
-                tg = {k: v.to(tr.device, non_blocking=True) for k, v in tg.items()}
-                if st.mode == "online" and st.loss.kind != "none":
-                    tg = tr.targets_online(x)
-                terms = tr.loss(x, y, tg)
-                opt.zero_grad(set_to_none=True)
-                terms.total.backward()
-                opt.step()
+                tr.step(x, y, tg, opt)
                 n += 1
             if tr.device.type == "cuda":
                 torch.cuda.synchronize()

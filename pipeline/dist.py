@@ -54,15 +54,14 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
-def broadcast_flag(flag: bool) -> bool:
-    """Rank 0's value of ``flag`` on every rank."""
+def all_reduce_min(value: int) -> int:
     if world_size() <= 1:
-        return flag
+        return value
     import torch
     import torch.distributed as tdist
 
-    t = torch.tensor([1 if flag else 0])
+    t = torch.tensor([value], dtype=torch.int64)
     if tdist.get_backend() == "nccl":
         t = t.cuda()
-    tdist.broadcast(t, 0)
-    return bool(t.item())
+    tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+    return int(t.item())

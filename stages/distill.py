@@ -93,21 +93,32 @@ class CachedBatches:
         shuffle: bool,
         num_workers: int = 0,
         pool_units: int = 2,
+        split_ranks: bool = True,
     ):
         self.cache, self.views = cache, views
         self.unit = cache.chunk_rows()
         self.units = units_of(rows[0], rows[1], self.unit)
         self.batch_size, self.layers, self.want_logits = batch_size, layers, want_logits
         self.seed, self.shuffle, self.num_workers, self.pool_units = seed, shuffle, num_workers, pool_units
+        self.split_ranks = split_ranks and dist.world_size() > 1
         self.valid = cache.valid
 
     def order(self) -> list[int]:
+        """This process's units in epoch order; under DDP each rank takes an equal share."""
         idx = np.arange(len(self.units))
         if self.shuffle:
             idx = np.random.default_rng([self.seed, 1]).permutation(idx)
-        if dist.world_size() > 1:
-            idx = idx[dist.rank() :: dist.world_size()]
+        w = dist.world_size()
+        if self.split_ranks:
+            idx = idx[: len(idx) // w * w][dist.rank() :: w]
         return idx.tolist()
+
+    def _rank_steps(self, order: list[int]) -> int | None:
+        """Under DDP, the batch count every rank reaches (ranks must take the same number of steps)."""
+        if not self.split_ranks:
+            return None
+        rows = sum(int(self.valid[a:b].sum()) for a, b in (self.units[u] for u in order))
+        return int(dist.all_reduce_min(rows // self.batch_size))
 
     def _targets(self, u: int) -> dict:
         a, b = self.units[u]
@@ -121,7 +132,7 @@ class CachedBatches:
 
     def __len__(self) -> int:
         n = sum(int(self.valid[a:b].sum()) for a, b in self.units)
-        if dist.world_size() > 1:
+        if self.split_ranks:
             n //= dist.world_size()
         return max(1, -(-n // self.batch_size))
 
@@ -148,7 +159,8 @@ class CachedBatches:
         th.start()
         rng = np.random.default_rng([self.seed, 2])
         pool: list[dict] = []
-        pooled = 0
+        limit = self._rank_steps(order)
+        yielded = 0
         try:
             for u, x, y, ok in loader:
                 item = q.get()
@@ -161,11 +173,17 @@ class CachedBatches:
                 rows = torch.arange(a, b)[torch.from_numpy(keep)]
                 part = {"x": x[keep], "y": y[keep], "rows": rows, **{k: v[keep] for k, v in tg.items()}}
                 pool.append(part)
-                pooled += len(rows)
                 if len(pool) >= self.pool_units:
-                    yield from self._drain(pool, rng, final=False)
-                    pooled = sum(len(p["rows"]) for p in pool)
-            yield from self._drain(pool, rng, final=True)
+                    for batch in self._drain(pool, rng, final=False):
+                        if yielded == limit:
+                            return
+                        yielded += 1
+                        yield batch
+            for batch in self._drain(pool, rng, final=True):
+                if yielded == limit:
+                    return
+                yielded += 1
+                yield batch
         finally:
             stop.set()
             while th.is_alive():
@@ -267,7 +285,8 @@ class Trainer:
 
     def val_batches(self):
         b = self.cache.block("val", 0)
-        it = CachedBatches(self.cache, self.views, (b.start, b.stop), 256, [], False, 0, False, 0)
+        it = CachedBatches(self.cache, self.views, (b.start, b.stop), 256, [], False, 0, False, 0,
+                           split_ranks=False)  # every rank evaluates the whole val split
         for x, y, _, _ in it:
             yield x, y
 
@@ -292,6 +311,18 @@ class Trainer:
             kind=st.loss.kind, alpha=st.loss.alpha, tau=st.loss.tau, beta=st.loss.beta,
             w_fft=st.loss.w_fft, label_smoothing=st.loss.label_smoothing,
         )
+
+    def step(self, x, y, tg: dict, opt: torch.optim.Optimizer):
+        """One optimizer step on a loader batch (targets from the cache, or the live teacher online)."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        tg = {k: v.to(self.device, non_blocking=True) for k, v in tg.items()}
+        if self.st.mode == "online" and self.st.loss.kind != "none":
+            tg = self.targets_online(x)
+        terms = self.loss(x, y, tg)
+        opt.zero_grad(set_to_none=True)
+        terms.total.backward()
+        opt.step()
+        return terms
 
     def fit(self, max_steps: int | None = None) -> list[dict]:
         st, out = self.st, self.out
@@ -321,14 +352,7 @@ class Trainer:
                        disable=not dist.is_main() or None)
             for i, (x, y, _, tg) in enumerate(bar):
                 ts = time.perf_counter()
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                tg = {k: v.to(self.device, non_blocking=True) for k, v in tg.items()}
-                if st.mode == "online" and st.loss.kind != "none":
-                    tg = self.targets_online(x)
-                terms = self.loss(x, y, tg)
-                opt.zero_grad(set_to_none=True)
-                terms.total.backward()
-                opt.step()
+                terms = self.step(x, y, tg, opt)
                 sched.step()
                 it = terms.items()
                 sums += np.array([it["total"] * len(y), it["ce"] * len(y), it["kd"] * len(y),
@@ -386,6 +410,9 @@ def train_student(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher_
     dist.barrier()
     t0 = time.time()
     tr = Trainer(cfg, st, cache, out, teacher_depth=teacher_depth, teacher=teacher)
+    if dist.is_main():
+        ddp = f", DDP over {dist.world_size()} processes" if dist.world_size() > 1 else ""
+        log.info(f"{name}: {st.loss.kind} student {st.model}, {st.mode} teacher targets, {tr.device}{ddp}")
     check_student(cache if st.mode == "cached" else None, tr.model, st, cfg.data.image_size, teacher_depth)
     metrics = tr.fit(max_steps=max_steps)
     last = metrics[-1]

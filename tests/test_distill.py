@@ -169,3 +169,23 @@ def test_corrupt_chunk_fails_distill_naming_shard(built, tmp_path):
     with pytest.raises(PipelineError, match=r"spectra/blocks\.3: shard 1 is corrupt"):
         Runner(cfg2, {"students": ["spectral"]}).run("distill")
     assert not list(wd.glob("distill/students/spectral-*/final.pt"))
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_distill_two_ranks(built, tmp_path):
+    cfg, runner, recs = built
+    tree = tiny_tree(**{"distill.defaults.epochs": 2, "distill.students": [TINY["distill"]["students"][1]]})
+    conf = write_config(tmp_path / "p.yaml", tree)
+    wd = tmp_path / "w"
+    _copy_upstream(recs, wd)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+         "-m", "pipeline", "run", "distill", "-c", str(conf), "--workdir", str(wd)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = pq.read_table(next(wd.glob("distill/students/spectral-*/metrics.parquet"))).to_pylist()
+    assert [row["epoch"] for row in m] == [0, 1]
+    assert all(row["loss_spec"] > 0 and 0 <= row["val_top1"] <= 100 for row in m)
+    assert "DDP over 2 processes" in r.stderr
