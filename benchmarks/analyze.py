@@ -42,8 +42,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     zs = {}
     for i in range(args.arrays):
-        z = g.create_array(f"a{i}", shape=(args.rows, *shape), dtype="float16", chunks=(args.rows_per_shard // 4, *shape),
-                           shards=(args.rows_per_shard, *shape))
+        z = g.create_array(f"a{i}", shape=(args.rows, *shape), dtype="float16",
+                           chunks=(args.rows_per_shard // 4, *shape), shards=(args.rows_per_shard, *shape))
         for a in range(0, args.rows, args.rows_per_shard):
             z[a : a + args.rows_per_shard] = rng.normal(size=(min(args.rows_per_shard, args.rows - a), *shape))
         zs[f"a{i}"] = z

@@ -73,15 +73,20 @@ def verify_cache(path: Path, fingerprint: str | None, teacher_digest: str | None
     label = cache.column("label")
     out = np.flatnonzero((label < 0) | (label >= spec.num_classes))
     if len(out):
-        problems.append(f"{path}/{MANIFEST}: row {int(out[0])} has label {int(label[out[0]])} outside 0..{spec.num_classes - 1}")
+        problems.append(
+            f"{path}/{MANIFEST}: row {int(out[0])} has label {int(label[out[0]])} outside 0..{spec.num_classes - 1}"
+        )
     split, view = cache.column("split"), cache.column("view")
     for blk in cache.blocks:
         sl = slice(blk.start, blk.stop)
         if not (np.all(split[sl] == blk.split) and np.all(view[sl] == blk.view)):
-            problems.append(f"{path}/{MANIFEST}: rows {blk.start}..{blk.stop - 1} are not all {blk.split} view {blk.view}")
+            problems.append(
+                f"{path}/{MANIFEST}: rows {blk.start}..{blk.stop - 1} are not all {blk.split} view {blk.view}"
+            )
     k = attrs.get("views", 1)
-    if sum(1 for b in cache.blocks if b.split == "train") != k:
-        problems.append(f"{path}: {k} views configured, {sum(1 for b in cache.blocks if b.split == 'train')} train blocks")
+    n_train = sum(1 for b in cache.blocks if b.split == "train")
+    if n_train != k:
+        problems.append(f"{path}: {k} views configured, {n_train} train blocks")
     try:
         valid = cache.read("valid", 0, spec.rows)
         n_bad = int((valid == 0).sum())

@@ -11,7 +11,7 @@ import time
 from . import dist
 from .config import ConfigError, check_models, load_config
 from .errors import PipelineError
-from .graph import STAGES, Runner
+from .graph import STAGES, Runner, upstream_closure
 from .locking import LockedError, WorkdirLock
 
 log = logging.getLogger("pipeline")
@@ -84,10 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             _print_status(Runner(cfg))
             return 0
-        check_models(cfg)
         if args.command == "run":
-            dist.init()
             runner = Runner(cfg, {"students": args.student})
+            stages = STAGES if args.stage == "all" else upstream_closure(args.stage)
+            # models are checked before any work; with nothing to do there is nothing to check
+            if args.force or any(runner.state(s).status != "up to date" for s in stages):
+                check_models(cfg)
+            dist.init()
             if dist.is_main():
                 with WorkdirLock(cfg.workdir, f"run {args.stage}", wait=args.wait):
                     dist.barrier()
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             if dist.is_main():
                 log.info(f"finished in {time.time() - t0:.1f}s")
             return 0
+        check_models(cfg)
         if args.command == "verify":
             from cache.verify import verify_stage
 
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "select-layers":
             from stages.analyze import select_layers_cli
 
-            print(select_layers_cli(Runner(cfg), args.k, args.method, args.student_depth))
+            with WorkdirLock(cfg.workdir, "select-layers"):  # it may run analyze first
+                print(select_layers_cli(Runner(cfg), args.k, args.method, args.student_depth))
             return 0
     except (ConfigError, PipelineError, LockedError) as e:
         if args.debug:

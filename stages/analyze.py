@@ -429,7 +429,8 @@ def propose_layers(intensities: list[float], k: int, method: str, student_depth:
     """Teacher layers to distill from, paired with student layers.
 
     top: the k layers of highest intensity; ends: the first ceil(k/2) and last floor(k/2) layers.
-    Student layers: the teacher layer's relative depth mapped onto the student (distinct, in order).
+    Student layers: the teacher layer's relative depth mapped onto the student, made distinct and
+    increasing where the student has enough layers.
     """
     d = len(intensities)
     k = max(1, min(k, d))
@@ -439,14 +440,16 @@ def propose_layers(intensities: list[float], k: int, method: str, student_depth:
         first = (k + 1) // 2
         chosen = sorted(set(list(range(first)) + list(range(d - (k - first), d))))
     sd = student_depth or d
-    pairs, used = [], set()
-    for t in chosen:
-        s = int(round(t * (sd - 1) / max(1, d - 1)))
-        while s in used and s < sd - 1:
-            s += 1
-        used.add(s)
-        pairs.append((s, t))
-    return pairs
+    ideal = [int(round(t * (sd - 1) / max(1, d - 1))) for t in chosen]
+    s = list(ideal)
+    if len(s) <= sd:  # distinct, increasing student layers, as close to the ideal as they fit
+        for i in range(1, len(s)):
+            s[i] = max(s[i], s[i - 1] + 1)
+        for i in reversed(range(len(s))):
+            s[i] = min(s[i], sd - len(s) + i)
+            if i + 1 < len(s):
+                s[i] = min(s[i], s[i + 1] - 1)
+    return list(zip(s, chosen))
 
 
 def select_layers_cli(runner, k: int, method: str, student_depth: int | None) -> str:

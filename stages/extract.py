@@ -32,7 +32,8 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 
 from . import models, teacher as teacher_stage
-from .data import PLAIN_VIEW, VIEW_FIELDS, Sample, ViewDataset, sample_view_params, scan_shards, view_rng
+from .data import PLAIN_VIEW, VIEW_FIELDS, ViewDataset, sample_view_params, view_rng
+from .shards import Sample, scan_shards
 from .prepare import shard_lists
 from .spectral import spectrum
 
@@ -284,7 +285,7 @@ def _teacher_pass(cfg, model, device, rows, spec: CacheSpec, todo, writer, n_tod
     t_all = time.perf_counter()
     t = t_all
     try:
-        for x, y, ok, idx in loader:
+        for x, _, ok, idx in loader:
             now = time.perf_counter()
             tm["data"] += now - t
             s = int(idx[0]) // spec.rows_per_shard

@@ -21,7 +21,7 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write, atomic_write_json
 
-from .data import IMAGE_EXTS, expand_urls
+from .shards import IMAGE_EXTS, expand_urls
 
 log = logging.getLogger("pipeline")
 

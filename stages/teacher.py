@@ -20,7 +20,8 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_torch_save
 
 from . import models
-from .data import PLAIN_VIEW, ViewDataset, sample_view_params, scan_shards
+from .data import PLAIN_VIEW, ViewDataset, sample_view_params
+from .shards import scan_shards
 from .prepare import shard_lists
 from .train import adamw, evaluate, warmup_cosine
 

@@ -81,6 +81,12 @@ def test_propose_layers():
     assert propose_layers(inten, 4, "ends", 4) == [(0, 0), (1, 1), (2, 4), (3, 5)]
     pairs = propose_layers(inten, 2, "top", 3)
     assert [t for _, t in pairs] == [0, 5] and [s for s, _ in pairs] == [0, 2]
+    # adjacent teacher layers on a shallow student still get distinct student layers
+    assert propose_layers([0.1, 0.2, 0.9, 0.8], 2, "top", 2) == [(0, 2), (1, 3)]
+    for k in range(1, 7):
+        for sd in range(k, 9):
+            ss = [s for s, _ in propose_layers(inten, k, "ends", sd)]
+            assert ss == sorted(set(ss)) and 0 <= ss[0] and ss[-1] < sd
 
 
 def test_profile_distance_zero_for_same_shape():
@@ -114,3 +120,19 @@ def test_analyze_stage_outputs(built):
     # the teacher's cached layers came from the cache: inverse rfft2 of the stored spectra
     g = zarr.open_group(str(out / "features.zarr"), mode="r")
     assert g["teacher/blocks.0"].shape == (359, 32, 4, 4)
+
+
+@pytest.mark.slow
+def test_select_layers_cli_prints_pairs(built, tmp_path):
+    from tests.conftest import TINY, cli, write_config
+
+    cfg, runner, recs = built
+    runner.run("analyze")
+    conf = write_config(tmp_path / "p.yaml", TINY)
+    r = cli("select-layers", "-c", str(conf), "--workdir", str(cfg.workdir), "--k", "2", "--student-depth", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = [l for l in r.stdout.splitlines() if l.startswith("layers:")][0]
+    t = pq.read_table(Path(runner.record("analyze").path) / "intensity.parquet").to_pylist()
+    teacher = sorted((x for x in t if x["model"] == "teacher"), key=lambda x: -x["intensity"])
+    top2 = sorted(x["layer"] for x in teacher[:2])
+    assert line.startswith(f"layers: [[0, {top2[0]}], [1, {top2[1]}]]")

@@ -147,7 +147,8 @@ def test_second_run_names_the_lock_holder_and_stale_lock_is_taken_over(tmp_path)
         [sys.executable, "-c",
          "import sys,time; sys.path.insert(0, %r)\n"
          "from pipeline.locking import WorkdirLock\n"
-         "with WorkdirLock(%r, 'run extract'):\n    print('locked', flush=True); time.sleep(60)" % (str(ROOT), str(tmp_path))],
+         "with WorkdirLock(%r, 'run extract'):\n    print('locked', flush=True); time.sleep(60)"
+         % (str(ROOT), str(tmp_path))],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(LockedError, match=rf"pid {holder.pid} on .* since .*\(run extract\)"):
