@@ -203,12 +203,23 @@ class Runner:
             inputs = {
                 "stage": name,
                 "params": st.params(self.cfg),
-                "identity": st.identity(self.cfg),
+                "identity": {**st.identity(self.cfg), **self._upstream_identity(name)},
                 "upstream": {u: self.fingerprint_of(u)[0] for u in st.upstream},
                 "versions": self.versions,
             }
             self._fp[name] = (fingerprint(inputs), inputs)
         return self._fp[name]
+
+    def _upstream_identity(self, name: str) -> dict:
+        """Identity that only an upstream run knows: the digest of the teacher's weights.
+
+        A refit teacher (``run teacher --force``, or a fit that is not bit-stable) gives new weights
+        under the same config; the cache made from the old weights must then be stale.
+        """
+        if name != "extract":
+            return {}
+        rec = self.record("teacher")
+        return {"teacher_weights_sha256": rec.summary.get("weights_sha256") if rec else None}
 
     def student_fingerprint(self, name: str) -> tuple[str, dict]:
         inputs = {
@@ -273,6 +284,8 @@ class Runner:
                 done[name] = rec
                 continue
             done[name] = self._run_stage(name, done, forced)
+            for d in downstream_of(name):  # their fingerprints may include what this run produced
+                self._fp.pop(d, None)
         return done
 
     def _run_stage(self, name: str, done: dict[str, Record], forced: bool = False) -> Record:

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from pipeline.config import config_from_dict
+from pipeline.fingerprint import diff
 from pipeline.graph import STAGES, Runner, downstream_of
 from tests.conftest import ROOT, TINY, tiny_tree
 
@@ -95,3 +96,23 @@ def test_status_names_changed_fields_and_propagates(tmp_path):
     for s in ("extract", "distill", "analyze"):
         assert states[s].status in ("stale", "missing")
         assert states[s].fingerprint != {x.stage: x for x in r.status()}[s].fingerprint
+
+
+def test_refit_teacher_makes_the_cache_stale(tmp_path):
+    wd = str(tmp_path / "w")
+    tree = tiny_tree(**{"teacher.fit": None})
+    r = Runner(config_from_dict(tree, workdir=wd))
+    r.run("teacher")
+    fp_before = r.fingerprint_of("extract")[0]
+    # same config, new weights (as a refit gives): the extract fingerprint must change
+    import json
+    from pathlib import Path
+
+    lock = Path(r.record("teacher").path) / "lock.json"
+    data = json.loads(lock.read_text())
+    data["summary"]["weights_sha256"] = "0" * 64
+    lock.write_text(json.dumps(data))
+    r2 = Runner(config_from_dict(tree, workdir=wd))
+    assert r2.fingerprint_of("teacher")[0] == r.fingerprint_of("teacher")[0]
+    assert r2.fingerprint_of("extract")[0] != fp_before
+    assert "identity.teacher_weights_sha256" in diff(r.inputs("extract"), r2.inputs("extract"))
