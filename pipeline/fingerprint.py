@@ -76,4 +76,6 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 def diff(old: dict, new: dict) -> list[str]:
     """Key paths whose values differ between two fingerprint input dicts."""
     a, b = flatten(old), flatten(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    changed = {k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>")}
+    # an empty container that gained items is named by the items, not twice
+    return sorted(k for k in changed if not any(o != k and o.startswith((k + ".", k + "[")) for o in changed))

@@ -116,3 +116,10 @@ def test_refit_teacher_makes_the_cache_stale(tmp_path):
     assert r2.fingerprint_of("teacher")[0] == r.fingerprint_of("teacher")[0]
     assert r2.fingerprint_of("extract")[0] != fp_before
     assert "identity.teacher_weights_sha256" in diff(r.inputs("extract"), r2.inputs("extract"))
+
+
+def test_diff_names_the_changed_leaves():
+    assert diff({"a": {}}, {"a": {"b": 1}}) == ["a.b"]
+    assert diff({"l": []}, {"l": [1]}) == ["l[0]"]
+    assert diff({"x": 1, "y": {"z": [2, 3]}}, {"x": 2, "y": {"z": [2, 4]}}) == ["x", "y.z[1]"]
+    assert diff({"x": 1}, {"x": 1}) == []
