@@ -56,6 +56,18 @@ def write_config(path: Path, tree: dict) -> Path:
     return path
 
 
+def copy_upstream(recs, wd: Path, stages=("prepare", "teacher", "extract")) -> Path:
+    """A fresh workdir holding copies of the given stage outputs of the session pipeline.
+
+    prepare's shard list holds absolute paths into the original workdir; they stay valid.
+    """
+    import shutil
+
+    for st in stages:
+        shutil.copytree(Path(recs[st].path), wd / st / Path(recs[st].path).name)
+    return wd
+
+
 def cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:
     e = dict(os.environ)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")

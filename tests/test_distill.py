@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pipeline.graph import Runner
 from stages import teacher as teacher_stage
 from stages.distill import Trainer, check_cache_teacher, student_dir
 from stages.extract import cache_path, open_cache
-from tests.conftest import ROOT, TINY, tiny_tree, write_config
+from tests.conftest import ROOT, TINY, copy_upstream, tiny_tree, write_config
 
 
 def test_cached_loss_equals_online_loss(built):
@@ -117,11 +116,6 @@ def test_student_wider_than_teacher_fails_before_training(built, tmp_path):
         check_student(open_cache(recs["extract"]), m, st, 16, 4)
 
 
-def _copy_upstream(recs, wd: Path, stages=("prepare", "teacher", "extract")) -> None:
-    for st in stages:
-        shutil.copytree(Path(recs[st].path), wd / st / Path(recs[st].path).name)
-
-
 @pytest.mark.slow
 def test_sigkill_mid_epoch_resumes_to_same_metrics(built, tmp_path):
     cfg, runner, recs = built
@@ -131,7 +125,7 @@ def test_sigkill_mid_epoch_resumes_to_same_metrics(built, tmp_path):
     results = []
     for kill in (False, True):
         wd = tmp_path / ("killed" if kill else "clean")
-        _copy_upstream(recs, wd)
+        copy_upstream(recs, wd)
         cmd = [sys.executable, "-m", "pipeline", "run", "distill", "-c", str(conf), "--workdir", str(wd)]
         if kill:
             p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -159,7 +153,7 @@ def test_sigkill_mid_epoch_resumes_to_same_metrics(built, tmp_path):
 def test_corrupt_chunk_fails_distill_naming_shard(built, tmp_path):
     cfg, runner, recs = built
     wd = tmp_path / "w"
-    _copy_upstream(recs, wd)
+    copy_upstream(recs, wd)
     cdir = next(wd.glob("extract/*/cache.zarr"))
     f = cdir / "spectra" / "blocks.3" / "c" / "1" / "0" / "0" / "0" / "0"
     b = bytearray(f.read_bytes())
@@ -177,7 +171,7 @@ def test_torchrun_ddp_distill_two_ranks(built, tmp_path):
     tree = tiny_tree(**{"distill.defaults.epochs": 2, "distill.students": [TINY["distill"]["students"][1]]})
     conf = write_config(tmp_path / "p.yaml", tree)
     wd = tmp_path / "w"
-    _copy_upstream(recs, wd)
+    copy_upstream(recs, wd)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",

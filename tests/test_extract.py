@@ -20,7 +20,7 @@ from stages import teacher as teacher_stage
 from stages.data import build_view, decode_image, ImageReader
 from stages.extract import cache_path, manifest_rows, open_cache
 from stages.spectral import spectrum
-from tests.conftest import ROOT, TINY, tiny_tree, write_config
+from tests.conftest import ROOT, TINY, copy_upstream, tiny_tree, write_config
 
 
 def test_replay_reproduces_cached_targets(built):
@@ -81,18 +81,6 @@ def _arrays(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _with_upstream(recs, wd: Path) -> Path:
-    """A fresh workdir holding copies of the prepare and teacher outputs, so only extract runs.
-
-    prepare's shard list holds absolute paths into the original workdir; they stay valid.
-    """
-    import shutil
-
-    for st in ("prepare", "teacher"):
-        shutil.copytree(Path(recs[st].path), wd / st / Path(recs[st].path).name)
-    return wd
-
-
 def _extract_subprocess(conf: Path, wd: Path, env: dict) -> Path:
     r = subprocess.run([sys.executable, "-m", "pipeline", "run", "extract", "-c", str(conf), "--workdir", str(wd)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -106,8 +94,8 @@ def test_sigkill_then_resume_equals_uninterrupted(built, tmp_path):
     conf = write_config(tmp_path / "p.yaml", tiny_tree(**{"extract.batch_size": 16}))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     # the uninterrupted reference: same config, same process setup
-    ref = _arrays(_extract_subprocess(conf, _with_upstream(recs, tmp_path / "ref"), env))
-    wd = _with_upstream(recs, tmp_path / "w")
+    ref = _arrays(_extract_subprocess(conf, copy_upstream(recs, tmp_path / "ref", ("prepare", "teacher")), env))
+    wd = copy_upstream(recs, tmp_path / "w", ("prepare", "teacher"))
     cmd = [sys.executable, "-m", "pipeline", "run", "extract", "-c", str(conf), "--workdir", str(wd)]
     rng = np.random.default_rng(int(time.time()))
     marker_dir = None
@@ -152,8 +140,8 @@ def test_torchrun_two_ranks_equal_one_process(built, tmp_path):
     conf = write_config(tmp_path / "p.yaml", TINY)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     # the 1-process reference with the same per-process thread count as each rank
-    ref = _arrays(_extract_subprocess(conf, _with_upstream(recs, tmp_path / "ref"), env))
-    wd = _with_upstream(recs, tmp_path / "w")
+    ref = _arrays(_extract_subprocess(conf, copy_upstream(recs, tmp_path / "ref", ("prepare", "teacher")), env))
+    wd = copy_upstream(recs, tmp_path / "w", ("prepare", "teacher"))
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
          "-m", "pipeline", "run", "extract", "-c", str(conf), "--workdir", str(wd)],

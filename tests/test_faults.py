@@ -20,12 +20,7 @@ from pipeline.config import config_from_dict
 from pipeline.errors import PipelineError
 from pipeline.graph import Runner
 from pipeline.locking import LockedError, WorkdirLock
-from tests.conftest import ROOT, TINY, cli, tiny_tree, write_config
-
-
-def _copy_upstream(recs, wd: Path, stages=("prepare", "teacher", "extract")) -> None:
-    for st in stages:
-        shutil.copytree(Path(recs[st].path), wd / st / Path(recs[st].path).name)
+from tests.conftest import ROOT, TINY, cli, copy_upstream, tiny_tree, write_config
 
 
 def _bad_shards(recs, tmp: Path) -> tuple[str, str, str]:
@@ -90,7 +85,7 @@ def test_strict_mode_fails_naming_the_key(built, tmp_path):
 def test_disk_full_keeps_completed_shards_and_rerun_completes(built, tmp_path, monkeypatch):
     cfg, runner, recs = built
     wd = tmp_path / "w"
-    _copy_upstream(recs, wd, ("prepare", "teacher"))
+    copy_upstream(recs, wd, ("prepare", "teacher"))
     cfg2 = config_from_dict(TINY, workdir=str(wd))
     from zarr.storage import LocalStore
 
@@ -125,7 +120,7 @@ def _snapshot(root: Path) -> dict:
 def test_read_only_cache_serves_distill_and_analyze(built, tmp_path):
     cfg, runner, recs = built
     wd = tmp_path / "w"
-    _copy_upstream(recs, wd)
+    copy_upstream(recs, wd)
     cdir = next(wd.glob("extract/*"))
     before = _snapshot(cdir)
     modes = {}
@@ -164,7 +159,7 @@ def test_second_run_names_the_lock_holder_and_stale_lock_is_taken_over(tmp_path)
 def test_verify_cli_ok_then_names_flipped_shard(built, tmp_path):
     cfg, runner, recs = built
     wd = tmp_path / "w"
-    _copy_upstream(recs, wd)
+    copy_upstream(recs, wd)
     conf = write_config(tmp_path / "p.yaml", TINY)
     r = cli("verify", "-c", str(conf), "--workdir", str(wd))
     assert r.returncode == 0, r.stdout + r.stderr
