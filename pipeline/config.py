@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -54,6 +54,10 @@ class AugmentConfig(_Model):
         if v[1] > 1.0:
             raise ValueError(f"scale is a fraction of the image area, at most 1.0, got {list(v)}")
         return v
+
+
+# data-loading worker processes: a count, or 'auto' (see stages.models.resolve_workers)
+Workers = Union[Annotated[int, Field(ge=0)], Literal["auto"]]
 
 
 class DataConfig(_Model):
@@ -113,8 +117,8 @@ class ExtractConfig(_Model):
     chunk_bytes: int = Field(1 << 20, ge=1024)
     compressor: Literal["zstd", "blosc"] = "zstd"
     clevel: int = Field(3, ge=1, le=9)
-    num_workers: int = Field(1, ge=0)
-    writers: int = Field(2, ge=1)
+    num_workers: Workers = "auto"
+    writers: int = Field(2, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["bf16", "fp16", "none"] = "bf16"
 
@@ -147,7 +151,7 @@ class TrainDefaults(_Model):
     optimizer: Literal["adamw"] = "adamw"
     mode: Literal["cached", "online"] = "cached"
     seed: int = 0
-    num_workers: int = Field(1, ge=0)
+    num_workers: Workers = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["bf16", "fp16", "none"] = "bf16"
 
@@ -254,7 +258,7 @@ class ResolvedStudent(_Model):
     optimizer: str
     mode: Literal["cached", "online"]
     seed: int
-    num_workers: int
+    num_workers: Workers
     device: str
     amp: str
 
@@ -304,22 +308,42 @@ def _unwrap(ann: Any) -> Any:
     return ann
 
 
+def _clean_loc(model: type[BaseModel], loc: tuple[Any, ...], keep_last: bool) -> tuple[Any, ...]:
+    """The config key path of an error: field names and list indices, without pydantic's union
+    and validator branch tags ('constrained-int', "literal['auto']", 'function-after[...]')."""
+    out: list[Any] = []
+    cur: Any = model
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out.append(part)
+        elif isinstance(cur, type) and issubclass(cur, BaseModel) and part in cur.model_fields:
+            out.append(part)
+            cur = _unwrap(cur.model_fields[part].annotation)
+        elif keep_last and i == len(loc) - 1:
+            out.append(part)
+    return tuple(out)
+
+
 def format_validation_error(err: ValidationError, model: type[BaseModel] = PipelineConfig) -> str:
-    e = err.errors(include_url=False)[0]
-    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    # drop pydantic's union/tag branch names (e.g. 'FitConfig') from the path
-    loc = tuple(p for p in loc if not (isinstance(p, str) and p[:1].isupper()))
+    errors = err.errors(include_url=False)
+    e = errors[0]
+    loc = _clean_loc(model, tuple(e["loc"]), keep_last=e["type"] == "extra_forbidden")
     path = _fmt_loc(loc) or "<root>"
     value = e.get("input")
     if e["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, loc)
         hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
         return f"{path}: unknown key{hint}"
-    msg = e["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
     if e["type"] == "missing":
         return f"{path}: required key is missing"
+    # a union (e.g. a count or 'auto') fails once per branch: name every allowed form
+    msgs = []
+    for x in errors:
+        if _clean_loc(model, tuple(x["loc"]), False) == loc:
+            m = x["msg"].removeprefix("Value error, ")
+            if m not in msgs:
+                msgs.append(m)
+    msg = "; or ".join(msgs)
     if isinstance(value, (dict, list)) and len(repr(value)) > 80:
         return f"{path}: {msg}"
     return f"{path}: {value!r} is not allowed: {msg}"

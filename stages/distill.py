@@ -280,7 +280,8 @@ class Trainer:
             self.cache, self.views, (b.start, b.stop), self.st.batch_size,
             layers=sorted(set(self.t_layers)) if cached else [],
             want_logits=cached and self.st.loss.kind != "none",
-            seed=self.st.seed * 100003 + epoch, shuffle=True, num_workers=self.st.num_workers,
+            seed=self.st.seed * 100003 + epoch, shuffle=True,
+            num_workers=models.resolve_workers(self.st.num_workers, self.device),
         )
 
     def val_batches(self):

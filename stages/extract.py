@@ -134,7 +134,7 @@ class _Writers:
         self.q: queue.Queue = queue.Queue(maxsize=threads + 1)
         self.error: BaseException | None = None
         self.threads = [threading.Thread(target=self._work, daemon=True, name=f"cache-writer-{i}")
-                        for i in range(max(1, threads))]
+                        for i in range(threads)]
         for t in self.threads:
             t.start()
 
@@ -153,6 +153,9 @@ class _Writers:
     def put(self, item) -> None:
         if self.error is not None:
             raise self.error
+        if not self.threads:  # writers: 0 -> write in the calling thread
+            self.writer.write_shard(*item)
+            return
         self.q.put(item)
 
     def close(self) -> None:
@@ -261,12 +264,13 @@ def run(ctx) -> dict:
 def _teacher_pass(cfg, model, device, rows, spec: CacheSpec, todo, writer, n_todo) -> None:
     e = cfg.extract
     ds = ViewDataset(rows, cfg.data.image_size, cfg.data.mean, cfg.data.std)
+    workers = models.resolve_workers(e.num_workers, device)
     loader = torch.utils.data.DataLoader(
         ds,
         batch_sampler=ShardBatches(spec, todo, e.batch_size),
-        num_workers=e.num_workers,
+        num_workers=workers,
         pin_memory=device.type == "cuda",
-        prefetch_factor=4 if e.num_workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None,
         persistent_workers=False,
     )
     arrays = spec.arrays()

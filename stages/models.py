@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 from typing import Any
 
 import torch
@@ -20,6 +21,18 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise PipelineError("device: 'cuda' requested but no CUDA device is available")
     return torch.device(name)
+
+
+def resolve_workers(value, device: torch.device) -> int:
+    """'auto' data-loading workers: on CUDA up to 8 (one core stays with the main process); on
+    CPU only the cores the model's threads leave free, since a worker competing with the forward
+    pass for a core slows it more than decoding in the main process does."""
+    if value != "auto":
+        return int(value)
+    cores = os.cpu_count() or 1
+    if device.type == "cuda":
+        return max(0, min(8, cores - 1))
+    return max(0, min(8, cores - torch.get_num_threads()))
 
 
 def autocast(device: torch.device, amp: str):
