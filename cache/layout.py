@@ -17,7 +17,7 @@ rows is the unit of writing, resuming and verifying.  Inner chunks are sized nea
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -51,7 +51,6 @@ class CacheSpec:
     chunk_bytes: int = 1 << 20
     compressor: str = "zstd"
     clevel: int = 3
-    extra: dict = field(default_factory=dict)
 
     @property
     def num_shards(self) -> int:

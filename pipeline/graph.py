@@ -100,10 +100,6 @@ def student_params(cfg: PipelineConfig, name: str) -> dict:
     return d
 
 
-def student_uses_cache(cfg: PipelineConfig, name: str) -> bool:
-    return cfg.student(name).mode == "cached"
-
-
 def _distill_params(cfg: PipelineConfig) -> dict:
     return {"students": {s.name: student_params(cfg, s.name) for s in cfg.distill.students}}
 

@@ -355,7 +355,7 @@ def _teacher_pass(cfg, model, device, rows, spec: CacheSpec, todo, writer, n_tod
     )
 
 
-def open_cache(extract_record, runner=None) -> Cache:
+def open_cache(extract_record) -> Cache:
     """The cache of a completed extract record, checked against the record's fingerprint."""
     fp = extract_record.lock["fingerprint"]
     inputs = extract_record.lock.get("inputs")
