@@ -152,6 +152,7 @@ class TrainDefaults(_Model):
     mode: Literal["cached", "online"] = "cached"
     seed: int = 0
     num_workers: Workers = "auto"
+    keep_targets_mb: int = Field(2048, ge=0)  # hold decoded targets in memory when they fit
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["bf16", "fp16", "none"] = "bf16"
 
@@ -259,6 +260,7 @@ class ResolvedStudent(_Model):
     mode: Literal["cached", "online"]
     seed: int
     num_workers: Workers
+    keep_targets_mb: int
     device: str
     amp: str
 

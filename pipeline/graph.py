@@ -95,7 +95,7 @@ def _extract_params(cfg: PipelineConfig) -> dict:
 def student_params(cfg: PipelineConfig, name: str) -> dict:
     s = cfg.student(name)
     d = s.model_dump(mode="json")
-    for k in ("num_workers", "device"):
+    for k in ("num_workers", "keep_targets_mb", "device"):
         d.pop(k, None)
     return d
 

@@ -94,6 +94,7 @@ class CachedBatches:
         num_workers: int = 0,
         pool_units: int = 2,
         split_ranks: bool = True,
+        memory: dict | None = None,
     ):
         self.cache, self.views = cache, views
         self.unit = cache.chunk_rows()
@@ -102,6 +103,7 @@ class CachedBatches:
         self.seed, self.shuffle, self.num_workers, self.pool_units = seed, shuffle, num_workers, pool_units
         self.split_ranks = split_ranks and dist.world_size() > 1
         self.valid = cache.valid
+        self.memory = memory  # unit -> decoded targets, kept across epochs when given
 
     def order(self) -> list[int]:
         """This process's units in epoch order; under DDP each rank takes an equal share."""
@@ -122,12 +124,16 @@ class CachedBatches:
 
     def _targets(self, u: int) -> dict:
         a, b = self.units[u]
+        if self.memory is not None and (a, b) in self.memory:
+            return self.memory[(a, b)]
         out = {}
         if self.want_logits:
             out["logits"] = torch.from_numpy(self.cache.read("logits", a, b))
         for t in self.layers:
             name = self.cache.layer(t).name
             out[t] = torch.from_numpy(self.cache.read(f"spectra/{name}", a, b))
+        if self.memory is not None:
+            self.memory[(a, b)] = out
         return out
 
     def __len__(self) -> int:
@@ -267,10 +273,20 @@ class Trainer:
         self.teacher = teacher
         self.views = ViewDataset(manifest_rows(cache.manifest), cfg.data.image_size, cfg.data.mean, cfg.data.std)
         self.net: torch.nn.Module = _WithFeatures(self.model, self.s_layers)
+        self.memory = {} if self.target_bytes() <= st.keep_targets_mb * 2**20 else None
         if dist.world_size() > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+
+    def target_bytes(self) -> int:
+        """Bytes of the decoded teacher targets this student reads over all train views."""
+        if self.st.mode != "cached" or self.st.loss.kind == "none":
+            return 0
+        per_row = self.cache.spec.bytes_per_row()
+        names = ["logits"] + [f"spectra/{self.cache.layer(t).name}" for t in sorted(set(self.t_layers))]
+        rows = sum(b.stop - b.start for b in self.cache.blocks if b.split == "train")
+        return rows * sum(per_row[n] for n in names)
 
     def train_batches(self, epoch: int) -> CachedBatches:
         k = self.cache.views("train")
@@ -281,7 +297,7 @@ class Trainer:
             layers=sorted(set(self.t_layers)) if cached else [],
             want_logits=cached and self.st.loss.kind != "none",
             seed=self.st.seed * 100003 + epoch, shuffle=True,
-            num_workers=models.resolve_workers(self.st.num_workers, self.device),
+            num_workers=models.resolve_workers(self.st.num_workers, self.device), memory=self.memory,
         )
 
     def val_batches(self):

@@ -183,3 +183,25 @@ def test_torchrun_ddp_distill_two_ranks(built, tmp_path):
     assert [row["epoch"] for row in m] == [0, 1]
     assert all(row["loss_spec"] > 0 and 0 <= row["val_top1"] <= 100 for row in m)
     assert "DDP over 2 processes" in r.stderr
+
+
+def test_targets_are_kept_in_memory_across_epochs(built, monkeypatch):
+    cfg, runner, recs = built
+    cache = open_cache(recs["extract"])
+    tr = Trainer(cfg, cfg.student("spectral"), cache, Path("/nonexistent"), teacher_depth=4)
+    assert tr.memory == {} and 0 < tr.target_bytes() <= 64 * 2**20
+    first = {int(r): {k: v[i].clone() for k, v in tg.items()}
+             for _, _, rows, tg in tr.train_batches(0) for i, r in enumerate(rows)}
+    reads = []
+    real = Cache.read
+    monkeypatch.setattr(Cache, "read", lambda self, *a: reads.append(a) or real(self, *a))
+    again = {int(r): {k: v[i] for k, v in tg.items()}
+             for _, _, rows, tg in tr.train_batches(2) for i, r in enumerate(rows)}  # view 0 again
+    assert reads == []  # served from memory
+    assert first.keys() == again.keys()
+    for r in list(first)[:50]:
+        for k in first[r]:
+            assert torch.equal(first[r][k], again[r][k])
+    # a zero budget reads from the cache every epoch
+    st0 = cfg.student("spectral").model_copy(update={"keep_targets_mb": 0})
+    assert Trainer(cfg, st0, cache, Path("/nonexistent"), teacher_depth=4).memory is None

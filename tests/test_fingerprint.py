@@ -73,7 +73,8 @@ def test_every_decisive_field_changes_its_stage_and_downstream(change, first):
 
 
 @pytest.mark.parametrize("change", [{"extract.num_workers": 3}, {"teacher.device": "cpu"},
-                                    {"analyze.workers": 4}, {"distill.defaults.num_workers": 2}])
+                                    {"analyze.workers": 4}, {"distill.defaults.num_workers": 2},
+                                    {"distill.defaults.keep_targets_mb": 0}])
 def test_operational_fields_do_not_invalidate(change):
     assert fps(TINY) == fps(tiny_tree(**change))
 
