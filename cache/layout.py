@@ -26,6 +26,15 @@ COMPLETE_DIR = "_complete"
 FORMAT_VERSION = 1
 
 
+def chunk_rows(rows_per_shard: int, row_bytes: int, chunk_bytes: int) -> int:
+    """Largest divisor of rows_per_shard whose chunk stays within chunk_bytes (at least 1)."""
+    best = 1
+    for n in range(1, rows_per_shard + 1):
+        if rows_per_shard % n == 0 and n * row_bytes <= chunk_bytes:
+            best = n
+    return best
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     index: int
@@ -72,13 +81,9 @@ class CacheSpec:
         return out
 
     def chunk_rows(self, row_shape: tuple[int, ...], dtype: str) -> int:
-        """Largest divisor of rows_per_shard whose chunk stays within chunk_bytes (at least 1)."""
+        """Inner-chunk rows for an array of this cache (see :func:`chunk_rows`)."""
         row_bytes = int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        best = 1
-        for n in range(1, self.rows_per_shard + 1):
-            if self.rows_per_shard % n == 0 and n * row_bytes <= self.chunk_bytes:
-                best = n
-        return best
+        return chunk_rows(self.rows_per_shard, row_bytes, self.chunk_bytes)
 
     def compressors(self):
         from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec

@@ -23,6 +23,7 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
+from cache.layout import chunk_rows
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write, atomic_write_text
@@ -84,13 +85,10 @@ def dask_channel_spectra(arrays: dict, bands: int, progress: bool = True, client
 
 
 def _feature_writer(root: zarr.Group, model: str, name: str, rows: int, shape, rps: int):
-    c, h, w = shape
-    row_bytes = c * h * w * 2
-    n = 1
-    for k in range(1, rps + 1):
-        if rps % k == 0 and k * row_bytes <= (1 << 20):
-            n = k
     from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    c, h, w = shape
+    n = chunk_rows(rps, c * h * w * 2, 1 << 20)
 
     return root.create_array(
         f"{model}/{name}", shape=(rows, c, h, w), dtype="float16", chunks=(n, c, h, w), shards=(rps, c, h, w),
