@@ -129,6 +129,7 @@ def test_sigkill_then_resume_equals_uninterrupted(built, tmp_path):
         assert (marker_dir / m).stat().st_mtime_ns == t
     for f, (t, ino) in shard_files.items():
         assert (f.stat().st_mtime_ns, f.stat().st_ino) == (t, ino)
+    assert not list(cache_dir.rglob("*.tmp")), "a shard write cut short leaves no temporary file behind"
     got = _arrays(cache_dir)
     for k in ref:
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)

@@ -1,0 +1,89 @@
+"""Shard files written in one pass (cache.shardfile) against zarr's own reading and writing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
+
+from cache.layout import CacheSpec, LayerSpec
+from cache.shardfile import ShardEncoder
+from cache.writer import CacheWriter
+
+
+def _array(tmp_path, name, rows, row_shape, dtype, shard_rows, chunk_rows, compressor):
+    g = zarr.open_group(str(tmp_path / "g.zarr"), mode="a")
+    return g.create_array(
+        name, shape=(rows, *row_shape), dtype=dtype, chunks=(chunk_rows, *row_shape),
+        shards=(shard_rows, *row_shape), compressors=[compressor, Crc32cCodec()], fill_value=0,
+    )
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.integers(1, 70),
+    row_shape=st.sampled_from([(), (3,), (2, 3, 2)]),
+    dtype=st.sampled_from(["float16", "uint8", "float32"]),
+    chunks_per_shard=st.integers(1, 4),
+    chunk_rows=st.integers(1, 9),
+    comp=st.sampled_from(["zstd", "blosc"]),
+    seed=st.integers(0, 2**31),
+)
+def test_shard_files_read_back_through_zarr(tmp_path_factory, rows, row_shape, dtype, chunks_per_shard,
+                                            chunk_rows, comp, seed):
+    tmp = tmp_path_factory.mktemp("shard")
+    compressor = ZstdCodec(level=3) if comp == "zstd" else BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    shard_rows = chunk_rows * chunks_per_shard
+    arr = _array(tmp, "a", rows, row_shape, dtype, shard_rows, chunk_rows, compressor)
+    enc = ShardEncoder.for_array(arr, tmp / "g.zarr" / "a")
+    assert enc is not None
+    rng = np.random.default_rng(seed)
+    data = (rng.standard_normal((rows, *row_shape)) * 50).astype(dtype)
+    for s in range(-(-rows // shard_rows)):
+        enc.write(s, data[s * shard_rows : (s + 1) * shard_rows])
+    got = zarr.open_group(str(tmp / "g.zarr"), mode="r")["a"][:]
+    np.testing.assert_array_equal(got, data)
+    # zarr reads each inner chunk back through its crc32c: a flipped payload byte must be caught
+    f = tmp / "g.zarr" / "a" / enc.key(0)
+    raw = bytearray(f.read_bytes())
+    raw[0] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    with pytest.raises(Exception, match="(?i)checksum"):
+        zarr.open_group(str(tmp / "g.zarr"), mode="r")["a"][: min(rows, chunk_rows)]
+
+
+def test_unknown_codecs_and_unsharded_arrays_are_left_to_zarr(tmp_path):
+    gz = _array(tmp_path, "gz", 10, (2,), "float16", 4, 2, GzipCodec())
+    assert ShardEncoder.for_array(gz, tmp_path / "g.zarr" / "gz") is None
+    g = zarr.open_group(str(tmp_path / "g.zarr"), mode="a")
+    plain = g.create_array("plain", shape=(10, 2), dtype="float16", chunks=(5, 2))
+    assert ShardEncoder.for_array(plain, tmp_path / "g.zarr" / "plain") is None
+
+
+def _spec(rows):
+    return CacheSpec(rows=rows, rows_per_shard=8, num_classes=3, layers=[LayerSpec(0, "blocks.0", 4, 2, 2)],
+                     chunk_bytes=64)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_writer_shards_equal_the_data_with_and_without_the_one_pass_path(tmp_path, monkeypatch, fast):
+    if not fast:
+        monkeypatch.setattr(ShardEncoder, "for_array", classmethod(lambda cls, arr, d: None))
+    spec = _spec(21)
+    w = CacheWriter(tmp_path / "c.zarr", spec)
+    w.create_or_resume({"fingerprint": "f"}, pa.table({"row": np.arange(21)}))
+    rng = np.random.default_rng(0)
+    data = {n: (rng.standard_normal((21, *shape)) * 10).astype(dt) for n, (shape, dt) in spec.arrays().items()}
+    for s in range(spec.num_shards):
+        a, b = spec.shard_rows(s)
+        w.write_shard(s, {n: v[a:b] for n, v in data.items()}, [])
+    assert w.completed() == {0, 1, 2}
+    assert all((w._encoders[n] is not None) == fast for n in spec.arrays())
+    g = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
+    for n, v in data.items():
+        np.testing.assert_array_equal(g[n][:], v, err_msg=n)
+    assert not list((tmp_path / "c.zarr").rglob("*.tmp"))
