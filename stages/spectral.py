@@ -18,6 +18,7 @@ Notation (DESIGN.md, "The math"): features ``X`` are (B, C, H, W) NCHW maps from
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,10 +28,37 @@ import torch.nn.functional as F
 from pipeline.errors import PipelineError
 
 
+# On CPU, maps of at most this many pixels are transformed by one real matrix product: for the
+# small maps of ViT layers (4x4 .. 8x8) that is 2-12x faster than torch.fft's per-transform cost.
+DFT_MATMUL_MAX_PIXELS = 64
+
+
+@functools.lru_cache(maxsize=16)
+def _rdft2_matrix(h: int, w: int) -> torch.Tensor:
+    """The real (h*w, h*(w//2+1)*2) matrix of rfft2(norm="ortho"), built in float64, kept float32."""
+    wr = w // 2 + 1
+    y, x = np.arange(h)[:, None, None, None], np.arange(w)[None, :, None, None]
+    u, v = np.arange(h)[None, None, :, None], np.arange(wr)[None, None, None, :]
+    angle = -2.0 * np.pi * (u * y / h + v * x / w)
+    m = np.stack([np.cos(angle), np.sin(angle)], axis=-1) / np.sqrt(h * w)
+    with torch.inference_mode(False):  # a normal tensor, usable under autograd later
+        return torch.from_numpy(m.reshape(h * w, h * wr * 2)).float()
+
+
 def spectrum(x: torch.Tensor) -> torch.Tensor:
-    """rfft2 over the last two axes (norm="ortho"), float32, as (..., H, W//2+1, 2) real/imag."""
-    s = torch.fft.rfft2(x.float(), norm="ortho")
-    return torch.view_as_real(s)
+    """rfft2 over the last two axes (norm="ortho"), float32, as (..., H, W//2+1, 2) real/imag.
+
+    Small maps on CPU go through :func:`_rdft2_matrix` (the same transform as one float32
+    matrix product), everything else through ``torch.fft.rfft2``.
+    """
+    x = x.float()
+    h, w = x.shape[-2], x.shape[-1]
+    if x.device.type == "cpu" and h * w <= DFT_MATMUL_MAX_PIXELS:
+        lead = x.shape[:-2]
+        with torch.autocast("cpu", enabled=False):
+            out = x.reshape(*lead, h * w) @ _rdft2_matrix(h, w)
+        return out.view(*lead, h, w // 2 + 1, 2)
+    return torch.view_as_real(torch.fft.rfft2(x, norm="ortho"))
 
 
 def inverse_spectrum(s: torch.Tensor, width: int) -> torch.Tensor:
