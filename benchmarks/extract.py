@@ -77,6 +77,7 @@ def main() -> None:
     print(f"ratio extract/forward    : {statistics.median(ratios):.3f}   (median of per-run ratios "
           f"{[round(r, 3) for r in ratios]}; goal >= 0.90)")
     print(f"ratio end-to-end/forward : {statistics.median(e2e_ratios):.3f}   (incl. shard scan, planning, model load)")
+    print("extract time split (last run):", json.dumps(summary.get("teacher_pass_split", {})))
     print("cache bytes per view per layer:", json.dumps(summary["bytes_per_view"]))
     print("compression vs raw float32    :", json.dumps(summary["compression_vs_float32"]))
     print(f"cache total: {summary['cache_bytes'] / 2**20:.2f} MiB for {summary['rows']} rows")

@@ -111,7 +111,7 @@ def write_model_features(root, label: str, model, indices: list[int], names: lis
         bufs = [np.zeros((e - s, *a.shape[1:]), np.float16) for a in arrays]
         for i in range(s, e, batch):
             j = min(e, i + batch)
-            x = views.normalize(torch.stack([views[a0 + r][0] for r in range(i, j)]).to(device))
+            x = views.normalize(views.batch(range(a0 + i, a0 + j))[0].to(device))
             _, feats = models.intermediates(model, x, indices)
             for buf, f in zip(bufs, feats):
                 buf[i - s : j - s] = f.float().cpu().numpy().astype(np.float16)

@@ -99,8 +99,8 @@ def crop_box(params: dict, width: int, height: int) -> tuple[int, int, int, int]
     return top, left, h, w
 
 
-def view_pixels(img: Image.Image, params: dict, size: int) -> torch.Tensor:
-    """The view of ``img`` described by ``params`` as uint8 pixels (3, size, size): crop, resize, flip.
+def view_array(img: Image.Image, params: dict, size: int) -> np.ndarray:
+    """The view of ``img`` described by ``params`` as uint8 pixels (size, size, 3): crop, resize, flip.
 
     Pure and deterministic: the same image and parameters give the same pixels, bit for bit.
     """
@@ -109,7 +109,12 @@ def view_pixels(img: Image.Image, params: dict, size: int) -> torch.Tensor:
         img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
     if params["flip"]:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def view_pixels(img: Image.Image, params: dict, size: int) -> torch.Tensor:
+    """:func:`view_array` as a (3, size, size) uint8 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(view_array(img, params, size).transpose(2, 0, 1)))
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -145,11 +150,35 @@ class ViewDataset(torch.utils.data.Dataset):
         return normalize(x, self.mean, self.std)
 
     def __getitem__(self, i: int):
-        s, params = self.rows[i]
-        try:
-            x = view_pixels(decode_image(self.reader.read(s.url, s.offset, s.size)), params, self.size)
-            ok = True
-        except Exception:  # noqa: BLE001 - any decode failure marks the row bad
-            x = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
-            ok = False
-        return x, s.label, ok, i
+        x, y, ok, idx = self.batch([i])
+        return x[0], int(y[0]), bool(ok[0]), i
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows ``indices`` as one batch: (uint8 pixels (B, 3, size, size), labels, ok, indices).
+
+        Each view is written straight into the batch array: no per-row tensors, no collation.
+        """
+        n = len(indices)
+        x = np.zeros((n, self.size, self.size, 3), dtype=np.uint8)
+        y = np.empty(n, dtype=np.int64)
+        ok = np.ones(n, dtype=bool)
+        for j, i in enumerate(indices):
+            s, params = self.rows[i]
+            y[j] = s.label
+            try:
+                x[j] = view_array(decode_image(self.reader.read(s.url, s.offset, s.size)), params, self.size)
+            except Exception:  # noqa: BLE001 - any decode failure marks the row bad
+                ok[j] = False
+        pixels = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        return pixels, torch.from_numpy(y), torch.from_numpy(ok), torch.as_tensor(list(indices), dtype=torch.int64)
+
+
+class BatchViews(torch.utils.data.Dataset):
+    """A :class:`ViewDataset` indexed by lists of rows, for ``DataLoader(batch_size=None, sampler=...)``
+    with a sampler that yields batches of row indices."""
+
+    def __init__(self, views: ViewDataset):
+        self.views = views
+
+    def __getitem__(self, indices):
+        return self.views.batch(indices)

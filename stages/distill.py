@@ -67,10 +67,7 @@ class _UnitImages(torch.utils.data.Dataset):
 
     def __getitem__(self, u: int):
         a, b = self.units[u]
-        items = [self.views[r] for r in range(a, b)]
-        x = torch.stack([it[0] for it in items])
-        y = torch.tensor([it[1] for it in items])
-        ok = torch.tensor([it[2] for it in items])
+        x, y, ok, _ = self.views.batch(range(a, b))
         return u, x, y, ok
 
 

@@ -32,7 +32,7 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 
 from . import models, teacher as teacher_stage
-from .data import PLAIN_VIEW, VIEW_FIELDS, ViewDataset, sample_view_params, view_rng
+from .data import PLAIN_VIEW, VIEW_FIELDS, BatchViews, ViewDataset, sample_view_params, view_rng
 from .shards import Sample, scan_shards
 from .prepare import shard_lists
 from .spectral import spectrum
@@ -235,12 +235,13 @@ def run(ctx) -> dict:
         log.info(f"extract: resuming, {len(done)}/{spec.num_shards} shards already complete")
     n_todo = sum(spec.shard_rows(s)[1] - spec.shard_rows(s)[0] for s in todo)
     t_pass = time.time()
+    split = {}
     if todo:
-        _teacher_pass(cfg, model, device, rows, spec, todo, writer, n_todo)
+        split = _teacher_pass(cfg, model, device, rows, spec, todo, writer, n_todo)
     pass_s = time.time() - t_pass
     dist.barrier()
     summary: dict = {"rows": spec.rows, "shards": spec.num_shards, "rows_computed": n_todo,
-                     "teacher_pass_s": round(pass_s, 3)}
+                     "teacher_pass_s": round(pass_s, 3), "teacher_pass_split": split}
     if dist.is_main():
         fin = writer.finalize({"extract_seconds": round(time.time() - t_start, 2)})
         raw32 = {n: b * 2 for n, b in spec.bytes_per_row().items() if n.startswith(("spectra/", "features/"))}
@@ -261,13 +262,14 @@ def run(ctx) -> dict:
 
 
 @torch.inference_mode()
-def _teacher_pass(cfg, model, device, rows, spec: CacheSpec, todo, writer, n_todo) -> None:
+def _teacher_pass(cfg, model, device, rows, spec: CacheSpec, todo, writer, n_todo) -> dict:
     e = cfg.extract
     ds = ViewDataset(rows, cfg.data.image_size, cfg.data.mean, cfg.data.std)
     workers = models.resolve_workers(e.num_workers, device)
     loader = torch.utils.data.DataLoader(
-        ds,
-        batch_sampler=ShardBatches(spec, todo, e.batch_size),
+        BatchViews(ds),
+        sampler=ShardBatches(spec, todo, e.batch_size),
+        batch_size=None,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers > 0 else None,
@@ -349,10 +351,12 @@ def _teacher_pass(cfg, model, device, rows, spec: CacheSpec, todo, writer, n_tod
         wt.close()
     tm["writer"] += time.perf_counter() - tw
     total = time.perf_counter() - t_all
+    split = {k: round(v / max(total, 1e-9), 3) for k, v in tm.items()}
     log.info(
         f"extract: teacher pass {n_todo / max(total, 1e-9):.0f} rows/s; time in "
-        + ", ".join(f"{k} {100 * v / max(total, 1e-9):.0f}%" for k, v in tm.items())
+        + ", ".join(f"{k} {100 * v:.0f}%" for k, v in split.items())
     )
+    return split
 
 
 def open_cache(extract_record) -> Cache:

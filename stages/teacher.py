@@ -20,7 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_torch_save
 
 from . import models
-from .data import PLAIN_VIEW, ViewDataset, sample_view_params
+from .data import PLAIN_VIEW, BatchViews, ViewDataset, sample_view_params
 from .shards import scan_shards
 from .prepare import shard_lists
 from .train import adamw, evaluate, warmup_cosine
@@ -48,16 +48,17 @@ def load(record, cfg: PipelineConfig) -> torch.nn.Module:
 def _loader(rows, cfg, batch_size, shuffle, workers, seed=0):
     ds = ViewDataset(rows, cfg.data.image_size, cfg.data.mean, cfg.data.std)
     g = torch.Generator().manual_seed(seed)
+    order = torch.utils.data.RandomSampler(ds, generator=g) if shuffle else torch.utils.data.SequentialSampler(ds)
     return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=g, drop_last=False,
-        persistent_workers=False,
+        BatchViews(ds), sampler=torch.utils.data.BatchSampler(order, batch_size, drop_last=False), batch_size=None,
+        num_workers=workers, generator=g, persistent_workers=False,
     )
 
 
 def _xy(loader, bad: set):
     """(normalized images, labels) of a ViewDataset loader, bad rows dropped and recorded."""
     for x, y, ok, idx in loader:
-        x = loader.dataset.normalize(x)
+        x = loader.dataset.views.normalize(x)
         if not bool(ok.all()):
             for i in idx[~ok].tolist():
                 bad.add(i)
