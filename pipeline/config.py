@@ -73,6 +73,7 @@ class DataConfig(_Model):
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     augment: AugmentConfig = AugmentConfig()
     on_bad_sample: Literal["skip", "fail"] = "skip"
+    decoded_cache_mb: int = Field(256, ge=0)  # decoded images kept per process for later views and epochs
 
     @model_validator(mode="after")
     def _source_fields(self) -> "DataConfig":

@@ -265,7 +265,7 @@ def run(ctx) -> dict:
     vb = cache.block("val", 0)
     rows = (vb.start, vb.stop if a.max_rows is None else min(vb.stop, vb.start + a.max_rows))
     rps = cache.spec.rows_per_shard
-    views = ViewDataset(manifest_rows(cache.manifest), cfg.data.image_size, cfg.data.mean, cfg.data.std)
+    views = ViewDataset.for_config(manifest_rows(cache.manifest), cfg.data)
     device = models.resolve_device(cfg.teacher.device)
     store = Path(ctx.out) / "features.zarr"
     root = zarr.open_group(str(store), mode="w")

@@ -138,10 +138,31 @@ class ViewDataset(torch.utils.data.Dataset):
     caller records or fails on it), so one bad image never kills a worker.
     """
 
-    def __init__(self, rows: list[tuple[Sample, dict]], size: int, mean, std):
+    def __init__(self, rows: list[tuple[Sample, dict]], size: int, mean, std, cache_mb: float = 0):
         self.rows = rows
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
         self.reader = ImageReader()
+        # decoded images kept for the views, epochs and splits that come back to them, up to cache_mb
+        # per process; once it is full, later images are decoded every time (no eviction churn)
+        self._images: dict[tuple[str, int], Image.Image] = {}
+        self._cache_left = int(cache_mb * 2**20)
+
+    @classmethod
+    def for_config(cls, rows: list[tuple[Sample, dict]], data) -> ViewDataset:
+        """The dataset of ``rows`` under a ``data:`` config section (size, normalization, decoded cache)."""
+        return cls(rows, data.image_size, data.mean, data.std, cache_mb=data.decoded_cache_mb)
+
+    def image(self, s: Sample) -> Image.Image:
+        """The decoded RGB image of sample ``s`` (from the decoded-image cache when it is there)."""
+        k = (s.url, s.offset)
+        img = self._images.get(k)
+        if img is None:
+            img = decode_image(self.reader.read(s.url, s.offset, s.size))
+            nbytes = img.width * img.height * 3 + 1024  # pixels + the object's own overhead
+            if nbytes <= self._cache_left:
+                self._images[k] = img
+                self._cache_left -= nbytes
+        return img
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -166,7 +187,7 @@ class ViewDataset(torch.utils.data.Dataset):
             s, params = self.rows[i]
             y[j] = s.label
             try:
-                x[j] = view_array(decode_image(self.reader.read(s.url, s.offset, s.size)), params, self.size)
+                x[j] = view_array(self.image(s), params, self.size)
             except Exception:  # noqa: BLE001 - any decode failure marks the row bad
                 ok[j] = False
         pixels = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))

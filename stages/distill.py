@@ -268,7 +268,7 @@ class Trainer:
         self.s_layers = [s % self.depth for s, _ in st.layers] if spectral else []
         self.t_layers = [t % teacher_depth for _, t in st.layers] if spectral else []
         self.teacher = teacher
-        self.views = ViewDataset(manifest_rows(cache.manifest), cfg.data.image_size, cfg.data.mean, cfg.data.std)
+        self.views = ViewDataset.for_config(manifest_rows(cache.manifest), cfg.data)
         self.net: torch.nn.Module = _WithFeatures(self.model, self.s_layers)
         self.memory = {} if self.target_bytes() <= st.keep_targets_mb * 2**20 else None
         if dist.world_size() > 1:

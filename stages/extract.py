@@ -264,7 +264,7 @@ def run(ctx) -> dict:
 @torch.inference_mode()
 def _teacher_pass(cfg, model, device, rows, spec: CacheSpec, todo, writer, n_todo) -> dict:
     e = cfg.extract
-    ds = ViewDataset(rows, cfg.data.image_size, cfg.data.mean, cfg.data.std)
+    ds = ViewDataset.for_config(rows, cfg.data)
     workers = models.resolve_workers(e.num_workers, device)
     loader = torch.utils.data.DataLoader(
         BatchViews(ds),

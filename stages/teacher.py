@@ -45,8 +45,7 @@ def load(record, cfg: PipelineConfig) -> torch.nn.Module:
     return m.eval()
 
 
-def _loader(rows, cfg, batch_size, shuffle, workers, seed=0):
-    ds = ViewDataset(rows, cfg.data.image_size, cfg.data.mean, cfg.data.std)
+def _loader(ds: ViewDataset, batch_size, shuffle, workers, seed=0):
     g = torch.Generator().manual_seed(seed)
     order = torch.utils.data.RandomSampler(ds, generator=g) if shuffle else torch.utils.data.SequentialSampler(ds)
     return torch.utils.data.DataLoader(
@@ -77,7 +76,8 @@ def fit(model, cfg: PipelineConfig, train, val, device) -> dict:
     steps_per_epoch = (len(train) + f.batch_size - 1) // f.batch_size
     sched = warmup_cosine(opt, f.epochs * steps_per_epoch, int(f.warmup_epochs * steps_per_epoch))
     crit = torch.nn.CrossEntropyLoss(label_smoothing=f.label_smoothing)
-    val_loader = _loader([(s, PLAIN_VIEW) for s in val], cfg, 256, False, f.num_workers)
+    val_loader = _loader(ViewDataset.for_config([(s, PLAIN_VIEW) for s in val], cfg.data), 256, False, f.num_workers)
+    train_views = ViewDataset.for_config([], cfg.data)  # one dataset: its decoded images serve every epoch
     best = {"top1": -1.0}
     best_state = None
     bad: set = set()
@@ -85,8 +85,8 @@ def fit(model, cfg: PipelineConfig, train, val, device) -> dict:
     for epoch in range(f.epochs):
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, epoch, 17])
-        rows = [(s, sample_view_params(rng, aug.scale, aug.ratio, aug.hflip)) for s in train]
-        loader = _loader(rows, cfg, f.batch_size, True, f.num_workers, seed=cfg.seed * 1000 + epoch)
+        train_views.rows = [(s, sample_view_params(rng, aug.scale, aug.ratio, aug.hflip)) for s in train]
+        loader = _loader(train_views, f.batch_size, True, f.num_workers, seed=cfg.seed * 1000 + epoch)
         model.train()
         tot, n = 0.0, 0
         for x, y in tqdm(_xy(loader, bad), total=steps_per_epoch, desc=f"teacher fit {epoch + 1}/{f.epochs}",
@@ -129,7 +129,8 @@ def run(ctx) -> dict:
     if cfg.teacher.fit is not None:
         info = fit(model, cfg, train, val, device)
     model.to(device)
-    ev = evaluate(model, _xy(_loader([(s, PLAIN_VIEW) for s in val], cfg, 256, False, 0), set()), device)
+    val_views = ViewDataset.for_config([(s, PLAIN_VIEW) for s in val], cfg.data)
+    ev = evaluate(model, _xy(_loader(val_views, 256, False, 0), set()), device)
     model.cpu()
     atomic_torch_save(ctx.out / "model.pt", {"state_dict": model.state_dict(), "model": cfg.teacher.model,
                                              "kwargs": cfg.teacher.kwargs})

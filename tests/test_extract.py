@@ -17,8 +17,9 @@ import zarr
 
 from stages import models
 from stages import teacher as teacher_stage
-from stages.data import build_view, decode_image, ImageReader
+from stages.data import ImageReader, ViewDataset, build_view, decode_image, view_pixels
 from stages.extract import cache_path, manifest_rows, open_cache
+from stages.shards import Sample
 from stages.spectral import spectrum
 from tests.conftest import ROOT, TINY, copy_upstream, tiny_tree, write_config
 
@@ -156,3 +157,40 @@ def test_torchrun_two_ranks_equal_one_process(built, tmp_path):
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
     g = zarr.open_group(str(caches[0]), mode="r")
     assert g.attrs["complete"] is True
+
+
+def test_batched_views_and_decoded_image_cache_equal_one_view_at_a_time(built, tmp_path):
+    cfg, runner, recs = built
+    cache = open_cache(recs["extract"])
+    rows = manifest_rows(cache.manifest)
+    keys = cache.manifest.column("key").to_pylist()
+    first = {}
+    pairs = []  # (view 0 row, view 1 row) of the same sample
+    for r, k in enumerate(keys):
+        if k in first and len(pairs) < 20:
+            pairs.append((first[k], r))
+        first.setdefault(k, r)
+    idx = [a for a, _ in pairs] + [b for _, b in pairs]
+    reader = ImageReader()
+    ref = torch.stack([view_pixels(decode_image(reader.read(rows[r][0].url, rows[r][0].offset, rows[r][0].size)),
+                                   rows[r][1], cfg.data.image_size) for r in idx])
+    plain = ViewDataset(rows, cfg.data.image_size, cfg.data.mean, cfg.data.std, cache_mb=0)
+    kept = ViewDataset(rows, cfg.data.image_size, cfg.data.mean, cfg.data.std, cache_mb=1)
+    for ds in (plain, kept, kept):  # the second pass of `kept` is served from decoded images
+        x, y, ok, got_idx = ds.batch(idx)
+        assert torch.equal(x, ref)
+        assert ok.all() and got_idx.tolist() == idx
+        assert y.tolist() == [rows[r][0].label for r in idx]
+    assert len(plain._images) == 0 and len(kept._images) == len(pairs)
+    # the budget bounds the cache: room for one 16x16 RGB image (768 bytes + 1 KiB overhead)
+    small = ViewDataset(rows, cfg.data.image_size, cfg.data.mean, cfg.data.std, cache_mb=3000 / 2**20)
+    assert torch.equal(small.batch(idx)[0], ref) and len(small._images) == 1
+    # an image that cannot be decoded is reported, never cached, and leaves its neighbours intact
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not an image at all")
+    bad_rows = [rows[idx[0]], (Sample("junk", 3, str(junk), 0, junk.stat().st_size), rows[idx[0]][1])]
+    ds = ViewDataset(bad_rows, cfg.data.image_size, cfg.data.mean, cfg.data.std, cache_mb=1)
+    x, y, ok, _ = ds.batch([0, 1])
+    assert ok.tolist() == [True, False] and y.tolist() == [rows[idx[0]][0].label, 3]
+    assert torch.equal(x[0], ref[0]) and int(x[1].abs().sum()) == 0
+    assert list(ds._images) == [(rows[idx[0]][0].url, rows[idx[0]][0].offset)]
