@@ -112,6 +112,10 @@ class ShardEncoder:
 
     def encode(self, s: int, block: np.ndarray) -> bytes:
         """The bytes of shard ``s`` holding ``block`` (the shard's rows; the last shard may be short)."""
+        return b"".join(self._parts(s, block))
+
+    def _parts(self, s: int, block: np.ndarray) -> list[bytes]:
+        """The shard's bytes as consecutive pieces (written with one writev, never joined)."""
         a = s * self.shard_rows
         n = min(self.shape[0], a + self.shard_rows) - a
         if block.shape != (n, *self.shape[1:]):
@@ -131,26 +135,29 @@ class ShardEncoder:
                 pad[: chunk.shape[0]] = chunk
                 chunk = pad
             enc = self.compress(chunk)
-            enc += _crc(enc)
-            index[i] = (offset, len(enc))
-            parts.append(enc)
-            offset += len(enc)
+            parts += [enc, _crc(enc)]
+            index[i] = (offset, len(enc) + 4)
+            offset += len(enc) + 4
         ib = index.tobytes()
-        parts.append(ib + _crc(ib))
-        return b"".join(parts)
+        parts += [ib, _crc(ib)]
+        return parts
 
     def write(self, s: int, block: np.ndarray) -> Path:
         """Encode shard ``s`` and put it in place atomically and durably; returns its path."""
-        data = self.encode(s, block)
+        parts = self._parts(s, block)
         path = self.directory / self.key(s)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                todo = [memoryview(p) for p in parts]
+                while todo:  # writev may write less than asked: go on from where it stopped
+                    n = os.writev(fd, todo[:1024])
+                    while todo and n >= len(todo[0]):
+                        n -= len(todo.pop(0))
+                    if n:
+                        todo[0] = todo[0][n:]
                 os.fsync(fd)
             finally:
                 os.close(fd)

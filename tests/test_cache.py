@@ -87,3 +87,26 @@ def test_writer_shards_equal_the_data_with_and_without_the_one_pass_path(tmp_pat
     for n, v in data.items():
         np.testing.assert_array_equal(g[n][:], v, err_msg=n)
     assert not list((tmp_path / "c.zarr").rglob("*.tmp"))
+
+
+def test_short_writes_are_continued(tmp_path, monkeypatch):
+    """writev may write fewer bytes than asked (signals, quotas): the shard file must still be whole."""
+    import os
+
+    real_writev = os.writev
+    calls = []
+
+    def short(fd, buffers):
+        calls.append(1)
+        head = bytes(buffers[0])[:7]  # at most 7 bytes per call
+        return real_writev(fd, [head])
+
+    arr = _array(tmp_path, "a", 40, (3,), "float16", 16, 8, ZstdCodec(level=1))
+    enc = ShardEncoder.for_array(arr, tmp_path / "g.zarr" / "a")
+    data = np.random.default_rng(0).standard_normal((40, 3)).astype("float16")
+    monkeypatch.setattr(os, "writev", short)
+    for s in range(3):
+        enc.write(s, data[16 * s : 16 * s + 16])
+    monkeypatch.undo()
+    assert len(calls) > 3 * 4
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "g.zarr"), mode="r")["a"][:], data)

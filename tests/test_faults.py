@@ -87,21 +87,21 @@ def test_disk_full_keeps_completed_shards_and_rerun_completes(built, tmp_path, m
     wd = tmp_path / "w"
     copy_upstream(recs, wd, ("prepare", "teacher"))
     cfg2 = config_from_dict(TINY, workdir=str(wd))
-    real_write = os.write
+    real_writev = os.writev
 
-    def full_disk(fd, data):  # the disk fills while shard 3 of logits is being written
+    def full_disk(fd, buffers):  # the disk fills while shard 3 of logits is being written
         if "/logits/c/3/" in os.readlink(f"/proc/self/fd/{fd}"):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
+        return real_writev(fd, buffers)
 
-    monkeypatch.setattr(os, "write", full_disk)
+    monkeypatch.setattr(os, "writev", full_disk)
     with pytest.raises(PipelineError, match=r"cannot write shard 3 \(disk full\); completed shards are kept"):
         Runner(cfg2).run("extract")
     cdir = next(wd.glob("extract/*/cache.zarr"))
     assert sorted(p.name for p in (cdir / "_complete").glob("*.json")) == ["000000.json", "000001.json",
                                                                            "000002.json"]
     assert not list(cdir.rglob("*.tmp")), "a failed shard write leaves no temporary file"
-    monkeypatch.setattr(os, "write", real_write)
+    monkeypatch.setattr(os, "writev", real_writev)
     done = Runner(cfg2).run("extract")
     ref = zarr.open_group(str(Path(recs["extract"].path) / "cache.zarr"), mode="r")
     got = zarr.open_group(str(cdir), mode="r")
