@@ -7,14 +7,19 @@ the one-time shard scan excluded; also end to end), rows/s of the bare teacher f
 tensors with the same model, batch size and threads, their ratio, cache bytes per view per layer
 and the compression ratio against raw float32.  The teacher's weights do not change its speed,
 so the benchmark skips fitting it (``teacher.fit: null``).
+
+On CPU it then prints the CPU time per row of each part of the extract measured alone, and the
+ratio those parts bound when the forward already keeps every core busy.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
+from pathlib import Path
 
 from _common import default_runner, machine
 
@@ -51,8 +56,6 @@ def main() -> None:
                 torch.cuda.synchronize()
             return n_batches * bs / (time.perf_counter() - t)
 
-    import statistics
-
     ratios, e2e_ratios, fwd, ext = [], [], [], []
     summary = {}
     f_before = forward_rate(10)
@@ -81,6 +84,71 @@ def main() -> None:
     print("cache bytes per view per layer:", json.dumps(summary["bytes_per_view"]))
     print("compression vs raw float32    :", json.dumps(summary["compression_vs_float32"]))
     print(f"cache total: {summary['cache_bytes'] / 2**20:.2f} MiB for {summary['rows']} rows")
+    if device.type == "cpu":
+        cpu_budget(cfg, runner, done["extract"], model, x)
+
+
+def cpu_budget(cfg, runner, record, model, x) -> None:
+    """CPU milliseconds per row of each part of the extract, each measured alone (process CPU time,
+    all threads), and the ratio they bound: on a machine whose cores the forward already fills,
+    extract / forward cannot exceed forward / (forward + the rest), however well the parts overlap."""
+    import torch
+
+    from cache.reader import Cache
+    from cache.shardfile import ShardEncoder
+    from stages import models
+    from stages.data import ViewDataset
+    from stages.extract import cache_path, manifest_rows
+    from stages.spectral import spectrum
+
+    bs = x.shape[0]
+
+    def cpu_ms(fn, rows: int, repeat: int = 3) -> float:
+        times = []
+        for _ in range(repeat):
+            t = time.process_time()
+            fn()
+            times.append((time.process_time() - t) * 1e3 / rows)
+        return statistics.median(times)
+
+    cache = Cache(cache_path(record))
+    rows = manifest_rows(cache.manifest)
+    n_fwd = 20
+    with torch.inference_mode():
+        model(x)
+        fwd, extra = [], []
+        for _ in range(5):  # paired, so the machine's drift cancels in the difference
+            a = cpu_ms(lambda: [model(x) for _ in range(n_fwd)], n_fwd * bs, repeat=1)
+            b = cpu_ms(lambda: [models.intermediates(model, x, cfg.extract.layers) for _ in range(n_fwd)],
+                       n_fwd * bs, repeat=1)
+            fwd.append(a)
+            extra.append(b - a)
+        parts = {"teacher forward (model(x))": statistics.median(fwd),
+                 "forward_intermediates instead": statistics.median(extra)}
+        idx = list(range(len(rows)))
+
+        def decode_all():  # a fresh dataset each time: its decoded-image cache starts empty, as in extract
+            views = ViewDataset.for_config(rows, cfg.data)
+            for i in range(0, len(idx), bs):
+                views.batch(idx[i : i + bs])
+
+        parts["decode + view (decoded-image cache on)"] = cpu_ms(decode_all, len(idx))
+        _, feats = models.intermediates(model, x, cfg.extract.layers)
+        parts["spectra + float16 packing"] = cpu_ms(lambda: [torch.cat(
+            [spectrum(f).to(torch.float16).reshape(bs, -1) for f in feats], 1).numpy() for _ in range(n_fwd)],
+            n_fwd * bs)
+    out = Path(tempfile.mkdtemp(prefix="bench-extract-write-"))
+    rps = cache.spec.rows_per_shard
+    encs = {n: ShardEncoder.for_array(cache.array(n), out / n) for n in cache.spec.arrays()}
+    blocks = {n: cache.read(n, 0, rps) for n in encs}
+    parts["compress + checksum + write + fsync"] = cpu_ms(
+        lambda: [encs[n].write(s, blocks[n]) for s in range(3) for n in encs], 3 * rps)
+    fwd = parts["teacher forward (model(x))"]
+    rest = sum(v for k, v in parts.items() if k != "teacher forward (model(x))")
+    print(f"CPU per row, each part alone ({torch.get_num_threads()} torch threads):")
+    for k, v in parts.items():
+        print(f"  {k:40s}: {v:.4f} ms ({100 * v / fwd:5.1f}% of the forward)")
+    print(f"bound on extract/forward with every core busy in the forward: {fwd / (fwd + rest):.3f}")
 
 
 if __name__ == "__main__":
