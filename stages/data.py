@@ -171,7 +171,7 @@ class ViewDataset(torch.utils.data.Dataset):
         return normalize(x, self.mean, self.std)
 
     def __getitem__(self, i: int):
-        x, y, ok, idx = self.batch([i])
+        x, y, ok, _ = self.batch([i])
         return x[0], int(y[0]), bool(ok[0]), i
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
