@@ -7,7 +7,7 @@ inner chunk is encoded by the inner codec chain (``bytes`` little-endian, a comp
 (offset, nbytes) pair per inner chunk in C order, ``2**64 - 1`` for an absent chunk) follows at
 the end with its own crc32c.  zarr-python spends several milliseconds of Python per array per
 assignment here, which is as much as compressing the data; this module does the same encoding
-with numcodecs directly and writes the file atomically (temporary file, fsync, rename).
+with numcodecs directly and writes the file atomically (``pipeline.fsutil.atomic_write_bytes``).
 
 :meth:`ShardEncoder.for_array` reads the array's own metadata and returns ``None`` for any codec
 chain it does not know, in which case the writer falls back to zarr's assignment.  Files written
@@ -16,15 +16,15 @@ here are read by plain ``zarr.open_group`` like any other (tests check both ways
 
 from __future__ import annotations
 
-import os
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import google_crc32c
 import numpy as np
+
+from pipeline.fsutil import atomic_write_bytes
 
 EMPTY = np.uint64(2**64 - 1)
 
@@ -143,26 +143,8 @@ class ShardEncoder:
         return parts
 
     def write(self, s: int, block: np.ndarray) -> Path:
-        """Encode shard ``s`` and put it in place atomically and durably; returns its path."""
-        parts = self._parts(s, block)
+        """Encode shard ``s`` and put it in place atomically and durably (its directory's fsync is
+        left to the caller); returns its path."""
         path = self.directory / self.key(s)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                todo = [memoryview(p) for p in parts]
-                while todo:  # writev may write less than asked: go on from where it stopped
-                    n = os.writev(fd, todo[:1024])
-                    while todo and n >= len(todo[0]):
-                        n -= len(todo.pop(0))
-                    if n:
-                        todo[0] = todo[0][n:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, self._parts(s, block), sync_dir=False)
         return path

@@ -42,8 +42,38 @@ def atomic_write(path: str | Path, writer: Callable[[Any], None], mode: str = "w
     fsync_dir(path.parent)
 
 
+def atomic_write_bytes(path: str | Path, parts: list, sync_dir: bool = True) -> None:
+    """Write the byte strings ``parts`` one after another (one ``writev``, never joined) to a temp
+    file beside ``path``, fsync, then rename over it; ``sync_dir=False`` leaves the directory's
+    fsync to the caller (one for many files)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        try:
+            todo = [memoryview(p) for p in parts if len(p)]
+            while todo:  # writev may write less than asked: go on from where it stopped
+                n = os.writev(fd, todo[:1024])
+                while todo and n >= len(todo[0]):
+                    n -= len(todo.pop(0))
+                if n:
+                    todo[0] = todo[0][n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text), mode="w")
+    atomic_write_bytes(path, [text.encode()])
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
