@@ -22,8 +22,9 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, writer: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write via ``writer(fileobj)`` to a temp file beside ``path``, fsync, then rename over it."""
+def atomic_write(path: str | Path, writer: Callable[[Any], None], mode: str = "wb", sync_dir: bool = True) -> None:
+    """Write via ``writer(fileobj)`` to a temp file beside ``path``, fsync, then rename over it;
+    ``sync_dir=False`` leaves the directory's fsync to the caller (one for many files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -39,37 +40,24 @@ def atomic_write(path: str | Path, writer: Callable[[Any], None], mode: str = "w
         except OSError:
             pass
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def _writev_all(fd: int, parts: list) -> None:
+    """Write the byte strings ``parts`` in order with ``writev`` (never joined), continuing short writes."""
+    todo = [memoryview(p) for p in parts if len(p)]
+    while todo:
+        n = os.writev(fd, todo[:1024])
+        while todo and n >= len(todo[0]):
+            n -= len(todo.pop(0))
+        if n:
+            todo[0] = todo[0][n:]
 
 
 def atomic_write_bytes(path: str | Path, parts: list, sync_dir: bool = True) -> None:
-    """Write the byte strings ``parts`` one after another (one ``writev``, never joined) to a temp
-    file beside ``path``, fsync, then rename over it; ``sync_dir=False`` leaves the directory's
-    fsync to the caller (one for many files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        try:
-            todo = [memoryview(p) for p in parts if len(p)]
-            while todo:  # writev may write less than asked: go on from where it stopped
-                n = os.writev(fd, todo[:1024])
-                while todo and n >= len(todo[0]):
-                    n -= len(todo.pop(0))
-                if n:
-                    todo[0] = todo[0][n:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if sync_dir:
-        fsync_dir(path.parent)
+    """:func:`atomic_write` of the byte strings ``parts``, one after another, with no joined copy."""
+    atomic_write(path, lambda f: _writev_all(f.fileno(), parts), sync_dir=sync_dir)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
