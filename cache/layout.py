@@ -7,8 +7,10 @@ One Zarr v3 group per extract fingerprint::
     features/<layer>    (rows, C, H, W)              float16   when extract.store has 'features'
     valid               (rows,)                      uint8     1 = teacher saw the row's view
     manifest.parquet    row -> key, split, label, view, view parameters, source location, shard
-    _complete/<s>.json  written after shard s is durably on disk
-    zarr.json attrs     fingerprint, inputs, config, teacher identity, layers, row blocks, versions
+    _complete/<s>.json  written after shard s is durably on disk, with each shard file's size
+    shards.parquet      (array, shard, nbytes) of every shard file, written when the cache is complete
+    zarr.json attrs     fingerprint, inputs, config, teacher identity, layers, row blocks, versions,
+                        integrity: sha256 of the manifest, of the shard index, of what decides meaning
 
 A row is one (sample, view).  Arrays share one row sharding (``rows_per_shard``): a Zarr shard of
 rows is the unit of writing, resuming and verifying.  Inner chunks are sized near
@@ -22,8 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 
 MANIFEST = "manifest.parquet"
+SHARD_INDEX = "shards.parquet"
 COMPLETE_DIR = "_complete"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shard sizes, manifest and meaning digests recorded and checked by readers
+
+# root attributes that decide what a row's bytes mean; their digest is recorded and checked
+MEANING_KEYS = ("spec", "blocks", "layers", "views", "num_shards", "image_size", "mean", "std", "spectrum",
+                "format_version")
 
 
 def chunk_rows(rows_per_shard: int, row_bytes: int, chunk_bytes: int) -> int:
@@ -128,3 +135,15 @@ def spec_from_attrs(a: dict) -> CacheSpec:
 
 def marker_name(s: int) -> str:
     return f"{COMPLETE_DIR}/{s:06d}.json"
+
+
+def shard_key(arr, s: int) -> str:
+    """The store key (relative to the array's folder) of shard ``s`` of a row-sharded array."""
+    return arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))
+
+
+def meaning_digest(attrs: dict) -> str:
+    """sha256 of the root attributes that decide what the arrays mean (layer names, row blocks, ...)."""
+    from pipeline.fingerprint import fingerprint
+
+    return fingerprint({k: attrs.get(k) for k in MEANING_KEYS})

@@ -1,18 +1,28 @@
-"""Reading the cache: refuse the wrong one loudly, serve rows in shard-aligned blocks."""
+"""Reading the cache: refuse the wrong one loudly, serve rows in shard-aligned blocks.
+
+A cache is opened only when its recorded digests hold: the manifest's bytes, the shard index's
+bytes and the attributes that decide meaning (layers, row blocks, shapes) hash to what extract
+recorded, and every array's metadata matches the recorded spec.  A row is read only from a shard
+file that exists with the size extract wrote (zarr would read a missing or empty shard as zeros);
+zarr's crc32c then checks every chunk's bytes.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import diff
 
-from .layout import MANIFEST, CacheSpec, spec_from_attrs
+from .layout import FORMAT_VERSION, MANIFEST, SHARD_INDEX, CacheSpec, meaning_digest, shard_key, spec_from_attrs
 
 
 @dataclass
@@ -30,10 +40,7 @@ class Cache:
 
     def __init__(self, path: str | Path, expect_fingerprint: str | None = None, expect_inputs: dict | None = None):
         self.path = Path(path)
-        try:
-            self.group = zarr.open_group(str(self.path), mode="r")
-        except FileNotFoundError:
-            raise PipelineError(f"{self.path}: no cache here; run extract") from None
+        self.group = _open_group(self.path)
         self.attrs = dict(self.group.attrs)
         fp = self.attrs.get("fingerprint")
         if expect_fingerprint and fp != expect_fingerprint:
@@ -45,13 +52,42 @@ class Cache:
             )
         if not self.attrs.get("complete"):
             raise PipelineError(f"{self.path}: cache is incomplete (an extract was interrupted); rerun extract")
+        integrity = self._check_meaning()
         self.spec: CacheSpec = spec_from_attrs(self.attrs["spec"])
-        try:
-            self.manifest = pq.read_table(self.path / MANIFEST)
-        except (OSError, ValueError) as e:
-            raise PipelineError(f"{self.path / MANIFEST}: cannot read the manifest ({e})") from None
+        self._check_arrays()
+        self.manifest = _read_table(self.path / MANIFEST, integrity.get("manifest_sha256"), "manifest")
+        index = _read_table(self.path / SHARD_INDEX, integrity.get("shard_index_sha256"), "shard index")
+        self._shard_bytes = {(a, int(s)): int(n) for a, s, n in zip(
+            index.column("array").to_pylist(), index.column("shard").to_numpy(), index.column("nbytes").to_numpy())}
+        self._checked: set[tuple[str, int]] = set()
         self.blocks = [Block(**b) for b in self.attrs["blocks"]]
         self._valid: np.ndarray | None = None
+
+    def _check_meaning(self) -> dict:
+        """The recorded integrity digests, after checking the attributes that decide meaning."""
+        where = self.path / "zarr.json"
+        if self.attrs.get("format_version") != FORMAT_VERSION:
+            raise PipelineError(f"{where}: cache format {self.attrs.get('format_version')} is not this version's "
+                                f"{FORMAT_VERSION}; rerun extract --force")
+        integrity = self.attrs.get("integrity") or {}
+        if integrity.get("meaning_sha256") != meaning_digest(self.attrs):
+            raise PipelineError(f"{where}: the attributes that decide meaning (layers, blocks, spec) were changed "
+                                f"after extract wrote them; refusing the cache (rerun extract --force)")
+        return integrity
+
+    def _check_arrays(self) -> None:
+        """Every array's shape, dtype and shard/chunk shape against the recorded spec."""
+        for name, (row_shape, dtype) in self.spec.arrays().items():
+            arr = self.array(name)
+            want = (self.spec.rows, *row_shape)
+            shards = getattr(arr, "shards", None) or arr.chunks
+            if (tuple(arr.shape) != want or str(arr.dtype) != dtype or tuple(shards) != (self.spec.rows_per_shard,
+                                                                                           *row_shape)):
+                raise PipelineError(
+                    f"{self.path / name / 'zarr.json'}: array is {tuple(arr.shape)} {arr.dtype} in shards of "
+                    f"{tuple(shards)}, the cache records {want} {dtype} in shards of "
+                    f"{(self.spec.rows_per_shard, *row_shape)}; refusing the cache"
+                )
 
     @property
     def layers(self):
@@ -70,6 +106,9 @@ class Cache:
             return self.group[name]
         except KeyError:
             raise PipelineError(f"{self.path}: no array {name!r} in the cache") from None
+        except (ValueError, TypeError, json.JSONDecodeError) as e:
+            raise PipelineError(f"{self.path / name / 'zarr.json'}: cannot read the array's metadata "
+                                f"({type(e).__name__}: {e})") from None
 
     @property
     def valid(self) -> np.ndarray:
@@ -77,9 +116,33 @@ class Cache:
             self._valid = self.read("valid", 0, self.spec.rows).astype(bool)
         return self._valid
 
+    def shard_file(self, name: str, s: int) -> Path:
+        return self.path / name / shard_key(self.array(name), s)
+
+    def check_shard_file(self, name: str, s: int) -> None:
+        """Refuse shard ``s`` of ``name`` unless its file exists with the size extract wrote."""
+        if (name, s) in self._checked:
+            return
+        f = self.shard_file(name, s)
+        want = self._shard_bytes.get((name, s))
+        try:
+            got = f.stat().st_size
+        except FileNotFoundError:
+            got = None
+        if want is None or got != want:
+            what = "is missing" if got is None else f"is {got} bytes, extract wrote {want}"
+            raise PipelineError(
+                f"{f}: shard {s} of {name} {what}; the cache is damaged "
+                f"(run `python -m pipeline verify`, then extract with --force)"
+            )
+        self._checked.add((name, s))
+
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of one array; a checksum failure names the shard."""
+        """Rows [start, stop) of one array; a missing, resized or corrupt shard file is named."""
         arr = self.array(name)
+        rps = self.spec.rows_per_shard
+        for s in range(start // rps, (max(start, stop - 1)) // rps + 1):
+            self.check_shard_file(name, s)
         try:
             return arr[start:stop]
         except ValueError as e:
@@ -108,3 +171,27 @@ class Cache:
 
     def column(self, name: str) -> np.ndarray:
         return self.manifest.column(name).to_numpy(zero_copy_only=False)
+
+
+def _open_group(path: Path):
+    """The cache's Zarr group, read-only; a missing or unreadable zarr.json is named."""
+    try:
+        return zarr.open_group(str(path), mode="r")
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no cache here; run extract") from None
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
+        raise PipelineError(f"{path / 'zarr.json'}: cannot read the cache's metadata ({type(e).__name__}: {e})") from None
+
+
+def _read_table(path: Path, sha256: str | None, what: str) -> pa.Table:
+    """A Parquet file of the cache, after checking its bytes against the recorded digest."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise PipelineError(f"{path}: the {what} is not the one extract wrote (sha256 mismatch); refusing the cache")
+    try:
+        return pq.read_table(pa.BufferReader(data))
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{path}: cannot read the {what} ({e})") from None

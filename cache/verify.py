@@ -43,10 +43,10 @@ def verify_cache(path: Path, fingerprint: str | None, teacher_digest: str | None
         arr = cache.group[name]
         for s in range(spec.num_shards):
             a, b = spec.shard_rows(s)
-            key = arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))
-            f = path / name / key
-            if not f.exists():
-                problems.append(f"{path}/{name}: shard {s} file {key} is missing")
+            try:
+                cache.check_shard_file(name, s)
+            except PipelineError as e:
+                problems.append(str(e))
                 bar.update(1)
                 continue
             try:

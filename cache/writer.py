@@ -1,15 +1,18 @@
 """Writing the cache: whole shards, durably, each recorded complete only once it is on disk.
 
 zarr-python loses data when two writers touch one shard (zarr-python #3682, #3514), so a writer
-is given whole shards and writes each with one full-shard assignment per array.  After the shard
-files are fsynced, a marker ``_complete/<s>.json`` is written atomically; a shard without its
-marker is rewritten on resume, a shard with one is never touched again.
+is given whole shards and writes each shard file in one pass (:mod:`cache.shardfile`).  After the
+shard files are fsynced, a marker ``_complete/<s>.json`` (with each file's size) is written
+atomically; a shard without its marker is rewritten on resume, a shard with one is never touched
+again.  :meth:`CacheWriter.finalize` checks every marked file against its recorded size, writes the
+shard index and records the digests readers check (:mod:`cache.reader`).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import errno
+import hashlib
+import io
 import os
 import shutil
 from pathlib import Path
@@ -20,20 +23,17 @@ import pyarrow.parquet as pq
 import zarr
 
 from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_write, atomic_write_json, fsync_dir, read_json
+from pipeline.fsutil import WriteError, atomic_write_bytes, atomic_write_json, describe_os_error, fsync_dir, read_json
 
-from .layout import COMPLETE_DIR, FORMAT_VERSION, MANIFEST, CacheSpec, marker_name, spec_to_attrs
+from .layout import (COMPLETE_DIR, FORMAT_VERSION, MANIFEST, SHARD_INDEX, CacheSpec, marker_name, meaning_digest,
+                     shard_key, spec_to_attrs)
 from .shardfile import ShardEncoder
 
 
 def _disk_error(path: Path, e: OSError, what: str) -> PipelineError:
-    if e.errno == errno.ENOSPC:
-        why = "disk full"
-    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        why = "not writable"
-    else:
-        why = e.strerror or str(e)
-    return PipelineError(f"{path}: cannot write {what} ({why}); completed shards are kept, rerun to resume")
+    where = e.filename if isinstance(e, WriteError) else path  # the file itself, when known
+    return PipelineError(f"{where}: cannot write {what} ({describe_os_error(e)}); "
+                         f"completed shards are kept, rerun to resume")
 
 
 class CacheWriter:
@@ -62,7 +62,9 @@ class CacheWriter:
                     return True
                 # another fingerprint in this folder: never mix, start over
             self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / SHARD_INDEX).unlink(missing_ok=True)
             g = zarr.open_group(str(self.path), mode="w")
+            manifest_bytes = _parquet_bytes(manifest)
             full = {
                 **attrs,
                 "format_version": FORMAT_VERSION,
@@ -71,6 +73,8 @@ class CacheWriter:
                 "complete": False,
                 "created": _dt.datetime.now().isoformat(timespec="seconds"),
             }
+            full["integrity"] = {"manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+                                 "meaning_sha256": meaning_digest(full)}
             g.attrs.update(full)
             for name, (shape, dtype) in self.spec.arrays().items():
                 n = self.spec.chunk_rows(shape, dtype)
@@ -84,7 +88,7 @@ class CacheWriter:
                     fill_value=0,
                     dimension_names=["row", *[f"d{i}" for i in range(len(shape))]],
                 )
-            atomic_write(self.path / MANIFEST, lambda f: pq.write_table(manifest, f, compression="zstd"))
+            atomic_write_bytes(self.path / MANIFEST, [manifest_bytes])
             (self.path / COMPLETE_DIR).mkdir(exist_ok=True)
             self.group = g
             return False
@@ -99,8 +103,7 @@ class CacheWriter:
 
     # ---------------------------------------------------------------- shards
     def _shard_file(self, name: str, s: int) -> Path:
-        arr = self.group[name]
-        return self.path / name / arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))
+        return self.path / name / shard_key(self.group[name], s)
 
     def _encoder(self, name: str) -> ShardEncoder | None:
         if name not in self._encoders:
@@ -117,40 +120,66 @@ class CacheWriter:
         a, b = self.spec.shard_rows(s)
         try:
             dirs = set()
+            sizes = {}
             for name in self.spec.arrays():
                 block = data[name]
                 if block.shape[0] != b - a:
                     raise ValueError(f"shard {s}: {name} has {block.shape[0]} rows, expected {b - a}")
                 enc = self._encoder(name)
                 if enc is not None:
-                    dirs.add(enc.write(s, block).parent)
-                    continue
-                self.group[name][a:b] = block
-                f = self._shard_file(name, s)
-                if f.exists():
+                    f = enc.write(s, block)
+                else:
+                    self.group[name][a:b] = block
+                    f = self._shard_file(name, s)
                     fd = os.open(f, os.O_RDONLY)
                     try:
                         os.fsync(fd)
                     finally:
                         os.close(fd)
-                    dirs.add(f.parent)
+                sizes[name] = f.stat().st_size
+                dirs.add(f.parent)
             for d in dirs:
                 fsync_dir(d)
-            atomic_write_json(self.path / marker_name(s), {"shard": s, "rows": [a, b], "bad": bad})
+            atomic_write_json(self.path / marker_name(s), {"shard": s, "rows": [a, b], "bad": bad, "files": sizes})
         except OSError as e:
             raise _disk_error(self.path, e, f"shard {s}") from None
 
     def finalize(self, extra: dict) -> dict:
-        """Mark the cache complete once every shard is; returns the collected bad rows."""
+        """Mark the cache complete once every shard is and every shard file has the size its marker
+        records; write the shard index.  Returns the collected bad rows."""
         done = self.completed()
         missing = sorted(set(range(self.spec.num_shards)) - done)
         if missing:
             raise PipelineError(f"{self.path}: shards {missing[:10]} are not complete; rerun extract")
-        bad = []
+        bad, names, shards, sizes = [], [], [], []
         for s in sorted(done):
-            bad.extend(read_json(self.path / marker_name(s)).get("bad", []))
+            marker = read_json(self.path / marker_name(s))
+            bad.extend(marker.get("bad", []))
+            for name in self.spec.arrays():
+                want = marker.get("files", {}).get(name)
+                f = self._shard_file(name, s)
+                got = f.stat().st_size if f.exists() else None
+                if want is None or got != want:
+                    (self.path / marker_name(s)).unlink(missing_ok=True)  # rewritten by the next run
+                    raise PipelineError(f"{f}: shard {s} file is {'missing' if got is None else f'{got} bytes'}, "
+                                        f"extract wrote {want} bytes; rerun extract to rewrite it")
+                names.append(name)
+                shards.append(s)
+                sizes.append(want)
+        index = pa.table({"array": names, "shard": np.array(shards, dtype=np.int64),
+                          "nbytes": np.array(sizes, dtype=np.int64)})
+        index_bytes = _parquet_bytes(index)
         try:
-            self.group.attrs.update({**extra, "complete": True, "bad_rows": bad})
+            atomic_write_bytes(self.path / SHARD_INDEX, [index_bytes])
+            integrity = {**self.group.attrs.get("integrity", {}),
+                         "shard_index_sha256": hashlib.sha256(index_bytes).hexdigest()}
+            self.group.attrs.update({**extra, "complete": True, "bad_rows": bad, "integrity": integrity})
         except OSError as e:
             raise _disk_error(self.path, e, "the cache attributes") from None
         return {"bad_rows": bad}
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()

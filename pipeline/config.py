@@ -28,7 +28,23 @@ class ConfigError(PipelineError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Every config section: unknown keys, inf/nan and booleans in numeric fields are refused."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info) -> Any:
+        """YAML's ``true`` is not a count or a rate (pydantic would read it as 1)."""
+        if isinstance(v, bool) and not _accepts_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError("a true/false value where a number or text is expected")
+        return v
+
+
+def _accepts_bool(ann: Any) -> bool:
+    if ann is bool or ann is Any:
+        return True
+    return any(_accepts_bool(a) for a in getattr(ann, "__args__", ()) or ())
 
 
 # --------------------------------------------------------------------------- data
@@ -414,13 +430,26 @@ def load_config(
     return config_from_dict(tree, overrides, workdir, source=str(path))
 
 
+def unshared(obj: Any) -> Any:
+    """A copy of a YAML tree in which no two places share one dict or list.
+
+    YAML anchors (``&student`` ... ``*student``) load as one shared object, and ``copy.deepcopy``
+    keeps that sharing: an override of one student's kwargs would change every student's.
+    """
+    if isinstance(obj, dict):
+        return {k: unshared(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unshared(v) for v in obj]
+    return copy.deepcopy(obj)
+
+
 def config_from_dict(
     tree: dict,
     overrides: list[str] | None = None,
     workdir: str | None = None,
     source: str = "<dict>",
 ) -> PipelineConfig:
-    tree = copy.deepcopy(tree)
+    tree = unshared(tree)
     for key, value in parse_overrides(overrides):
         _set_path(tree, key, value)
     if workdir is not None:

@@ -1,12 +1,55 @@
-"""Durable, atomic file writes: a reader never sees half a file, a crash never loses a whole one."""
+"""Durable, atomic file writes: a reader never sees half a file, a crash never loses a whole one.
+
+Files are created with the process's umask (``0o666 & ~umask``), as ``open`` would: one cache is
+shared by several users.  A failed write raises :class:`WriteError`, which names the file and the
+cause (disk full, not writable, ...).
+"""
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+from .errors import PipelineError
+
+
+class WriteError(PipelineError, OSError):
+    """A file could not be written; ``errno`` is the cause's, the message names the file."""
+
+    def __init__(self, path: str | Path, cause: OSError):
+        PipelineError.__init__(self, f"{path}: cannot write ({describe_os_error(cause)})")
+        self.errno, self.strerror, self.filename = cause.errno, cause.strerror, str(path)
+
+    def __str__(self) -> str:
+        return PipelineError.__str__(self)
+
+
+def describe_os_error(e: OSError) -> str:
+    """A few words for the cause of a failed write: 'disk full', 'not writable', or the OS's text."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "disk full"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "not writable"
+    return e.strerror or str(e)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` would, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -26,19 +69,27 @@ def atomic_write(path: str | Path, writer: Callable[[Any], None], mode: str = "w
     """Write via ``writer(fileobj)`` to a temp file beside ``path``, fsync, then rename over it;
     ``sync_dir=False`` leaves the directory's fsync to the caller (one for many files)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except WriteError:
+        raise
+    except OSError as e:
+        raise WriteError(path, e) from None
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; shared outputs follow the umask
         with os.fdopen(fd, mode) as f:
             writer(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(path, e) from None
         raise
     if sync_dir:
         fsync_dir(path.parent)
@@ -69,9 +120,13 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> None:
+    """``torch.save`` through :func:`atomic_write_bytes`: serialized in memory first, so a full disk
+    is reported as one (torch's own writer names neither the file nor the cause)."""
     import torch
 
-    atomic_write(path, lambda f: torch.save(obj, f))
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, [buf.getbuffer()])
 
 
 def read_json(path: str | Path) -> Any:

@@ -85,7 +85,10 @@ def _teacher_identity(cfg: PipelineConfig) -> dict:
 
 
 def _extract_params(cfg: PipelineConfig) -> dict:
+    from cache.layout import FORMAT_VERSION
+
     return {
+        "cache_format": FORMAT_VERSION,
         "seed": cfg.seed,
         "extract": _pick(cfg, "extract", ("num_workers", "writers", "device")),
         "data": _preprocess(cfg),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -13,6 +15,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import zarr
 
@@ -170,3 +173,88 @@ def test_verify_cli_ok_then_names_flipped_shard(built, tmp_path):
     r = cli("verify", "-c", str(conf), "--workdir", str(wd))
     assert r.returncode == 1
     assert "logits: shard 2 (rows 512..767) is corrupt (checksum mismatch)" in r.stdout
+
+
+# ----------------------------------------------------------------------------- integrity (nothing trains on
+# missing or wrong data): each damage below is refused by distill and named by verify
+
+
+def _damaged_copy(built, tmp_path) -> tuple:
+    cfg, runner, recs = built
+    wd = tmp_path / "w"
+    copy_upstream(recs, wd)
+    return config_from_dict(TINY, workdir=str(wd)), next(wd.glob("extract/*/cache.zarr"))
+
+
+def _refused(cfg2, match: str) -> None:
+    from cache.verify import verify_stage
+
+    with pytest.raises(PipelineError, match=match):
+        Runner(cfg2).run("distill")
+    problems = verify_stage(Runner(cfg2), "extract")
+    assert any(re.search(match, p) for p in problems), problems
+    assert not list(Path(cfg2.workdir).glob("distill/*/lock.json")), "no distill output may be recorded"
+
+
+@pytest.mark.parametrize("array,shard,damage", [("logits", 3, "empty"), ("spectra/blocks.3", 1, "deleted"),
+                                                ("valid", 0, "truncated")])
+def test_missing_empty_or_truncated_shard_file_is_refused(built, tmp_path, array, shard, damage):
+    cfg2, cdir = _damaged_copy(built, tmp_path)
+    f = cdir / array / "c" / str(shard)
+    while f.is_dir():  # c/<shard>/0/0/... : one key part per further axis
+        f = f / "0"
+    assert f.exists()
+    if damage == "empty":
+        f.write_bytes(b"")
+    elif damage == "deleted":
+        f.unlink()
+    else:
+        f.write_bytes(f.read_bytes()[:-10])
+    what = "is missing" if damage == "deleted" else r"is \d+ bytes, extract wrote \d+"
+    _refused(cfg2, rf"{re.escape(str(f))}: shard {shard} of {re.escape(array)} {what}")
+
+
+@pytest.mark.parametrize("edit", ["flipped byte", "shifted labels", "dropped row"])
+def test_edited_manifest_is_refused(built, tmp_path, edit):
+    import pyarrow.parquet as pq
+
+    cfg2, cdir = _damaged_copy(built, tmp_path)
+    m = cdir / "manifest.parquet"
+    if edit == "flipped byte":
+        b = bytearray(m.read_bytes())
+        b[len(b) // 2] ^= 0x10
+        m.write_bytes(bytes(b))
+    else:
+        t = pq.read_table(m)
+        if edit == "shifted labels":
+            lab = t.column("label").to_numpy()
+            t = t.set_column(t.column_names.index("label"), "label", pa.array((lab + 1) % 10))
+        else:
+            t = t.slice(0, t.num_rows - 1)
+        pq.write_table(t, m)
+    _refused(cfg2, r"manifest\.parquet: the manifest is not the one extract wrote")
+
+
+def test_edited_zarr_metadata_is_refused(built, tmp_path):
+    cfg2, cdir = _damaged_copy(built, tmp_path)
+    root = json.loads((cdir / "zarr.json").read_text())
+    original = (cdir / "zarr.json").read_text()
+    layers = root["attributes"]["layers"]
+    layers[0]["name"], layers[1]["name"] = layers[1]["name"], layers[0]["name"]
+    (cdir / "zarr.json").write_text(json.dumps(root))
+    _refused(cfg2, r"zarr\.json: the attributes that decide meaning .* were changed")
+    (cdir / "zarr.json").write_text(original)
+    arr = json.loads((cdir / "logits" / "zarr.json").read_text())
+    arr["shape"][0] -= 1
+    (cdir / "logits" / "zarr.json").write_text(json.dumps(arr))
+    _refused(cfg2, r"logits/zarr\.json: array is \(\d+, 10\) float16 .* the cache records")
+
+
+def test_truncated_zarr_json_names_the_file(built, tmp_path):
+    cfg2, cdir = _damaged_copy(built, tmp_path)
+    zj = cdir / "zarr.json"
+    zj.write_text(zj.read_text()[:200])
+    conf = write_config(tmp_path / "p.yaml", TINY)
+    r = cli("verify", "-c", str(conf), "--workdir", cfg2.workdir)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"{zj}: cannot read the cache's metadata" in r.stdout and "Traceback" not in r.stderr
