@@ -112,7 +112,7 @@ def cpu_budget(cfg, runner, record, model, x) -> None:
         return statistics.median(times)
 
     cache = Cache(cache_path(record))
-    rows = manifest_rows(cache.manifest)
+    rows = manifest_rows(cache)
     n_fwd = 20
     with torch.inference_mode():
         model(x)

@@ -51,8 +51,6 @@ class CacheWriter:
         """
         zj = self.path / "zarr.json"
         try:
-            if fresh and (self.path / COMPLETE_DIR).exists():
-                shutil.rmtree(self.path / COMPLETE_DIR)
             if zj.exists() and not fresh:
                 g = zarr.open_group(str(self.path), mode="r+")
                 if g.attrs.get("fingerprint") == attrs["fingerprint"]:
@@ -61,6 +59,8 @@ class CacheWriter:
                         tmp.unlink(missing_ok=True)
                     return True
                 # another fingerprint in this folder: never mix, start over
+            if (self.path / COMPLETE_DIR).exists():  # markers of another cache's shards
+                shutil.rmtree(self.path / COMPLETE_DIR)
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / SHARD_INDEX).unlink(missing_ok=True)
             g = zarr.open_group(str(self.path), mode="w")

@@ -129,6 +129,26 @@ def atomic_torch_save(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, [buf.getbuffer()])
 
 
+def recorded_path(path: str, base: str | Path, within: str | Path) -> str:
+    """How an output records ``path``: relative to ``base`` (the recording file's folder) when it is a
+    local path inside ``within`` (the workdir), so the workdir can be moved or mounted elsewhere and
+    runs work from any directory; absolute for other local paths; URLs as they are."""
+    if "://" in path:
+        return path
+    p = os.path.abspath(path)
+    w = os.path.abspath(within)
+    if os.path.commonpath([p, w]) == w:
+        return os.path.relpath(p, os.path.abspath(base))
+    return p
+
+
+def resolve_recorded(path: str, base: str | Path) -> str:
+    """The path an output recorded with :func:`recorded_path`, relative to its ``base`` folder."""
+    if "://" in path or os.path.isabs(path):
+        return path
+    return os.path.normpath(os.path.join(os.path.abspath(base), path))
+
+
 def read_json(path: str | Path) -> Any:
     with open(path) as f:
         return json.load(f)

@@ -111,6 +111,34 @@ def _analyze_params(cfg: PipelineConfig) -> dict:
     return {"analyze": _pick(cfg, "analyze", ("workers", "threads_per_worker", "scheduler", "memory_limit"))}
 
 
+def _prepare_problems(runner: "Runner", out: Path) -> list[str]:
+    from stages.prepare import output_problems
+
+    return output_problems(out)
+
+
+def _files_problems(*names: str) -> Callable[["Runner", Path], list[str]]:
+    def check(runner: "Runner", out: Path) -> list[str]:
+        return [f"{out / n} is missing" for n in names if not (out / n).exists()]
+
+    return check
+
+
+def _distill_problems(runner: "Runner", out: Path) -> list[str]:
+    problems = []
+    for s in runner.cfg.distill.students:
+        d = runner.student_dir(s.name)
+        lock = d / "lock.json"
+        try:
+            done = read_json(lock)
+        except (OSError, ValueError):
+            done = {}
+        ok = done.get("complete") and done.get("fingerprint") == runner.student_fingerprint(s.name)[0]
+        if not ok or not (d / "final.pt").exists():
+            problems.append(f"student {s.name} has no complete output in {d}")
+    return problems
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -119,14 +147,22 @@ class Stage:
     identity: Callable[[PipelineConfig], dict] = lambda cfg: {}
     module: str = ""
     distributed: bool = False  # every rank runs it (else rank 0 does, the others wait)
+    # what is wrong with a completed output on disk now (a deleted file...): a damaged output is stale
+    problems: Callable[["Runner", Path], list[str]] = lambda runner, out: []
 
 
 GRAPH: dict[str, Stage] = {
-    "prepare": Stage("prepare", (), _prepare_params, _prepare_identity, "stages.prepare"),
-    "teacher": Stage("teacher", ("prepare",), _teacher_params, _teacher_identity, "stages.teacher"),
-    "extract": Stage("extract", ("teacher",), _extract_params, module="stages.extract", distributed=True),
-    "distill": Stage("distill", ("extract",), _distill_params, module="stages.distill", distributed=True),
-    "analyze": Stage("analyze", ("distill",), _analyze_params, module="stages.analyze"),
+    "prepare": Stage("prepare", (), _prepare_params, _prepare_identity, "stages.prepare",
+                     problems=_prepare_problems),
+    "teacher": Stage("teacher", ("prepare",), _teacher_params, _teacher_identity, "stages.teacher",
+                     problems=_files_problems("model.pt")),
+    "extract": Stage("extract", ("teacher",), _extract_params, module="stages.extract", distributed=True,
+                     problems=_files_problems("cache.zarr/zarr.json", "cache.zarr/manifest.parquet",
+                                              "cache.zarr/shards.parquet")),
+    "distill": Stage("distill", ("extract",), _distill_params, module="stages.distill", distributed=True,
+                     problems=_distill_problems),
+    "analyze": Stage("analyze", ("distill",), _analyze_params, module="stages.analyze",
+                     problems=_files_problems("report.md")),
 }
 
 
@@ -235,24 +271,38 @@ class Runner:
         fp = fp or self.fingerprint_of(name)[0]
         return self.workdir / name / fp[:12]
 
+    def student_dir(self, name: str) -> Path:
+        return self.workdir / "distill" / "students" / f"{name}-{self.student_fingerprint(name)[0][:12]}"
+
     # ------------------------------------------------------------ state
     def record(self, name: str) -> Record | None:
+        return self._checked_record(name)[0]
+
+    def _checked_record(self, name: str) -> tuple[Record | None, list[str]]:
+        """The completed output of ``name`` for the current config, or None and what is wrong with
+        the one on disk (a damaged output is not up to date)."""
         out = self.out_dir(name)
         lock = out / "lock.json"
         if not lock.exists():
-            return None
+            return None, []
         try:
             data = read_json(lock)
         except (OSError, ValueError):
-            return None
+            return None, [f"{lock} cannot be read"]
         if data.get("fingerprint") != self.fingerprint_of(name)[0] or not data.get("complete"):
-            return None
-        return Record(name, out, data)
+            return None, []
+        problems = GRAPH[name].problems(self, out)
+        if problems:
+            return None, [f"output damaged: {p}" for p in problems]
+        return Record(name, out, data), []
 
     def state(self, name: str) -> State:
         fp, inputs = self.fingerprint_of(name)
-        if self.record(name) is not None:
+        rec, damage = self._checked_record(name)
+        if rec is not None:
             return State(name, "up to date", fp, [])
+        if damage:
+            return State(name, "stale", fp, damage)
         latest = self.workdir / name / "latest.json"
         if latest.exists():
             try:

@@ -98,8 +98,9 @@ def _feature_writer(root: zarr.Group, model: str, name: str, rows: int, shape, r
 
 @torch.inference_mode()
 def write_model_features(root, label: str, model, indices: list[int], names: list[str], views: ViewDataset,
-                         rows: tuple[int, int], rps: int, batch: int, device) -> None:
-    """Run ``model`` on val rows and write its layers, one shard of rows at a time."""
+                         rows: tuple[int, int], rps: int, batch: int, device, valid: np.ndarray) -> None:
+    """Run ``model`` on val rows and write its layers, one shard of rows at a time (a row whose
+    image extract read, ``valid``, must still be readable)."""
     model = model.to(device).eval()
     a0, b0 = rows
     n = b0 - a0
@@ -111,7 +112,9 @@ def write_model_features(root, label: str, model, indices: list[int], names: lis
         bufs = [np.zeros((e - s, *a.shape[1:]), np.float16) for a in arrays]
         for i in range(s, e, batch):
             j = min(e, i + batch)
-            x = views.normalize(views.batch(range(a0 + i, a0 + j))[0].to(device))
+            x, _, ok, _ = views.batch(range(a0 + i, a0 + j))
+            views.require_readable(range(a0 + i, a0 + j), ok.numpy(), valid[a0 + i : a0 + j])
+            x = views.normalize(x.to(device))
             _, feats = models.intermediates(model, x, indices)
             for buf, f in zip(bufs, feats):
                 buf[i - s : j - s] = f.float().cpu().numpy().astype(np.float16)
@@ -265,7 +268,7 @@ def run(ctx) -> dict:
     vb = cache.block("val", 0)
     rows = (vb.start, vb.stop if a.max_rows is None else min(vb.stop, vb.start + a.max_rows))
     rps = cache.spec.rows_per_shard
-    views = ViewDataset.for_config(manifest_rows(cache.manifest), cfg.data)
+    views = ViewDataset.for_config(manifest_rows(cache), cfg.data)
     device = models.resolve_device(cfg.teacher.device)
     store = Path(ctx.out) / "features.zarr"
     root = zarr.open_group(str(store), mode="w")
@@ -281,7 +284,8 @@ def run(ctx) -> dict:
         rest = [i for i in range(tdepth) if i not in cached]
         if rest:
             names = models.layer_names(teacher, rest)
-            write_model_features(root, TEACHER, teacher, rest, names, views, rows, rps, a.batch_size, device)
+            write_model_features(root, TEACHER, teacher, rest, names, views, rows, rps, a.batch_size, device,
+                                 cache.valid)
             layer_index[TEACHER].update(dict(zip(names, rest)))
     depths = {TEACHER: tdepth}
     # students
@@ -295,7 +299,8 @@ def run(ctx) -> dict:
         d = models.depth(m)
         idx = list(range(d))
         names = models.layer_names(m, idx)
-        write_model_features(root, s.name, m, idx, names, views, rows, rps, a.batch_size, device)
+        write_model_features(root, s.name, m, idx, names, views, rows, rps, a.batch_size, device,
+                             cache.valid)
         layer_index[s.name] = dict(zip(names, idx))
         depths[s.name] = d
         kinds[s.name] = st.loss.kind

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.errors import PipelineError
+
 from .shards import Sample
 
 
@@ -166,6 +168,19 @@ class ViewDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def require_readable(self, indices, ok, recorded_valid) -> None:
+        """Fail naming the file when a row whose image extract read (``recorded_valid``) cannot be
+        read now: its targets were made from an image that is no longer there."""
+        lost = np.flatnonzero(~np.asarray(ok, dtype=bool) & np.asarray(recorded_valid, dtype=bool))
+        if len(lost):
+            i = int(indices[lost[0]])
+            s = self.rows[i][0]
+            raise PipelineError(
+                f"{s.url}: the image of sample {s.key} (row {i}) was read at extract time and cannot be read now "
+                f"({len(lost)} such rows in this batch); the source shards changed or are gone, rerun prepare "
+                f"and extract"
+            )
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return normalize(x, self.mean, self.std)

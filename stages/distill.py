@@ -172,6 +172,7 @@ class CachedBatches:
                 tu, tg = item
                 assert tu == u
                 a, b = self.units[u]
+                self.views.require_readable(range(a, b), ok.numpy(), self.valid[a:b])
                 keep = ok.numpy() & self.valid[a:b]
                 rows = torch.arange(a, b)[torch.from_numpy(keep)]
                 part = {"x": x[keep], "y": y[keep], "rows": rows, **{k: v[keep] for k, v in tg.items()}}
@@ -218,8 +219,7 @@ class CachedBatches:
 
 
 def student_dir(runner, name: str) -> Path:
-    fp, _ = runner.student_fingerprint(name)
-    return runner.workdir / "distill" / "students" / f"{name}-{fp[:12]}"
+    return runner.student_dir(name)
 
 
 def check_student(cache: Cache | None, model, st: ResolvedStudent, size: int, teacher_depth: int) -> None:
@@ -268,7 +268,7 @@ class Trainer:
         self.s_layers = [s % self.depth for s, _ in st.layers] if spectral else []
         self.t_layers = [t % teacher_depth for _, t in st.layers] if spectral else []
         self.teacher = teacher
-        self.views = ViewDataset.for_config(manifest_rows(cache.manifest), cfg.data)
+        self.views = ViewDataset.for_config(manifest_rows(cache), cfg.data)
         self.net: torch.nn.Module = _WithFeatures(self.model, self.s_layers)
         self.memory = {} if self.target_bytes() <= st.keep_targets_mb * 2**20 else None
         if dist.world_size() > 1:

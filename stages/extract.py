@@ -30,6 +30,7 @@ from cache.writer import CacheWriter
 from pipeline import dist
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
+from pipeline.fsutil import recorded_path, resolve_recorded
 
 from . import models, teacher as teacher_stage
 from .data import PLAIN_VIEW, VIEW_FIELDS, BatchViews, ViewDataset, sample_view_params, view_rng
@@ -49,8 +50,12 @@ def cache_path(record) -> Path:
 # ----------------------------------------------------------------------------- plan
 
 
-def plan_rows(cfg: PipelineConfig, train: list[Sample], val: list[Sample]):
-    """Rows (sample, view params), the manifest table and the (split, view) row blocks."""
+def plan_rows(cfg: PipelineConfig, train: list[Sample], val: list[Sample], cache_dir: Path, workdir: Path):
+    """Rows (sample, view params), the manifest table and the (split, view) row blocks.
+
+    The manifest records each shard's url relative to ``cache_dir`` when it lies in ``workdir``
+    (:func:`pipeline.fsutil.recorded_path`); :func:`manifest_rows` resolves it back.
+    """
     aug = cfg.data.augment
     rows: list[tuple[Sample, dict]] = []
     meta: list[tuple[str, int]] = []
@@ -73,7 +78,7 @@ def plan_rows(cfg: PipelineConfig, train: list[Sample], val: list[Sample]):
         "view": np.array([m[1] for m in meta], dtype=np.int32),
         "key": [r[0].key for r in rows],
         "label": np.array([r[0].label for r in rows], dtype=np.int64),
-        "url": [r[0].url for r in rows],
+        "url": _recorded_urls([r[0].url for r in rows], cache_dir, workdir),
         "offset": np.array([r[0].offset for r in rows], dtype=np.int64),
         "size": np.array([r[0].size for r in rows], dtype=np.int64),
     }
@@ -83,9 +88,18 @@ def plan_rows(cfg: PipelineConfig, train: list[Sample], val: list[Sample]):
     return rows, pa.table(cols), blocks
 
 
-def manifest_rows(manifest: pa.Table) -> list[tuple[Sample, dict]]:
-    """The (sample, view params) of every manifest row: what :func:`stages.data.build_view` takes."""
+def _recorded_urls(urls: list[str], cache_dir: Path, workdir: Path) -> list[str]:
+    recorded = {u: recorded_path(u, cache_dir, workdir) for u in set(urls)}
+    return [recorded[u] for u in urls]
+
+
+def manifest_rows(cache: Cache) -> list[tuple[Sample, dict]]:
+    """The (sample, view params) of every row of ``cache``'s manifest: what
+    :func:`stages.data.build_view` takes (recorded urls resolved against the cache's folder)."""
+    manifest = cache.manifest
     c = {n: manifest.column(n).to_pylist() for n in manifest.column_names}
+    resolved = {u: resolve_recorded(u, cache.path) for u in set(c["url"])}
+    c["url"] = [resolved[u] for u in c["url"]]
     out = []
     for i in range(manifest.num_rows):
         s = Sample(c["key"][i], c["label"][i], c["url"][i], c["offset"][i], c["size"][i])
@@ -189,7 +203,8 @@ def run(ctx) -> dict:
 
     device = models.resolve_device(e.device)
     model = teacher_stage.load(trec, cfg).to(device)
-    rows, manifest, blocks = plan_rows(cfg, train, val)
+    path = Path(ctx.out) / CACHE_DIR
+    rows, manifest, blocks = plan_rows(cfg, train, val, path, ctx.runner.workdir)
     spec = CacheSpec(
         rows=len(rows),
         rows_per_shard=e.rows_per_shard,
@@ -200,7 +215,6 @@ def run(ctx) -> dict:
         compressor=e.compressor,
         clevel=e.clevel,
     )
-    path = Path(ctx.out) / CACHE_DIR
     writer = CacheWriter(path, spec)
     attrs = {
         "fingerprint": ctx.fingerprint,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 from pathlib import Path
 
 import fsspec
@@ -19,7 +20,7 @@ from PIL import Image
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_write, atomic_write_json
+from pipeline.fsutil import atomic_write, atomic_write_json, read_json, recorded_path, resolve_recorded
 
 from .shards import IMAGE_EXTS, expand_urls
 
@@ -144,14 +145,39 @@ def run(ctx) -> dict:
         log.info(f"prepare: {d.source}: {len(tr)} train / {len(va)} val samples, {len(classes)} classes")
         train = write_shards(out, "train", [items[i] for i in tr], d.samples_per_shard)
         val = write_shards(out, "val", [items[i] for i in va], d.samples_per_shard)
-    manifest = {"train": train, "val": val, "classes": classes}
+    root = ctx.runner.workdir
+    manifest = {
+        "train": [recorded_path(u, out, root) for u in train],
+        "val": [recorded_path(u, out, root) for u in val],
+        "classes": classes,
+    }
+    if d.source != "shards":  # the shards prepare wrote: checked by status (output_problems)
+        manifest["sizes"] = {u: os.path.getsize(resolve_recorded(u, out)) for u in manifest["train"] + manifest["val"]}
     atomic_write_json(out / "shards.json", manifest)
     return {"train_shards": len(train), "val_shards": len(val), "classes": classes}
 
 
-def shard_lists(record) -> tuple[list[str], list[str]]:
-    """The train and val shard urls a prepare record points at."""
-    from pipeline.fsutil import read_json
+def output_problems(out: Path) -> list[str]:
+    """Shards that prepare recorded and that are now missing or resized (a damaged output is stale)."""
+    try:
+        m = read_json(out / "shards.json")
+    except (OSError, ValueError) as e:
+        return [f"{out / 'shards.json'} cannot be read ({e})"]
+    problems = []
+    for u, size in m.get("sizes", {}).items():
+        path = resolve_recorded(u, out)
+        try:
+            got = os.path.getsize(path)
+        except OSError:
+            problems.append(f"{path} is missing")
+            continue
+        if got != size:
+            problems.append(f"{path} is {got} bytes, prepare wrote {size}")
+    return problems
 
+
+def shard_lists(record) -> tuple[list[str], list[str]]:
+    """The train and val shard urls a prepare record points at (its recorded relative paths resolved)."""
     m = read_json(Path(record.path) / "shards.json")
-    return m["train"], m["val"]
+    return ([resolve_recorded(u, record.path) for u in m["train"]],
+            [resolve_recorded(u, record.path) for u in m["val"]])

@@ -59,7 +59,7 @@ def write_config(path: Path, tree: dict) -> Path:
 def copy_upstream(recs, wd: Path, stages=("prepare", "teacher", "extract")) -> Path:
     """A fresh workdir holding copies of the given stage outputs of the session pipeline.
 
-    prepare's shard list holds absolute paths into the original workdir; they stay valid.
+    Outputs record paths inside the workdir relative to themselves, so the copies read the copied shards.
     """
     import shutil
 

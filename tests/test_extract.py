@@ -28,7 +28,7 @@ def test_replay_reproduces_cached_targets(built):
     cfg, runner, recs = built
     cache = open_cache(recs["extract"])
     teacher = teacher_stage.load(recs["teacher"], cfg)
-    rows = manifest_rows(cache.manifest)
+    rows = manifest_rows(cache)
     rng = np.random.default_rng(0)
     pick = np.sort(rng.choice(cache.spec.rows, 24, replace=False))
     reader = ImageReader()
@@ -162,7 +162,7 @@ def test_torchrun_two_ranks_equal_one_process(built, tmp_path):
 def test_batched_views_and_decoded_image_cache_equal_one_view_at_a_time(built, tmp_path):
     cfg, runner, recs = built
     cache = open_cache(recs["extract"])
-    rows = manifest_rows(cache.manifest)
+    rows = manifest_rows(cache)
     keys = cache.manifest.column("key").to_pylist()
     first = {}
     pairs = []  # (view 0 row, view 1 row) of the same sample

@@ -258,3 +258,43 @@ def test_truncated_zarr_json_names_the_file(built, tmp_path):
     r = cli("verify", "-c", str(conf), "--workdir", cfg2.workdir)
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"{zj}: cannot read the cache's metadata" in r.stdout and "Traceback" not in r.stderr
+
+
+def test_runs_from_another_directory_and_a_moved_workdir(built, tmp_path):
+    import pyarrow.parquet as pq
+
+    cfg, runner, recs = built
+    wd = tmp_path / "w"
+    copy_upstream(recs, wd)  # a moved workdir: the copies must read the copied shards
+    (tmp_path / "elsewhere").mkdir()
+    conf = write_config(tmp_path / "p.yaml", tiny_tree(**{"distill.students": TINY["distill"]["students"][:1]}))
+    r = cli("run", "distill", "-c", "../p.yaml", "--workdir", "../w", cwd=tmp_path / "elsewhere")
+    assert r.returncode == 0, r.stderr[-2000:]
+    shards = json.loads(next(wd.glob("prepare/*/shards.json")).read_text())
+    assert all(not os.path.isabs(u) for u in shards["train"] + shards["val"])
+    urls = set(pq.read_table(next(wd.glob("extract/*/cache.zarr/manifest.parquet"))).column("url").to_pylist())
+    assert urls and all(u.startswith("../../../prepare/") for u in urls), urls
+    metrics = pq.read_table(next(wd.glob("distill/students/none-*/metrics.parquet"))).to_pylist()
+    assert metrics[0]["loss_total"] > 0 and metrics[0]["val_top1"] > 0
+    r = cli("status", "-c", str(tmp_path / "p.yaml"), "--workdir", str(wd), cwd=ROOT)
+    assert r.returncode == 0 and "distill  up to date" in r.stdout, r.stdout
+
+
+def test_deleted_source_tar_makes_prepare_stale_and_a_changed_image_stops_distill(built, tmp_path):
+    cfg2, cdir = _damaged_copy(built, tmp_path)
+    tar = next(Path(cfg2.workdir).glob("prepare/*/train-000001.tar"))
+    saved = tar.read_bytes()
+    tar.unlink()
+    st = {s.stage: s for s in Runner(cfg2).status()}
+    assert st["prepare"].status == "stale" and any(f"{tar} is missing" in r for r in st["prepare"].reasons)
+    tar.write_bytes(saved)
+    assert Runner(cfg2).state("prepare").status == "up to date"
+    # same size, one image's bytes changed: status cannot see it, distill must refuse the row
+    with tarfile.open(tar) as tf:
+        m = [m for m in tf.getmembers() if m.name.endswith(".png")][3]
+    with open(tar, "r+b") as f:
+        f.seek(m.offset_data)
+        f.write(b"X" * m.size)
+    with pytest.raises(PipelineError, match=rf"{re.escape(str(tar))}: the image of sample "
+                                            rf"{re.escape(m.name[:-4])} \(row \d+\) was read at extract time"):
+        Runner(cfg2).run("distill")
