@@ -180,7 +180,8 @@ def _open_group(path: Path):
     except FileNotFoundError:
         raise PipelineError(f"{path}: no cache here; run extract") from None
     except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
-        raise PipelineError(f"{path / 'zarr.json'}: cannot read the cache's metadata ({type(e).__name__}: {e})") from None
+        why = f"{type(e).__name__}: {e}"
+        raise PipelineError(f"{path / 'zarr.json'}: cannot read the cache's metadata ({why})") from None
 
 
 def _read_table(path: Path, sha256: str | None, what: str) -> pa.Table:

@@ -111,11 +111,9 @@ def verify_stage(runner, stage: str) -> list[str]:
         digest = trec.summary.get("weights_sha256") if trec else None
         return verify_cache(cache_path(rec), fp, digest)
     if stage == "distill":
-        from stages.distill import student_dir
-
         problems = []
         for s in runner.cfg.distill.students:
-            d = student_dir(runner, s.name)
+            d = runner.student_dir(s.name)
             lock = d / "lock.json"
             if not lock.exists():
                 problems.append(f"{d}: student {s.name} has no lock.json")

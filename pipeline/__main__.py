@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             _print_status(Runner(cfg))
             return 0
         if args.command == "run":
+            for name in args.student or []:
+                cfg.student(name)  # an unknown name fails even when everything is up to date
             runner = Runner(cfg, {"students": args.student})
             stages = STAGES if args.stage == "all" else upstream_closure(args.stage)
             # models are checked before any work; with nothing to do there is nothing to check
@@ -114,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"verify {args.stage}: ok")
             return 0
         if args.command == "select-layers":
+            if args.k < 1:
+                raise ConfigError(f"select-layers --k: {args.k}; propose at least 1 layer")
+            if args.student_depth is not None and args.student_depth < 1:
+                raise ConfigError(f"select-layers --student-depth: {args.student_depth}; a depth is at least 1")
             from stages.analyze import select_layers_cli
 
             with WorkdirLock(cfg.workdir, "select-layers"):  # it may run analyze first

@@ -11,6 +11,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -109,6 +110,29 @@ def _writev_all(fd: int, parts: list) -> None:
 def atomic_write_bytes(path: str | Path, parts: list, sync_dir: bool = True) -> None:
     """:func:`atomic_write` of the byte strings ``parts``, one after another, with no joined copy."""
     atomic_write(path, lambda f: _writev_all(f.fileno(), parts), sync_dir=sync_dir)
+
+
+def replace_dir(new: str | Path, final: str | Path) -> None:
+    """Put the finished folder ``new`` in place of ``final``: a crash leaves the old folder or none at
+    ``final`` (the old one waits under ``<final>.old`` until the new one is in place), never a mix."""
+    new, final = Path(new), Path(final)
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(new, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def fresh_dir(path: str | Path) -> Path:
+    """An empty folder at ``path`` (what an interrupted earlier attempt left there is removed)."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

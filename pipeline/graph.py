@@ -21,7 +21,7 @@ from typing import Callable
 from . import dist
 from .config import PipelineConfig
 from .fingerprint import diff, file_digest, fingerprint, library_versions
-from .fsutil import atomic_write_json, read_json
+from .fsutil import atomic_write_json, fresh_dir, read_json, replace_dir
 
 log = logging.getLogger("pipeline")
 
@@ -134,7 +134,13 @@ def _distill_problems(runner: "Runner", out: Path) -> list[str]:
         except (OSError, ValueError):
             done = {}
         ok = done.get("complete") and done.get("fingerprint") == runner.student_fingerprint(s.name)[0]
-        if not ok or not (d / "final.pt").exists():
+        if (d / "failed.json").exists():
+            try:
+                why = read_json(d / "failed.json").get("error", "")
+            except (OSError, ValueError):
+                why = ""
+            problems.append(f"student {s.name} failed ({why}); the next run retries it")
+        elif not ok or not (d / "final.pt").exists():
             problems.append(f"student {s.name} has no complete output in {d}")
     return problems
 
@@ -338,18 +344,21 @@ class Runner:
         return done
 
     def _run_stage(self, name: str, done: dict[str, Record], forced: bool = False) -> Record:
+        """Run one stage into its output folder.  Under --force the new output is built beside the
+        old one (``<fp>.force``) and replaces it only once complete (:func:`fsutil.replace_dir`)."""
         st = GRAPH[name]
         fp, inputs = self.fingerprint_of(name)
-        out = self.out_dir(name, fp)
+        final = self.out_dir(name, fp)
+        out = final.with_name(final.name + ".force") if forced else final
         upstream = {u: done[u] if u in done else self.record(u) for u in upstream_closure(name)[:-1]}
         ctx = Context(self.cfg, name, fp, inputs, out, upstream, self, self.options, forced)
         mod = importlib.import_module(st.module)
         if dist.is_main():
-            log.info(f"{name}: running ({fp[:12]}) -> {out}")
+            log.info(f"{name}: running ({fp[:12]}) -> {final}")
         t0 = time.time()
         if st.distributed or dist.is_main():
             if dist.is_main():
-                out.mkdir(parents=True, exist_ok=True)
+                fresh_dir(out) if forced else out.mkdir(parents=True, exist_ok=True)
             dist.barrier()
             summary = mod.run(ctx) or {}
         else:
@@ -369,10 +378,12 @@ class Runner:
         }
         if dist.is_main():
             atomic_write_json(out / "lock.json", lock)
+            if out != final:
+                replace_dir(out, final)
             if lock["complete"]:
                 atomic_write_json(self.workdir / name / "latest.json", lock)
             log.info(f"{name}: done in {wall:.1f}s")
         dist.barrier()
         if not dist.is_main():
-            lock = read_json(out / "lock.json")
-        return Record(name, out, lock)
+            lock = read_json(final / "lock.json")
+        return Record(name, final, lock)

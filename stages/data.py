@@ -51,8 +51,15 @@ class ImageReader:
 
 
 def decode_image(data: bytes) -> Image.Image:
+    """RGB image of encoded bytes; 16- and 32-bit grey images are scaled to 8 bits (PIL's convert
+    would clip them to near-white)."""
     img = Image.open(io.BytesIO(data))
     img.load()
+    if img.mode.startswith("I"):
+        a = np.asarray(img).astype(np.int64)
+        bits = 16 if img.mode.startswith("I;16") or a.max(initial=0) < 65536 else 32
+        a = np.clip(a, 0, 2**bits - 1) >> (bits - 8)
+        img = Image.fromarray(a.astype(np.uint8), mode="L")
     return img if img.mode == "RGB" else img.convert("RGB")
 
 

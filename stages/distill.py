@@ -31,7 +31,8 @@ from cache.reader import Cache
 from pipeline import dist
 from pipeline.config import PipelineConfig, ResolvedStudent
 from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text, read_json
+from pipeline.fsutil import (atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text, fresh_dir,
+                            read_json, replace_dir)
 
 from . import models, teacher as teacher_stage
 from .data import ViewDataset
@@ -40,6 +41,12 @@ from .spectral import spectralkd_loss, spectrum
 from .train import adamw, evaluate, warmup_cosine
 
 log = logging.getLogger("pipeline")
+
+FAILED = "failed.json"
+
+
+class NonFiniteTraining(PipelineError):
+    """A student's loss or weights became inf or nan: training stops, the student is recorded failed."""
 
 
 # ----------------------------------------------------------------------------- data
@@ -333,10 +340,22 @@ class Trainer:
         if self.st.mode == "online" and self.st.loss.kind != "none":
             tg = self.targets_online(x)
         terms = self.loss(x, y, tg)
+        values = terms.items()
+        bad = [k for k, v in values.items() if not np.isfinite(v)]
+        if bad:  # stop before the step: the weights stay those of the last finite step
+            term = next((k for k in ("ce", "kd", "spec") if k in bad), "total")  # the term that went first
+            raise NonFiniteTraining(f"{self.st.name}: the {term} loss is {values[term]} "
+                                    f"({', '.join(f'{k} {v:.4g}' for k, v in values.items())})")
         opt.zero_grad(set_to_none=True)
         terms.total.backward()
         opt.step()
         return terms
+
+    def check_finite_weights(self, epoch: int) -> None:
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise NonFiniteTraining(f"{self.st.name}: parameter {bad[0]} is non-finite after epoch {epoch + 1} "
+                                    f"({len(bad)} parameters in all)")
 
     def fit(self, max_steps: int | None = None) -> list[dict]:
         st, out = self.st, self.out
@@ -347,7 +366,7 @@ class Trainer:
         start = 0
         ck = out / "ckpt.pt"
         if ck.exists():
-            state = torch.load(ck, map_location="cpu", weights_only=False)
+            state = torch.load(ck, map_location="cpu", weights_only=True)
             self.model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
@@ -366,7 +385,11 @@ class Trainer:
                        disable=not dist.is_main() or None)
             for i, (x, y, _, tg) in enumerate(bar):
                 ts = time.perf_counter()
-                terms = self.step(x, y, tg, opt)
+                try:
+                    terms = self.step(x, y, tg, opt)
+                except NonFiniteTraining as e:
+                    raise NonFiniteTraining(f"{e} at epoch {epoch + 1} step {i + 1}; lower the lr or check the "
+                                            f"loss weights") from None
                 sched.step()
                 it = terms.items()
                 sums += np.array([it["total"] * len(y), it["ce"] * len(y), it["kd"] * len(y),
@@ -374,6 +397,7 @@ class Trainer:
                 step_times.append(time.perf_counter() - ts)
                 if max_steps is not None and i + 1 >= max_steps:
                     break
+            self.check_finite_weights(epoch)
             tot = dist.all_reduce_sum(sums.tolist())
             n = max(1.0, tot[4])
             ev = evaluate(self.model, self.val_batches(), self.device,
@@ -405,23 +429,41 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
 
 def train_student(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher_depth: int, teacher=None,
                   max_steps: int | None = None, forced: bool = False) -> dict:
-    st = cfg.student(name)
-    out = student_dir(runner, name)
-    fp, inputs = runner.student_fingerprint(name)
-    lock = out / "lock.json"
-    if forced and dist.is_main():
-        for f in (lock, out / "ckpt.pt"):
-            f.unlink(missing_ok=True)
-    dist.barrier()
-    if lock.exists():
-        done = read_json(lock)
-        if done.get("fingerprint") == fp and done.get("complete"):
+    """Train one student unless its output is complete.  A rerun resumes from ``ckpt.pt``; under
+    --force the student is trained beside its old output and replaces it only once complete.  A
+    student whose training fails is recorded in ``failed.json`` and retried by the next run."""
+    final = student_dir(runner, name)
+    fp, _ = runner.student_fingerprint(name)
+    if not forced:
+        try:
+            done = read_json(final / "lock.json")
+        except (OSError, ValueError):
+            done = {}
+        if done.get("fingerprint") == fp and done.get("complete") and (final / "final.pt").exists():
             if dist.is_main():
                 log.info(f"{name}: up to date ({fp[:12]}), skipped")
             return done["summary"]
+    out = final.with_name(final.name + ".force") if forced else final
     if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
+        fresh_dir(out) if forced else out.mkdir(parents=True, exist_ok=True)
+        (out / FAILED).unlink(missing_ok=True)
     dist.barrier()
+    try:
+        summary = _train_into(runner, cfg, name, cache, teacher_depth, teacher, max_steps, out)
+    except PipelineError as e:
+        if dist.is_main():
+            atomic_write_json(out / FAILED, {"student": name, "fingerprint": fp, "error": str(e)})
+        raise
+    if dist.is_main() and out != final:
+        replace_dir(out, final)
+    dist.barrier()
+    return summary
+
+
+def _train_into(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher_depth: int, teacher,
+                max_steps: int | None, out: Path) -> dict:
+    st = cfg.student(name)
+    fp, inputs = runner.student_fingerprint(name)
     t0 = time.time()
     tr = Trainer(cfg, st, cache, out, teacher_depth=teacher_depth, teacher=teacher)
     if dist.is_main():
@@ -440,7 +482,8 @@ def train_student(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher_
     if dist.is_main():
         atomic_torch_save(out / "final.pt", {"state_dict": tr.model.state_dict(), "model": st.model,
                                              "kwargs": st.kwargs})
-        atomic_write_json(lock, {"fingerprint": fp, "inputs": inputs, "summary": summary, "complete": True})
+        atomic_write_json(out / "lock.json", {"fingerprint": fp, "inputs": inputs, "summary": summary,
+                                              "complete": True})
     dist.barrier()
     return summary
 
@@ -499,9 +542,16 @@ def run(ctx) -> dict:
     teacher = None
     if any(cfg.student(n).mode == "online" and cfg.student(n).loss.kind != "none" for n in wanted):
         teacher = teacher_stage.load(trec, cfg).to(models.resolve_device(cfg.distill.defaults.device))
-    results = []
+    results, failed = [], []
     for name in wanted:
-        results.append(train_student(ctx.runner, cfg, name, cache, tdepth, teacher=teacher, forced=ctx.forced))
+        try:
+            results.append(train_student(ctx.runner, cfg, name, cache, tdepth, teacher=teacher, forced=ctx.forced))
+        except NonFiniteTraining as e:  # the other students still train; this one is retried by the next run
+            log.error(f"{name}: failed: {e}")
+            failed.append(str(e))
+    if failed:
+        raise PipelineError(f"distill: {len(failed)} student(s) failed and were recorded in {FAILED}; "
+                            f"the next run retries them. First: {failed[0]}")
     complete = set(wanted) == set(names)
     summary = {"students": {r["student"]: {k: r[k] for k in ("val_top1", "val_top5", "kind", "mode")}
                             for r in results}, "complete": complete}

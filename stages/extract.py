@@ -34,7 +34,7 @@ from pipeline.fsutil import recorded_path, resolve_recorded
 
 from . import models, teacher as teacher_stage
 from .data import PLAIN_VIEW, VIEW_FIELDS, BatchViews, ViewDataset, sample_view_params, view_rng
-from .shards import Sample, scan_shards
+from .shards import Sample, check_labels, scan_shards
 from .prepare import shard_lists
 from .spectral import spectrum
 
@@ -193,6 +193,7 @@ def run(ctx) -> dict:
     train_urls, val_urls = shard_lists(ctx.upstream["prepare"])
     train, bad_t = scan_shards(train_urls, progress=dist.is_main())
     val, bad_v = scan_shards(val_urls, progress=dist.is_main())
+    check_labels(train + val, cfg.data.num_classes)
     skipped = [{"key": b.key, "url": b.url, "error": b.error} for b in bad_t + bad_v]
     if skipped and cfg.data.on_bad_sample == "fail":
         b = skipped[0]

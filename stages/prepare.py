@@ -112,13 +112,19 @@ def imagefolder_items(root: Path) -> tuple[list[tuple[str, bytes, str, int]], np
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise PipelineError(f"data.root: {root} has no class folders")
-    items, labels = [], []
+    if len(classes) == 1:
+        log.warning(f"prepare: {root} has one class folder ({classes[0]}): every label is 0")
+    items, labels, source = [], [], {}
     for ci, c in enumerate(classes):
         for p in sorted((root / c).iterdir()):
             ext = p.suffix.lower().lstrip(".")
             if not p.is_file() or ext not in IMAGE_EXTS:
                 continue
             key = f"{c}_{p.stem}".replace(".", "_")
+            if key in source:  # webdataset groups members by key: one of the two would be lost
+                raise PipelineError(f"data.root: {source[key]} and {p} both become sample key {key!r}; "
+                                    f"rename one of them")
+            source[key] = p
             items.append((key, p.read_bytes(), ext, ci))
             labels.append(ci)
     return items, np.array(labels), classes

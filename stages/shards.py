@@ -104,6 +104,14 @@ def scan_shard(url: str) -> tuple[list[Sample], list[BadSample]]:
     return out, bad
 
 
+def check_labels(samples: list[Sample], num_classes: int) -> None:
+    """Every label must index the classifier: ``data.num_classes`` is checked against the data."""
+    for s in samples:
+        if not 0 <= s.label < num_classes:
+            raise PipelineError(f"data.num_classes: {num_classes}, but sample {s.key} in {s.url} has label {s.label} "
+                                f"(labels must be 0..{num_classes - 1})")
+
+
 def scan_shards(urls: list[str], progress: bool = True) -> tuple[list[Sample], list[BadSample]]:
     from tqdm.auto import tqdm
 

@@ -21,7 +21,7 @@ from pipeline.fsutil import atomic_torch_save
 
 from . import models
 from .data import PLAIN_VIEW, BatchViews, ViewDataset, sample_view_params
-from .shards import scan_shards
+from .shards import check_labels, scan_shards
 from .prepare import shard_lists
 from .train import adamw, evaluate, warmup_cosine
 
@@ -118,6 +118,7 @@ def run(ctx) -> dict:
     train_urls, val_urls = shard_lists(ctx.upstream["prepare"])
     train, bad_t = scan_shards(train_urls)
     val, bad_v = scan_shards(val_urls)
+    check_labels(train + val, cfg.data.num_classes)
     for b in bad_t + bad_v:
         log.warning(f"teacher: skipping bad sample {b.key} in {b.url}: {b.error}")
     if cfg.data.on_bad_sample == "fail" and (bad_t or bad_v):

@@ -267,7 +267,7 @@ def test_runs_from_another_directory_and_a_moved_workdir(built, tmp_path):
     wd = tmp_path / "w"
     copy_upstream(recs, wd)  # a moved workdir: the copies must read the copied shards
     (tmp_path / "elsewhere").mkdir()
-    conf = write_config(tmp_path / "p.yaml", tiny_tree(**{"distill.students": TINY["distill"]["students"][:1]}))
+    write_config(tmp_path / "p.yaml", tiny_tree(**{"distill.students": TINY["distill"]["students"][:1]}))
     r = cli("run", "distill", "-c", "../p.yaml", "--workdir", "../w", cwd=tmp_path / "elsewhere")
     assert r.returncode == 0, r.stderr[-2000:]
     shards = json.loads(next(wd.glob("prepare/*/shards.json")).read_text())
@@ -298,3 +298,180 @@ def test_deleted_source_tar_makes_prepare_stale_and_a_changed_image_stops_distil
     with pytest.raises(PipelineError, match=rf"{re.escape(str(tar))}: the image of sample "
                                             rf"{re.escape(m.name[:-4])} \(row \d+\) was read at extract time"):
         Runner(cfg2).run("distill")
+
+
+def test_interrupted_force_keeps_the_old_output(built, tmp_path, monkeypatch):
+    from cache.writer import CacheWriter
+    from stages import distill as distill_stage
+    from stages.extract import open_cache
+
+    cfg, runner, recs = built
+    wd = tmp_path / "w"
+    copy_upstream(recs, wd)
+    cfg2 = config_from_dict(tiny_tree(**{"distill.students": TINY["distill"]["students"][:1]}), workdir=str(wd))
+    Runner(cfg2).run("distill")
+    real = CacheWriter.write_shard
+
+    def crash_at_shard_2(self, s, *a):
+        if s == 2:
+            raise KeyboardInterrupt  # stands for a kill: nothing cleans up
+        return real(self, s, *a)
+
+    monkeypatch.setattr(CacheWriter, "write_shard", crash_at_shard_2)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(cfg2).run("extract", force=True)
+    st = Runner(cfg2).state("extract")
+    assert st.status == "up to date"
+    open_cache(Runner(cfg2).record("extract"))  # the old cache, whole
+    monkeypatch.setattr(CacheWriter, "write_shard", real)
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill_stage, "_train_into", crash)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(cfg2).run("distill", force=True)
+    assert [s.status for s in Runner(cfg2).status()][:4] == ["up to date"] * 4
+    monkeypatch.undo()
+    assert list(wd.glob("extract/*.force")) and list(wd.glob("distill/*.force"))  # left until the next --force
+    done = Runner(cfg2).run("extract", force=True)
+    assert done["extract"].path == Runner(cfg2).out_dir("extract")
+    open_cache(Runner(cfg2).record("extract"))
+    Runner(cfg2).run("distill", force=True)
+    assert not list(wd.rglob("*.force")) and not list(wd.rglob("*.old"))
+    assert Runner(cfg2).state("distill").status == "up to date"
+
+
+def test_non_finite_training_fails_the_student_and_is_retried(built, tmp_path):
+    cfg, runner, recs = built
+    wd = tmp_path / "w"
+    copy_upstream(recs, wd)
+    cfg2 = config_from_dict(tiny_tree(**{"distill.students": TINY["distill"]["students"][1:],
+                                         "distill.defaults.lr": 1e6}), workdir=str(wd))
+    with pytest.raises(PipelineError, match=r"1 student\(s\) failed .* spectral: the \w+ loss is (nan|inf) .* "
+                                            r"at epoch 1 step \d+"):
+        Runner(cfg2).run("distill")
+    d = Runner(cfg2).student_dir("spectral")
+    assert "loss is" in json.loads((d / "failed.json").read_text())["error"]
+    assert not (d / "lock.json").exists() and not (d / "final.pt").exists()
+    st = Runner(cfg2).state("distill")
+    assert st.status == "missing" or any("failed" in r for r in st.reasons)
+    with pytest.raises(PipelineError, match="failed"):  # retried, not taken as done
+        Runner(cfg2).run("distill")
+
+
+def test_yaml_anchor_override_changes_one_student_only(tmp_path):
+    from pipeline.graph import student_params
+
+    p = tmp_path / "p.yaml"
+    p.write_text((ROOT / "pipeline.yaml").read_text())
+    from pipeline.config import load_config
+
+    base = load_config(p)
+    cfg = load_config(p, ["distill.students[2].kwargs.embed_dim=16"])
+    assert cfg.student("deit-spectral").kwargs["embed_dim"] == 16
+    for name in ("deit-none", "deit-logits"):
+        assert student_params(cfg, name) == student_params(base, name), name
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("distill.defaults.lr", ".inf", "finite"), ("distill.students[1].loss.tau", ".inf", "finite"),
+    ("distill.defaults.weight_decay", ".nan", "finite"), ("teacher.fit.epochs", "true", "true/false"),
+])
+def test_numeric_fields_refuse_inf_nan_and_booleans(key, value, match):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: .*{match}"):
+        config_from_dict(TINY, [f"{key}={value}"])
+
+
+def test_disk_full_during_a_checkpoint_names_the_file(built, tmp_path, monkeypatch):
+    cfg, runner, recs = built
+    wd = tmp_path / "w"
+    copy_upstream(recs, wd)
+    cfg2 = config_from_dict(tiny_tree(**{"distill.students": TINY["distill"]["students"][:1]}), workdir=str(wd))
+    real_writev = os.writev
+
+    def full_disk(fd, buffers):
+        if ".ckpt.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", full_disk)
+    d = Runner(cfg2).student_dir("none")
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(d / 'ckpt.pt'))}: cannot write \(disk full\)$"):
+        Runner(cfg2).run("distill")
+    assert not list(d.glob(".*.tmp"))
+
+
+def test_labels_beyond_num_classes_on_an_existing_workdir(built, tmp_path):
+    cfg, runner, recs = built
+    wd = tmp_path / "w"
+    copy_upstream(recs, wd)
+    cfg2 = config_from_dict(TINY, ["data.num_classes=5"], workdir=str(wd))
+    assert Runner(cfg2).state("prepare").status == "up to date"
+    with pytest.raises(PipelineError, match=r"^data\.num_classes: 5, but sample digits_\d+ in .*train-000000\.tar "
+                                            r"has label [5-9] \(labels must be 0\.\.4\)"):
+        Runner(cfg2).run("teacher")
+
+
+def _png(path: Path, value: int, mode: str = "RGB") -> None:
+    from PIL import Image
+
+    arr = np.full((12, 12, 3), value, np.uint8) if mode == "RGB" else np.full((12, 12), value, np.uint16)
+    Image.fromarray(arr).save(path)
+
+
+def test_imagefolder_two_files_one_key_is_refused_and_one_class_warns(tmp_path, caplog):
+    for c in ("a", "b"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(3):
+            _png(tmp_path / "img" / c / f"{i}.png", 40 * i)
+    _png(tmp_path / "img" / "b" / "x.y.png", 10)
+    _png(tmp_path / "img" / "b" / "x_y.png", 20)
+    tree = tiny_tree(**{"data.source": "imagefolder", "data.root": str(tmp_path / "img")})
+    with pytest.raises(PipelineError, match=r"x\.y\.png and .*x_y\.png both become sample key 'b_x_y'"):
+        Runner(config_from_dict(tree, workdir=str(tmp_path / "w"))).run("prepare")
+    shutil.rmtree(tmp_path / "img" / "b")
+    with caplog.at_level("WARNING", logger="pipeline"):
+        Runner(config_from_dict(tree, workdir=str(tmp_path / "w2"))).run("prepare")
+    assert any("has one class folder (a)" in r.message for r in caplog.records)
+
+
+def test_16_bit_png_keeps_its_grey_levels(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from stages.data import decode_image
+
+    a = (np.arange(16 * 16).reshape(16, 16) * 200).astype(np.uint16)  # 0..51000 over 16 bits
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    got = np.asarray(decode_image(buf.getvalue()))
+    np.testing.assert_array_equal(got[..., 0], (a >> 8).astype(np.uint8))
+    assert got.max() < 255  # not saturated to white
+
+
+def test_cli_refuses_bad_select_layers_arguments_and_unknown_students(built, tmp_path, capsys):
+    from pipeline.__main__ import main
+
+    cfg, runner, recs = built
+    conf = write_config(tmp_path / "p.yaml", TINY)
+    wd = str(cfg.workdir)
+    assert main(["run", "extract", "--student", "nosuch", "-c", str(conf), "--workdir", wd]) == 2
+    assert "--student: 'nosuch' is not a student" in capsys.readouterr().err
+    for args, match in ((["--k", "0"], "--k: 0"), (["--student-depth", "-3"], "--student-depth: -3")):
+        assert main(["select-layers", *args, "-c", str(conf), "--workdir", wd]) == 2
+        assert match in capsys.readouterr().err
+
+
+def test_outputs_follow_the_umask(built):
+    cfg, runner, recs = built
+    files = [p for st in ("prepare", "teacher", "extract") for p in Path(recs[st].path).rglob("*") if p.is_file()]
+    assert len(files) > 20
+    umask = os.umask(0o022)
+    os.umask(umask)
+    want = 0o666 & ~umask
+    wrong = [(str(p), oct(stat.S_IMODE(p.stat().st_mode))) for p in files if stat.S_IMODE(p.stat().st_mode) != want]
+    assert not wrong, wrong[:5]
