@@ -21,6 +21,9 @@ def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("-c", "--config", default=None, help="pipeline file (default: ./pipeline.yaml)")
     p.add_argument("--workdir", default=None, help="where outputs live (overrides workdir:)")
+    p.add_argument("--upstream-workdir", dest="upstream_workdirs", action="append", default=None, metavar="DIR",
+                   help="a read-only workdir whose up-to-date outputs serve this one (repeatable; overrides "
+                        "upstream_workdirs:)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -68,7 +71,7 @@ def setup_logging(debug: bool) -> None:
 def _print_status(runner: Runner) -> None:
     for st in runner.status():
         line = f"{st.stage:<8} {st.status:<11} {st.fingerprint[:12]}"
-        if st.status != "up to date":
+        if st.reasons:
             shown = st.reasons[:8]
             more = f" (+{len(st.reasons) - 8} more)" if len(st.reasons) > 8 else ""
             line += "  " + "; ".join(shown) + more
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         cfg = load_config(args.config, args.overrides, args.workdir)
+        if args.upstream_workdirs:
+            cfg.upstream_workdirs = args.upstream_workdirs
         if args.command == "status":
             _print_status(Runner(cfg))
             return 0
@@ -89,11 +94,15 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.student(name)  # an unknown name fails even when everything is up to date
             runner = Runner(cfg, {"students": args.student})
             stages = STAGES if args.stage == "all" else upstream_closure(args.stage)
-            # models are checked before any work; with nothing to do there is nothing to check
-            if args.force or any(runner.state(s).status != "up to date" for s in stages):
+            # models are checked before any work; with nothing to do there is nothing to check or lock
+            # (so an up-to-date workdir that is read-only for this user still answers)
+            work = args.force or any(runner.state(s).status != "up to date" for s in stages)
+            if work:
                 check_models(cfg)
             dist.init()
-            if dist.is_main():
+            if not work:
+                runner.run(args.stage)
+            elif dist.is_main():
                 with WorkdirLock(cfg.workdir, f"run {args.stage}", wait=args.wait):
                     dist.barrier()
                     runner.run(args.stage, force=args.force)

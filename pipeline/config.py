@@ -234,6 +234,9 @@ class AnalyzeConfig(_Model):
 
 class PipelineConfig(_Model):
     workdir: str = "work"
+    # other workdirs (read only) whose up-to-date outputs this one uses, e.g. a lab's shared cache;
+    # operational, like workdir: not part of any fingerprint
+    upstream_workdirs: list[str] = []
     seed: int = 0
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()

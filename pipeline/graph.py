@@ -230,6 +230,8 @@ class Runner:
     def __init__(self, cfg: PipelineConfig, options: dict | None = None):
         self.cfg = cfg
         self.workdir = Path(cfg.workdir)
+        # read-only workdirs whose up-to-date outputs serve this one (a lab's shared cache)
+        self.upstream_workdirs = [Path(w) for w in cfg.upstream_workdirs]
         self.options = options or {}
         self._fp: dict[str, tuple[str, dict]] = {}
         self.versions = library_versions()
@@ -278,16 +280,30 @@ class Runner:
         return self.workdir / name / fp[:12]
 
     def student_dir(self, name: str) -> Path:
-        return self.workdir / "distill" / "students" / f"{name}-{self.student_fingerprint(name)[0][:12]}"
+        """Where student ``name`` lives: this workdir's folder, unless only an upstream workdir holds
+        a finished one."""
+        leaf = Path("distill") / "students" / f"{name}-{self.student_fingerprint(name)[0][:12]}"
+        for wd in self.upstream_workdirs:
+            if not (self.workdir / leaf / "lock.json").exists() and (wd / leaf / "lock.json").exists():
+                return wd / leaf
+        return self.workdir / leaf
 
     # ------------------------------------------------------------ state
     def record(self, name: str) -> Record | None:
         return self._checked_record(name)[0]
 
     def _checked_record(self, name: str) -> tuple[Record | None, list[str]]:
-        """The completed output of ``name`` for the current config, or None and what is wrong with
-        the one on disk (a damaged output is not up to date)."""
-        out = self.out_dir(name)
+        """The completed output of ``name`` for the current config, in this workdir or else in an
+        upstream workdir, or None and what is wrong with this workdir's (a damaged output is stale)."""
+        rec, damage = self._checked_record_in(name, self.workdir)
+        for wd in self.upstream_workdirs:
+            if rec is not None:
+                break
+            rec = self._checked_record_in(name, wd)[0]
+        return rec, damage if rec is None else []
+
+    def _checked_record_in(self, name: str, workdir: Path) -> tuple[Record | None, list[str]]:
+        out = workdir / name / self.fingerprint_of(name)[0][:12]
         lock = out / "lock.json"
         if not lock.exists():
             return None, []
@@ -306,7 +322,8 @@ class Runner:
         fp, inputs = self.fingerprint_of(name)
         rec, damage = self._checked_record(name)
         if rec is not None:
-            return State(name, "up to date", fp, [])
+            elsewhere = [] if rec.path == self.out_dir(name) else [f"in {rec.path}"]
+            return State(name, "up to date", fp, elsewhere)
         if damage:
             return State(name, "stale", fp, damage)
         latest = self.workdir / name / "latest.json"

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from .fsutil import describe_os_error
+
 
 class LockedError(Exception):
     pass
@@ -34,8 +36,14 @@ class WorkdirLock:
             return {}
 
     def __enter__(self) -> "WorkdirLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, "a+")
+        except OSError as e:
+            raise LockedError(
+                f"{self.path}: cannot take the workdir lock ({describe_os_error(e)}); to build on a workdir "
+                f"you cannot write, run in your own --workdir with --upstream-workdir {self.path.parent}"
+            ) from None
         deadline = time.monotonic() + self.wait
         while True:
             try:

@@ -475,3 +475,34 @@ def test_outputs_follow_the_umask(built):
     want = 0o666 & ~umask
     wrong = [(str(p), oct(stat.S_IMODE(p.stat().st_mode))) for p in files if stat.S_IMODE(p.stat().st_mode) != want]
     assert not wrong, wrong[:5]
+
+
+def test_own_workdir_builds_on_a_shared_read_only_one(built, tmp_path, capsys):
+    from pipeline.__main__ import main
+
+    cfg, runner, recs = built
+    shared = copy_upstream(recs, tmp_path / "shared")
+    before = _snapshot(shared)
+    tree = tiny_tree(**{"distill.students": TINY["distill"]["students"][1:]})
+    conf = write_config(tmp_path / "p.yaml", tree)
+    # up to date in the shared workdir: answered without the workdir lock or any write
+    assert main(["run", "extract", "-c", str(conf), "--workdir", str(shared)]) == 0
+    assert _snapshot(shared) == before
+    mine = tmp_path / "mine"
+    cfg2 = config_from_dict(tree, [f"upstream_workdirs=[{shared}]"], workdir=str(mine))
+    done = Runner(cfg2).run("distill")
+    assert done["extract"].path.parent.parent == shared and done["distill"].path.parent.parent == mine
+    assert (Runner(cfg2).student_dir("spectral") / "final.pt").exists()
+    assert _snapshot(shared) == before  # nothing written there
+    assert not (mine / "prepare").exists() and not (mine / "extract").exists()
+    assert main(["status", "-c", str(conf), "--workdir", str(mine), "--upstream-workdir", str(shared)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"extract +up to date +\w+ +in {re.escape(str(shared))}/extract/", out), out
+    assert re.search(r"distill +up to date +\w+\n", out), out
+
+
+def test_unwritable_workdir_lock_says_what_to_do(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(LockedError, match=r"cannot take the workdir lock .* --upstream-workdir"):
+        with WorkdirLock(tmp_path / "afile" / "w"):
+            pass
