@@ -111,36 +111,43 @@ def _analyze_params(cfg: PipelineConfig) -> dict:
     return {"analyze": _pick(cfg, "analyze", ("workers", "threads_per_worker", "scheduler", "memory_limit"))}
 
 
-def _prepare_problems(runner: "Runner", out: Path) -> list[str]:
+def _prepare_problems(runner: "Runner", out: Path, lock: dict) -> list[str]:
     from stages.prepare import output_problems
 
-    return output_problems(out)
+    return output_problems(out, lock)
 
 
-def _files_problems(*names: str) -> Callable[["Runner", Path], list[str]]:
-    def check(runner: "Runner", out: Path) -> list[str]:
+def _files_problems(*names: str) -> Callable[["Runner", Path, dict], list[str]]:
+    def check(runner: "Runner", out: Path, lock: dict) -> list[str]:
         return [f"{out / n} is missing" for n in names if not (out / n).exists()]
 
     return check
 
 
-def _distill_problems(runner: "Runner", out: Path) -> list[str]:
-    problems = []
+def failed_students(runner: "Runner") -> list[str]:
+    """One line per student whose last training failed (its ``failed.json``)."""
+    out = []
+    for s in runner.cfg.distill.students:
+        f = runner.student_dir(s.name) / "failed.json"
+        if f.exists():
+            try:
+                why = read_json(f).get("error", "")
+            except (OSError, ValueError):
+                why = "unreadable failed.json"
+            out.append(f"student {s.name} failed ({why}); the next run retries it")
+    return out
+
+
+def _distill_problems(runner: "Runner", out: Path, lock: dict) -> list[str]:
+    problems = failed_students(runner)
     for s in runner.cfg.distill.students:
         d = runner.student_dir(s.name)
-        lock = d / "lock.json"
         try:
-            done = read_json(lock)
+            done = read_json(d / "lock.json")
         except (OSError, ValueError):
             done = {}
         ok = done.get("complete") and done.get("fingerprint") == runner.student_fingerprint(s.name)[0]
-        if (d / "failed.json").exists():
-            try:
-                why = read_json(d / "failed.json").get("error", "")
-            except (OSError, ValueError):
-                why = ""
-            problems.append(f"student {s.name} failed ({why}); the next run retries it")
-        elif not ok or not (d / "final.pt").exists():
+        if not ok or not (d / "final.pt").exists():
             problems.append(f"student {s.name} has no complete output in {d}")
     return problems
 
@@ -154,7 +161,7 @@ class Stage:
     module: str = ""
     distributed: bool = False  # every rank runs it (else rank 0 does, the others wait)
     # what is wrong with a completed output on disk now (a deleted file...): a damaged output is stale
-    problems: Callable[["Runner", Path], list[str]] = lambda runner, out: []
+    problems: Callable[["Runner", Path, dict], list[str]] = lambda runner, out, lock: []
 
 
 GRAPH: dict[str, Stage] = {
@@ -313,7 +320,7 @@ class Runner:
             return None, [f"{lock} cannot be read"]
         if data.get("fingerprint") != self.fingerprint_of(name)[0] or not data.get("complete"):
             return None, []
-        problems = GRAPH[name].problems(self, out)
+        problems = GRAPH[name].problems(self, out, data)
         if problems:
             return None, [f"output damaged: {p}" for p in problems]
         return Record(name, out, data), []
@@ -336,8 +343,9 @@ class Runner:
             changed = [c for c in changed if not c.startswith("upstream.")] + [
                 f"upstream {c.split('.', 1)[1]} changed" for c in changed if c.startswith("upstream.")
             ]
-            return State(name, "stale", fp, changed or ["output incomplete"])
-        return State(name, "missing", fp, ["never run"])
+            notes = failed_students(self) if name == "distill" else []
+            return State(name, "stale", fp, notes + (changed or ["output incomplete"]))
+        return State(name, "missing", fp, (failed_students(self) if name == "distill" else []) or ["never run"])
 
     def status(self) -> list[State]:
         return [self.state(s) for s in STAGES]

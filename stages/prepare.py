@@ -20,6 +20,7 @@ from PIL import Image
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
+from pipeline.fingerprint import file_digest
 from pipeline.fsutil import atomic_write, atomic_write_json, read_json, recorded_path, resolve_recorded
 
 from .shards import IMAGE_EXTS, expand_urls
@@ -160,15 +161,20 @@ def run(ctx) -> dict:
     if d.source != "shards":  # the shards prepare wrote: checked by status (output_problems)
         manifest["sizes"] = {u: os.path.getsize(resolve_recorded(u, out)) for u in manifest["train"] + manifest["val"]}
     atomic_write_json(out / "shards.json", manifest)
-    return {"train_shards": len(train), "val_shards": len(val), "classes": classes}
+    return {"train_shards": len(train), "val_shards": len(val), "classes": classes,
+            "shards_json_sha256": file_digest(out / "shards.json")}
 
 
-def output_problems(out: Path) -> list[str]:
-    """Shards that prepare recorded and that are now missing or resized (a damaged output is stale)."""
+def output_problems(out: Path, lock: dict) -> list[str]:
+    """What is wrong with a finished prepare output now: an edited shard list, shards missing or
+    resized since prepare wrote them (a damaged output is stale)."""
+    f = out / "shards.json"
     try:
-        m = read_json(out / "shards.json")
+        m = read_json(f)
+        if file_digest(f) != lock.get("summary", {}).get("shards_json_sha256"):
+            return [f"{f} is not the one prepare wrote (sha256 mismatch)"]
     except (OSError, ValueError) as e:
-        return [f"{out / 'shards.json'} cannot be read ({e})"]
+        return [f"{f} cannot be read ({e})"]
     problems = []
     for u, size in m.get("sizes", {}).items():
         path = resolve_recorded(u, out)
@@ -183,7 +189,12 @@ def output_problems(out: Path) -> list[str]:
 
 
 def shard_lists(record) -> tuple[list[str], list[str]]:
-    """The train and val shard urls a prepare record points at (its recorded relative paths resolved)."""
-    m = read_json(Path(record.path) / "shards.json")
+    """The train and val shard urls a prepare record points at (its recorded relative paths resolved),
+    after checking the shard list against the digest prepare recorded."""
+    f = Path(record.path) / "shards.json"
+    if file_digest(f) != record.summary.get("shards_json_sha256"):
+        raise PipelineError(f"{f}: the shard list is not the one prepare wrote (sha256 mismatch); "
+                            f"rerun prepare with --force")
+    m = read_json(f)
     return ([resolve_recorded(u, record.path) for u in m["train"]],
             [resolve_recorded(u, record.path) for u in m["val"]])
