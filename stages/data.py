@@ -3,12 +3,17 @@
 :func:`build_view` turns an image and explicit view
 parameters (a crop box as fractions of the image, a flip) into a normalized tensor: the extract
 stage and the distill loader call the same function, which is what makes cached targets valid.
+
+Rows are columns (:class:`Rows`: a :class:`~stages.shards.Samples` table, a sample index per row
+and one numpy column per view parameter); view parameters are drawn for whole columns at once by
+:func:`sample_views` from counter-based random numbers keyed by (seed, sample key, stream), so a
+sample's views never depend on where the shards list it.
 """
 
 from __future__ import annotations
 
 import io
-import zlib
+from dataclasses import dataclass
 
 import fsspec
 import numpy as np
@@ -17,7 +22,7 @@ from PIL import Image
 
 from pipeline.errors import PipelineError
 
-from .shards import Sample
+from .shards import Sample, Samples
 
 
 class ImageReader:
@@ -69,32 +74,101 @@ VIEW_FIELDS = ("crop_top", "crop_left", "crop_height", "crop_width", "flip")
 PLAIN_VIEW = {"crop_top": 0.0, "crop_left": 0.0, "crop_height": 1.0, "crop_width": 1.0, "flip": False}
 
 
-def view_rng(seed: int, key: str, view: int) -> np.random.Generator:
-    """The generator for one (sample, view): depends on the key, not the sample's position."""
-    return np.random.default_rng([seed, zlib.crc32(key.encode()), view])
+# Streams of random numbers: extract's view v uses stream v; the row layout and the teacher fit
+# use streams of their own, far from any view count.
+ORDER_STREAM = 1 << 40
+FIT_STREAM = 1 << 41
+_ATTEMPTS = 10  # random-resized-crop tries before the centred fallback (as torchvision)
 
 
-def sample_view_params(rng: np.random.Generator, scale, ratio, hflip: float) -> dict:
-    """Random-resized-crop parameters as fractions of the image (size-independent), plus a flip.
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finalizer on uint64 arrays: a bijection whose outputs look independent."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def random_bits(key_hash: np.ndarray, seed: int, stream: int, draw: int) -> np.ndarray:
+    """64 random bits per sample for draw ``draw`` of ``stream``: a pure function of (seed, key,
+    stream, draw), the same in every process and whatever the order of the samples."""
+    base = _splitmix(np.array([(seed * 0x9E3779B97F4A7C15 + stream * 0xD1B54A32D192ED03 + draw) % 2**64],
+                              dtype=np.uint64))
+    return _splitmix(np.asarray(key_hash, dtype=np.uint64) ^ base)
+
+
+def uniform(key_hash: np.ndarray, seed: int, stream: int, draw: int) -> np.ndarray:
+    """U[0, 1) float64 per sample from the top 53 bits of :func:`random_bits`."""
+    return (random_bits(key_hash, seed, stream, draw) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def sample_views(key_hash: np.ndarray, seed: int, stream: int, scale, ratio, hflip: float) -> dict[str, np.ndarray]:
+    """Random-resized-crop parameters as fractions of the image (size-independent), plus a flip,
+    for every sample at once (one column per field of :data:`VIEW_FIELDS`).
 
     The crop has area fraction ``s ~ U(scale)`` and aspect ``r`` log-uniform in ``ratio``; its
     sides as fractions are ``w = sqrt(s * r)``, ``h = sqrt(s / r)`` (for a square image; for other
-    shapes the box is applied to each side's length, which keeps the area fraction).
+    shapes the box is applied to each side's length, which keeps the area fraction).  Up to 10
+    tries; a sample that never fits gets the centred square of side ``sqrt(scale[1])``.
     """
-    for _ in range(10):
-        s = rng.uniform(scale[0], scale[1])
-        r = float(np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]))))
-        w, h = float(np.sqrt(s * r)), float(np.sqrt(s / r))
-        if w <= 1.0 and h <= 1.0:
-            top = float(rng.uniform(0, 1 - h))
-            left = float(rng.uniform(0, 1 - w))
+    h64 = np.asarray(key_hash, dtype=np.uint64)
+    n = len(h64)
+    side = min(float(np.sqrt(scale[1])), 1.0)
+    out = {"crop_top": np.full(n, (1 - side) / 2), "crop_left": np.full(n, (1 - side) / 2),
+           "crop_height": np.full(n, side), "crop_width": np.full(n, side)}
+    todo = np.arange(n)
+    for t in range(_ATTEMPTS):
+        if not len(todo):
             break
-    else:
-        side = float(np.sqrt(scale[1]))
-        h = w = min(side, 1.0)
-        top, left = (1 - h) / 2, (1 - w) / 2
-    flip = bool(rng.uniform() < hflip)
-    return {"crop_top": top, "crop_left": left, "crop_height": h, "crop_width": w, "flip": flip}
+        u = [uniform(h64[todo], seed, stream, 4 * t + k) for k in range(4)]
+        s = scale[0] + (scale[1] - scale[0]) * u[0]
+        r = np.exp(np.log(ratio[0]) + (np.log(ratio[1]) - np.log(ratio[0])) * u[1])
+        w, h = np.sqrt(s * r), np.sqrt(s / r)
+        fits = (w <= 1.0) & (h <= 1.0)
+        hit = todo[fits]
+        out["crop_height"][hit], out["crop_width"][hit] = h[fits], w[fits]
+        out["crop_top"][hit] = u[2][fits] * (1 - h[fits])
+        out["crop_left"][hit] = u[3][fits] * (1 - w[fits])
+        todo = todo[~fits]
+    out["flip"] = uniform(h64, seed, stream, 4 * _ATTEMPTS) < hflip
+    return out
+
+
+def plain_views(n: int) -> dict[str, np.ndarray]:
+    """The whole image, unflipped, for ``n`` rows (val views)."""
+    return {f: np.full(n, v, dtype=bool if f == "flip" else np.float64) for f, v in PLAIN_VIEW.items()}
+
+
+@dataclass
+class Rows:
+    """Rows as columns: row ``i`` is view ``params[*][i]`` of sample ``sample[i]`` of ``samples``.
+
+    No Python object per row: a row costs its sample index and its view parameters.
+    """
+
+    samples: Samples
+    sample: np.ndarray  # int64 index into samples, per row
+    params: dict[str, np.ndarray]  # one column per VIEW_FIELDS entry
+
+    def __len__(self) -> int:
+        return len(self.sample)
+
+    def view_params(self, i: int) -> dict:
+        return {f: (bool(c[i]) if f == "flip" else float(c[i])) for f, c in self.params.items()}
+
+    def source(self, i: int) -> Sample:
+        return self.samples.sample(int(self.sample[i]))
+
+    def labels(self, idx) -> np.ndarray:
+        return self.samples.label[self.sample[np.asarray(idx, dtype=np.int64)]]
+
+    @classmethod
+    def concat(cls, parts: list[Rows]) -> Rows:
+        """Rows of several tables over one :class:`Samples` (``parts`` share ``samples``)."""
+        samples = parts[0].samples
+        assert all(p.samples is samples for p in parts)
+        return cls(samples, np.concatenate([p.sample for p in parts]),
+                   {f: np.concatenate([p.params[f] for p in parts]) for f in VIEW_FIELDS})
 
 
 def crop_box(params: dict, width: int, height: int) -> tuple[int, int, int, int]:
@@ -139,7 +213,7 @@ def build_view(img: Image.Image, params: dict, size: int, mean, std) -> torch.Te
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """Map-style dataset over rows: each row is (Sample, view params); returns (pixels, label, ok, index).
+    """Map-style dataset over :class:`Rows`; returns (pixels, label, ok, index).
 
     Pixels are uint8 (3, size, size), a quarter of the bytes of float across worker processes;
     consumers normalize whole batches with :meth:`normalize` (on the GPU when there is one).
@@ -147,7 +221,7 @@ class ViewDataset(torch.utils.data.Dataset):
     caller records or fails on it), so one bad image never kills a worker.
     """
 
-    def __init__(self, rows: list[tuple[Sample, dict]], size: int, mean, std, cache_mb: float = 0):
+    def __init__(self, rows: Rows, size: int, mean, std, cache_mb: float = 0):
         self.rows = rows
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
         self.reader = ImageReader()
@@ -157,16 +231,18 @@ class ViewDataset(torch.utils.data.Dataset):
         self._cache_left = int(cache_mb * 2**20)
 
     @classmethod
-    def for_config(cls, rows: list[tuple[Sample, dict]], data) -> ViewDataset:
+    def for_config(cls, rows: Rows, data) -> ViewDataset:
         """The dataset of ``rows`` under a ``data:`` config section (size, normalization, decoded cache)."""
         return cls(rows, data.image_size, data.mean, data.std, cache_mb=data.decoded_cache_mb)
 
-    def image(self, s: Sample) -> Image.Image:
-        """The decoded RGB image of sample ``s`` (from the decoded-image cache when it is there)."""
-        k = (s.url, s.offset)
+    def image(self, j: int) -> Image.Image:
+        """The decoded RGB image of sample ``j`` of the rows' table (from the decoded-image cache
+        when it is there)."""
+        s = self.rows.samples
+        k = (int(s.url[j]), int(s.offset[j]))
         img = self._images.get(k)
         if img is None:
-            img = decode_image(self.reader.read(s.url, s.offset, s.size))
+            img = decode_image(self.reader.read(s.urls[k[0]], k[1], int(s.size[j])))
             nbytes = img.width * img.height * 3 + 1024  # pixels + the object's own overhead
             if nbytes <= self._cache_left:
                 self._images[k] = img
@@ -182,7 +258,7 @@ class ViewDataset(torch.utils.data.Dataset):
         lost = np.flatnonzero(~np.asarray(ok, dtype=bool) & np.asarray(recorded_valid, dtype=bool))
         if len(lost):
             i = int(indices[lost[0]])
-            s = self.rows[i][0]
+            s = self.rows.source(i)
             raise PipelineError(
                 f"{s.url}: the image of sample {s.key} (row {i}) was read at extract time and cannot be read now "
                 f"({len(lost)} such rows in this batch); the source shards changed or are gone, rerun prepare "
@@ -201,19 +277,19 @@ class ViewDataset(torch.utils.data.Dataset):
 
         Each view is written straight into the batch array: no per-row tensors, no collation.
         """
-        n = len(indices)
+        idx = np.asarray(list(indices), dtype=np.int64)
+        n = len(idx)
         x = np.zeros((n, self.size, self.size, 3), dtype=np.uint8)
-        y = np.empty(n, dtype=np.int64)
+        y = self.rows.labels(idx).astype(np.int64)
         ok = np.ones(n, dtype=bool)
-        for j, i in enumerate(indices):
-            s, params = self.rows[i]
-            y[j] = s.label
+        sample = self.rows.sample[idx]
+        for j, i in enumerate(idx):
             try:
-                x[j] = view_array(self.image(s), params, self.size)
+                x[j] = view_array(self.image(int(sample[j])), self.rows.view_params(int(i)), self.size)
             except Exception:  # noqa: BLE001 - any decode failure marks the row bad
                 ok[j] = False
         pixels = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-        return pixels, torch.from_numpy(y), torch.from_numpy(ok), torch.as_tensor(list(indices), dtype=torch.int64)
+        return pixels, torch.from_numpy(y), torch.from_numpy(ok), torch.from_numpy(idx)
 
 
 class BatchViews(torch.utils.data.Dataset):

@@ -1,8 +1,12 @@
 """extract: run the teacher once over every (sample, view) and write what students need.
 
-1. Plan: scan the shards, then lay out rows: train rows view-major (all samples of view 0, then
-   view 1, ...), then val rows (one plain view).  Each train view's parameters are drawn from a
-   generator seeded by (seed, sample key, view) and stored explicitly in the manifest.
+1. Plan: read prepare's sample index, then lay out rows: train rows view-major (all samples of
+   view 0, then view 1, ...), then val rows (one plain view).  Within each block the samples
+   follow a seeded permutation keyed by their keys (a new one per view), so chunk-aligned reads
+   hold a uniform mix of classes whatever order the input shards list the samples in.  Each train
+   view's parameters are drawn from counter-based random numbers keyed by (seed, sample key, view)
+   (:func:`stages.data.sample_views`) and stored explicitly in the manifest.  Everything is
+   columnar: no Python object per row.
 2. Teacher pass: eval + inference mode; ``forward_intermediates`` gives the logits and the
    selected layers (NCHW, prefix tokens dropped); spectra are rfft2(norm="ortho") in float32,
    stored as float16 at teacher width.
@@ -33,9 +37,10 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import recorded_path, resolve_recorded
 
 from . import models, teacher as teacher_stage
-from .data import PLAIN_VIEW, VIEW_FIELDS, BatchViews, ViewDataset, sample_view_params, view_rng
-from .shards import Sample, check_labels, scan_shards
-from .prepare import shard_lists
+from .data import (ORDER_STREAM, VIEW_FIELDS, BatchViews, Rows, ViewDataset, plain_views, random_bits,
+                   sample_views)
+from .prepare import load_index
+from .shards import Samples, check_labels
 from .spectral import spectrum
 
 log = logging.getLogger("pipeline")
@@ -50,61 +55,71 @@ def cache_path(record) -> Path:
 # ----------------------------------------------------------------------------- plan
 
 
-def plan_rows(cfg: PipelineConfig, train: list[Sample], val: list[Sample], cache_dir: Path, workdir: Path):
-    """Rows (sample, view params), the manifest table and the (split, view) row blocks.
+def layout_order(samples: Samples, seed: int, stream: int) -> np.ndarray:
+    """A seeded permutation of ``samples`` that depends on their keys only (not their input order)."""
+    return np.argsort(random_bits(samples.key_hashes(), seed, stream, 0), kind="stable")
 
-    The manifest records each shard's url relative to ``cache_dir`` when it lies in ``workdir``
-    (:func:`pipeline.fsutil.recorded_path`); :func:`manifest_rows` resolves it back.
-    """
+
+def plan_rows(cfg: PipelineConfig, train: Samples, val: Samples) -> tuple[Rows, list[dict]]:
+    """The cache's rows and their (split, view) blocks: for each view a permutation of the train
+    samples with that view's parameters, then the val samples (plain view) in a permutation too."""
     aug = cfg.data.augment
-    rows: list[tuple[Sample, dict]] = []
-    meta: list[tuple[str, int]] = []
-    blocks = []
+    samples = Samples.concat([train, val])
+    h = samples.key_hashes()
+    n_train = len(train)
+    parts, blocks, start = [], [], 0
     for v in range(cfg.extract.views):
-        start = len(rows)
-        for s in train:
-            rows.append((s, sample_view_params(view_rng(cfg.seed, s.key, v), aug.scale, aug.ratio, aug.hflip)))
-            meta.append(("train", v))
-        blocks.append({"split": "train", "view": v, "start": start, "stop": len(rows)})
-    start = len(rows)
-    for s in val:
-        rows.append((s, dict(PLAIN_VIEW)))
-        meta.append(("val", 0))
-    blocks.append({"split": "val", "view": 0, "start": start, "stop": len(rows)})
-    rps = cfg.extract.rows_per_shard
+        order = layout_order(train, cfg.seed, ORDER_STREAM + v)
+        parts.append(Rows(samples, order, sample_views(h[order], cfg.seed, v, aug.scale, aug.ratio, aug.hflip)))
+        blocks.append({"split": "train", "view": v, "start": start, "stop": start + n_train})
+        start += n_train
+    order = n_train + layout_order(val, cfg.seed, ORDER_STREAM - 1)
+    parts.append(Rows(samples, order, plain_views(len(val))))
+    blocks.append({"split": "val", "view": 0, "start": start, "stop": start + len(val)})
+    return Rows.concat(parts), blocks
+
+
+def manifest_table(rows: Rows, blocks: list[dict], rows_per_shard: int, cache_dir: Path, workdir: Path) -> pa.Table:
+    """The manifest: one row per cache row, as typed columns.  Shard urls are recorded relative to
+    ``cache_dir`` when they lie in ``workdir`` (:func:`pipeline.fsutil.recorded_path`)."""
+    n = len(rows)
+    split = np.zeros(n, dtype=np.int32)
+    view = np.zeros(n, dtype=np.int32)
+    for b in blocks:
+        split[b["start"] : b["stop"]] = 0 if b["split"] == "train" else 1
+        view[b["start"] : b["stop"]] = b["view"]
+    s = rows.samples
+    recorded = pa.array([recorded_path(u, cache_dir, workdir) for u in s.urls], pa.string())
     cols = {
-        "row": np.arange(len(rows), dtype=np.int64),
-        "split": [m[0] for m in meta],
-        "view": np.array([m[1] for m in meta], dtype=np.int32),
-        "key": [r[0].key for r in rows],
-        "label": np.array([r[0].label for r in rows], dtype=np.int64),
-        "url": _recorded_urls([r[0].url for r in rows], cache_dir, workdir),
-        "offset": np.array([r[0].offset for r in rows], dtype=np.int64),
-        "size": np.array([r[0].size for r in rows], dtype=np.int64),
+        "row": np.arange(n, dtype=np.int64),
+        "split": pa.DictionaryArray.from_arrays(split, ["train", "val"]),
+        "view": view,
+        "key": s.key.take(pa.array(rows.sample)),
+        "label": s.label[rows.sample],
+        "url": pa.DictionaryArray.from_arrays(s.url[rows.sample], recorded),
+        "offset": s.offset[rows.sample],
+        "size": s.size[rows.sample],
+        **{f: rows.params[f] for f in VIEW_FIELDS},
+        "shard": (np.arange(n) // rows_per_shard).astype(np.int32),
     }
-    for f in VIEW_FIELDS:
-        cols[f] = np.array([r[1][f] for r in rows], dtype=bool if f == "flip" else np.float64)
-    cols["shard"] = (np.arange(len(rows)) // rps).astype(np.int32)
-    return rows, pa.table(cols), blocks
+    return pa.table(cols)
 
 
-def _recorded_urls(urls: list[str], cache_dir: Path, workdir: Path) -> list[str]:
-    recorded = {u: recorded_path(u, cache_dir, workdir) for u in set(urls)}
-    return [recorded[u] for u in urls]
-
-
-def manifest_rows(cache: Cache) -> list[tuple[Sample, dict]]:
-    """The (sample, view params) of every row of ``cache``'s manifest: what
-    :func:`stages.data.build_view` takes (recorded urls resolved against the cache's folder)."""
-    manifest = cache.manifest
-    c = {n: manifest.column(n).to_pylist() for n in manifest.column_names}
-    resolved = {u: resolve_recorded(u, cache.path) for u in set(c["url"])}
-    c["url"] = [resolved[u] for u in c["url"]]
-    out = []
-    for i in range(manifest.num_rows):
-        s = Sample(c["key"][i], c["label"][i], c["url"][i], c["offset"][i], c["size"][i])
-        out.append((s, {f: c[f][i] for f in VIEW_FIELDS}))
-    return out
+def manifest_rows(cache: Cache) -> Rows:
+    """The rows of ``cache``'s manifest, columnar (recorded urls resolved against the cache's
+    folder; each sample stored once however many views it has)."""
+    m = cache.manifest
+    url = m.column("url").combine_chunks()
+    if not isinstance(url, pa.DictionaryArray):
+        url = url.dictionary_encode()
+    urls = [resolve_recorded(u, cache.path) for u in url.dictionary.to_pylist()]
+    url_idx = url.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    offset = cache.column("offset").astype(np.int64)
+    _, first, sample = np.unique((url_idx << 40) | offset, return_index=True, return_inverse=True)
+    samples = Samples(urls, url_idx[first].astype(np.int32), m.column("key").combine_chunks().take(pa.array(first)),
+                      cache.column("label")[first].astype(np.int64), offset[first],
+                      cache.column("size")[first].astype(np.int64))
+    return Rows(samples, sample.reshape(-1), {f: cache.column(f) for f in VIEW_FIELDS})
 
 
 @torch.inference_mode()
@@ -190,11 +205,10 @@ def run(ctx) -> dict:
     e = cfg.extract
     t_start = time.time()
     trec = ctx.upstream["teacher"]
-    train_urls, val_urls = shard_lists(ctx.upstream["prepare"])
-    train, bad_t = scan_shards(train_urls, progress=dist.is_main())
-    val, bad_v = scan_shards(val_urls, progress=dist.is_main())
-    check_labels(train + val, cfg.data.num_classes)
-    skipped = [{"key": b.key, "url": b.url, "error": b.error} for b in bad_t + bad_v]
+    train, val, skipped = load_index(ctx.upstream["prepare"])
+    check_labels(train, cfg.data.num_classes)
+    check_labels(val, cfg.data.num_classes)
+    skipped = [{"key": b["key"], "url": b["url"], "error": b["error"]} for b in skipped]
     if skipped and cfg.data.on_bad_sample == "fail":
         b = skipped[0]
         raise PipelineError(f"{b['url']}: bad sample {b['key']}: {b['error']} (data.on_bad_sample: fail)")
@@ -205,7 +219,8 @@ def run(ctx) -> dict:
     device = models.resolve_device(e.device)
     model = teacher_stage.load(trec, cfg).to(device)
     path = Path(ctx.out) / CACHE_DIR
-    rows, manifest, blocks = plan_rows(cfg, train, val, path, ctx.runner.workdir)
+    rows, blocks = plan_rows(cfg, train, val)
+    manifest = manifest_table(rows, blocks, e.rows_per_shard, path, ctx.runner.workdir)
     spec = CacheSpec(
         rows=len(rows),
         rows_per_shard=e.rows_per_shard,
@@ -325,7 +340,7 @@ def _teacher_pass(cfg, model, device, rows, spec: CacheSpec, todo, writer, n_tod
             if not okn.all():
                 for j in np.flatnonzero(~okn):
                     r = int(idx[j])
-                    sm = rows[r][0]
+                    sm = rows.source(r)
                     if cfg.data.on_bad_sample == "fail":
                         raise PipelineError(f"{sm.url}: cannot decode image of sample {sm.key} "
                                             f"(row {r}; data.on_bad_sample: fail)")

@@ -1,9 +1,14 @@
-"""prepare: turn a source into train and val webdataset shards.
+"""prepare: turn a source into train and val webdataset shards, and index their samples once.
 
 Sources: ``digits`` (scikit-learn's bundled 1797 8x8 digit images, upscaled, RGB, stratified
 split), ``imagefolder`` (``root/<class>/<image>``), or ``shards`` (existing webdataset shards named
-by ``data.train_shards`` / ``data.val_shards``: nothing is written).  Tars are byte-reproducible:
+by ``data.train_shards`` / ``data.val_shards``: no tar is written).  Tars are byte-reproducible:
 fixed mtime, owner and order.
+
+Outputs: ``shards.json`` (the shard lists, the sizes of the shards prepare wrote, the samples that
+could not be indexed) and ``index.parquet`` (split, key, url, label, offset, size of every sample:
+the scan every later stage reads instead of scanning again).  Both are covered by digests in the
+stage's record, checked by :func:`load_index` and by ``status``.
 """
 
 from __future__ import annotations
@@ -16,18 +21,23 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import file_digest
-from pipeline.fsutil import atomic_write, atomic_write_json, read_json, recorded_path, resolve_recorded
+from pipeline.fsutil import (atomic_write, atomic_write_bytes, atomic_write_json, read_json, recorded_path,
+                            resolve_recorded)
 
-from .shards import IMAGE_EXTS, expand_urls
+from .shards import IMAGE_EXTS, Samples, expand_urls, scan_shards
 
 log = logging.getLogger("pipeline")
 
 MTIME = 0.0  # fixed tar member time: shards depend on content only
+INDEX = "index.parquet"
 
 
 def source_identity(cfg: PipelineConfig) -> dict:
@@ -160,9 +170,58 @@ def run(ctx) -> dict:
     }
     if d.source != "shards":  # the shards prepare wrote: checked by status (output_problems)
         manifest["sizes"] = {u: os.path.getsize(resolve_recorded(u, out)) for u in manifest["train"] + manifest["val"]}
+    index, skipped = index_shards(train, val, out, root)
+    manifest["skipped"] = skipped
+    atomic_write_bytes(out / INDEX, [index])
     atomic_write_json(out / "shards.json", manifest)
-    return {"train_shards": len(train), "val_shards": len(val), "classes": classes,
-            "shards_json_sha256": file_digest(out / "shards.json")}
+    return {"train_shards": len(train), "val_shards": len(val), "classes": classes, "skipped_samples": len(skipped),
+            "shards_json_sha256": file_digest(out / "shards.json"), "index_sha256": hashlib.sha256(index).hexdigest()}
+
+
+def index_shards(train: list[str], val: list[str], out: Path, root: Path) -> tuple[bytes, list[dict]]:
+    """Scan the shards' tar headers once: the index's Parquet bytes (urls recorded relative to
+    ``out``) and the samples that could not be indexed."""
+    parts, skipped = [], []
+    for split, urls in (("train", train), ("val", val)):
+        samples, bad = scan_shards(urls)
+        parts.append((split, samples))
+        skipped += [{"split": split, "key": b.key, "url": recorded_path(b.url, out, root), "error": b.error}
+                    for b in bad]
+    cols = {"split": [], "key": [], "url": [], "label": [], "offset": [], "size": []}
+    for split, s in parts:
+        recorded = [recorded_path(u, out, root) for u in s.urls]
+        cols["split"].append(pa.DictionaryArray.from_arrays(np.zeros(len(s), np.int32), [split]))
+        cols["key"].append(s.key)
+        cols["url"].append(pa.DictionaryArray.from_arrays(s.url, pa.array(recorded, pa.string())))
+        for c in ("label", "offset", "size"):
+            cols[c].append(pa.array(getattr(s, c)))
+    table = pa.table({k: pa.chunked_array(v) for k, v in cols.items()})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue(), skipped
+
+
+def load_index(record) -> tuple[Samples, Samples, list[dict]]:
+    """The train and val samples and the skipped samples a prepare record indexed, after checking
+    the index and the shard list against the digests prepare recorded."""
+    path = Path(record.path)
+    data = (path / INDEX).read_bytes() if (path / INDEX).exists() else b""
+    if hashlib.sha256(data).hexdigest() != record.summary.get("index_sha256"):
+        raise PipelineError(f"{path / INDEX}: the sample index is missing or not the one prepare wrote "
+                            f"(sha256 mismatch); rerun prepare with --force")
+    shard_lists(record)  # checks shards.json
+    skipped = [{**b, "url": resolve_recorded(b["url"], path)} for b in read_json(path / "shards.json")["skipped"]]
+    table = pq.read_table(pa.BufferReader(data), read_dictionary=["split", "url"])
+    out = []
+    for split in ("train", "val"):
+        t = table.filter(pc.equal(table.column("split").cast(pa.string()), split)).combine_chunks()
+        url = t.column("url").chunk(0) if t.num_rows else pa.DictionaryArray.from_arrays(
+            pa.array([], pa.int32()), pa.array([], pa.string()))
+        urls = [resolve_recorded(u, path) for u in url.dictionary.to_pylist()]
+        key = t.column("key").chunk(0) if t.num_rows else pa.array([], pa.string())
+        out.append(Samples(urls, url.indices.to_numpy(zero_copy_only=False).astype(np.int32), key,
+                           *(t.column(c).to_numpy() for c in ("label", "offset", "size"))))
+    return out[0], out[1], skipped
 
 
 def output_problems(out: Path, lock: dict) -> list[str]:
@@ -175,6 +234,8 @@ def output_problems(out: Path, lock: dict) -> list[str]:
             return [f"{f} is not the one prepare wrote (sha256 mismatch)"]
     except (OSError, ValueError) as e:
         return [f"{f} cannot be read ({e})"]
+    if not (out / INDEX).exists() or file_digest(out / INDEX) != lock.get("summary", {}).get("index_sha256"):
+        return [f"{out / INDEX} is missing or not the one prepare wrote (sha256 mismatch)"]
     problems = []
     for u, size in m.get("sizes", {}).items():
         path = resolve_recorded(u, out)

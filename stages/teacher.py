@@ -20,9 +20,9 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_torch_save
 
 from . import models
-from .data import PLAIN_VIEW, BatchViews, ViewDataset, sample_view_params
-from .shards import check_labels, scan_shards
-from .prepare import shard_lists
+from .data import FIT_STREAM, BatchViews, Rows, ViewDataset, plain_views, sample_views
+from .prepare import load_index
+from .shards import Samples, check_labels
 from .train import adamw, evaluate, warmup_cosine
 
 log = logging.getLogger("pipeline")
@@ -43,6 +43,11 @@ def load(record, cfg: PipelineConfig) -> torch.nn.Module:
     if want and got != want:
         raise PipelineError(f"{record.path}/model.pt: weights digest {got[:12]} != recorded {want[:12]}")
     return m.eval()
+
+
+def plain_rows(samples: Samples) -> Rows:
+    """Every sample once, as its whole image (the val view)."""
+    return Rows(samples, np.arange(len(samples)), plain_views(len(samples)))
 
 
 def _loader(ds: ViewDataset, batch_size, shuffle, workers, seed=0):
@@ -76,16 +81,17 @@ def fit(model, cfg: PipelineConfig, train, val, device) -> dict:
     steps_per_epoch = (len(train) + f.batch_size - 1) // f.batch_size
     sched = warmup_cosine(opt, f.epochs * steps_per_epoch, int(f.warmup_epochs * steps_per_epoch))
     crit = torch.nn.CrossEntropyLoss(label_smoothing=f.label_smoothing)
-    val_loader = _loader(ViewDataset.for_config([(s, PLAIN_VIEW) for s in val], cfg.data), 256, False, f.num_workers)
-    train_views = ViewDataset.for_config([], cfg.data)  # one dataset: its decoded images serve every epoch
+    val_loader = _loader(ViewDataset.for_config(plain_rows(val), cfg.data), 256, False, f.num_workers)
+    # one dataset: its decoded images serve every epoch; each epoch draws new views for every sample
+    train_views = ViewDataset.for_config(plain_rows(train), cfg.data)
+    key_hash = train.key_hashes()
     best = {"top1": -1.0}
     best_state = None
     bad: set = set()
     history = []
     for epoch in range(f.epochs):
         t0 = time.time()
-        rng = np.random.default_rng([cfg.seed, epoch, 17])
-        train_views.rows = [(s, sample_view_params(rng, aug.scale, aug.ratio, aug.hflip)) for s in train]
+        train_views.rows.params = sample_views(key_hash, cfg.seed, FIT_STREAM + epoch, aug.scale, aug.ratio, aug.hflip)
         loader = _loader(train_views, f.batch_size, True, f.num_workers, seed=cfg.seed * 1000 + epoch)
         model.train()
         tot, n = 0.0, 0
@@ -115,22 +121,21 @@ def fit(model, cfg: PipelineConfig, train, val, device) -> dict:
 def run(ctx) -> dict:
     cfg = ctx.cfg
     t0 = time.time()
-    train_urls, val_urls = shard_lists(ctx.upstream["prepare"])
-    train, bad_t = scan_shards(train_urls)
-    val, bad_v = scan_shards(val_urls)
-    check_labels(train + val, cfg.data.num_classes)
-    for b in bad_t + bad_v:
-        log.warning(f"teacher: skipping bad sample {b.key} in {b.url}: {b.error}")
-    if cfg.data.on_bad_sample == "fail" and (bad_t or bad_v):
-        b = (bad_t + bad_v)[0]
-        raise PipelineError(f"{b.url}: bad sample {b.key}: {b.error} (data.on_bad_sample: fail)")
+    train, val, skipped = load_index(ctx.upstream["prepare"])
+    check_labels(train, cfg.data.num_classes)
+    check_labels(val, cfg.data.num_classes)
+    for b in skipped:
+        log.warning(f"teacher: skipping bad sample {b['key']} in {b['url']}: {b['error']}")
+    if cfg.data.on_bad_sample == "fail" and skipped:
+        b = skipped[0]
+        raise PipelineError(f"{b['url']}: bad sample {b['key']}: {b['error']} (data.on_bad_sample: fail)")
     device = models.resolve_device(cfg.teacher.device)
     model = build(cfg)
     info: dict = {}
     if cfg.teacher.fit is not None:
         info = fit(model, cfg, train, val, device)
     model.to(device)
-    val_views = ViewDataset.for_config([(s, PLAIN_VIEW) for s in val], cfg.data)
+    val_views = ViewDataset.for_config(plain_rows(val), cfg.data)
     ev = evaluate(model, _xy(_loader(val_views, 256, False, 0), set()), device)
     model.cpu()
     atomic_torch_save(ctx.out / "model.pt", {"state_dict": model.state_dict(), "model": cfg.teacher.model,

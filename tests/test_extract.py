@@ -17,9 +17,9 @@ import zarr
 
 from stages import models
 from stages import teacher as teacher_stage
-from stages.data import ImageReader, ViewDataset, build_view, decode_image, view_pixels
+from stages.data import ImageReader, Rows, ViewDataset, build_view, decode_image, view_pixels
 from stages.extract import cache_path, manifest_rows, open_cache
-from stages.shards import Sample
+from stages.shards import Sample, Samples
 from stages.spectral import spectrum
 from tests.conftest import ROOT, TINY, copy_upstream, tiny_tree, write_config
 
@@ -32,8 +32,9 @@ def test_replay_reproduces_cached_targets(built):
     rng = np.random.default_rng(0)
     pick = np.sort(rng.choice(cache.spec.rows, 24, replace=False))
     reader = ImageReader()
+    src = {r: rows.source(r) for r in pick}
     x = torch.stack([
-        build_view(decode_image(reader.read(rows[r][0].url, rows[r][0].offset, rows[r][0].size)), rows[r][1],
+        build_view(decode_image(reader.read(src[r].url, src[r].offset, src[r].size)), rows.view_params(r),
                    cfg.data.image_size, cfg.data.mean, cfg.data.std)
         for r in pick
     ])
@@ -172,15 +173,16 @@ def test_batched_views_and_decoded_image_cache_equal_one_view_at_a_time(built, t
         first.setdefault(k, r)
     idx = [a for a, _ in pairs] + [b for _, b in pairs]
     reader = ImageReader()
-    ref = torch.stack([view_pixels(decode_image(reader.read(rows[r][0].url, rows[r][0].offset, rows[r][0].size)),
-                                   rows[r][1], cfg.data.image_size) for r in idx])
+    src = {r: rows.source(r) for r in idx}
+    ref = torch.stack([view_pixels(decode_image(reader.read(src[r].url, src[r].offset, src[r].size)),
+                                   rows.view_params(r), cfg.data.image_size) for r in idx])
     plain = ViewDataset(rows, cfg.data.image_size, cfg.data.mean, cfg.data.std, cache_mb=0)
     kept = ViewDataset(rows, cfg.data.image_size, cfg.data.mean, cfg.data.std, cache_mb=1)
     for ds in (plain, kept, kept):  # the second pass of `kept` is served from decoded images
         x, y, ok, got_idx = ds.batch(idx)
         assert torch.equal(x, ref)
         assert ok.all() and got_idx.tolist() == idx
-        assert y.tolist() == [rows[r][0].label for r in idx]
+        assert y.tolist() == [src[r].label for r in idx]
     assert len(plain._images) == 0 and len(kept._images) == len(pairs)
     # the budget bounds the cache: room for one 16x16 RGB image (768 bytes + 1 KiB overhead)
     small = ViewDataset(rows, cfg.data.image_size, cfg.data.mean, cfg.data.std, cache_mb=3000 / 2**20)
@@ -188,9 +190,11 @@ def test_batched_views_and_decoded_image_cache_equal_one_view_at_a_time(built, t
     # an image that cannot be decoded is reported, never cached, and leaves its neighbours intact
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"not an image at all")
-    bad_rows = [rows[idx[0]], (Sample("junk", 3, str(junk), 0, junk.stat().st_size), rows[idx[0]][1])]
-    ds = ViewDataset(bad_rows, cfg.data.image_size, cfg.data.mean, cfg.data.std, cache_mb=1)
+    first = src[idx[0]]
+    two = Samples.of([first, Sample("junk", 3, str(junk), 0, junk.stat().st_size)])
+    params = {f: np.repeat(c[idx[0] : idx[0] + 1], 2) for f, c in rows.params.items()}
+    ds = ViewDataset(Rows(two, np.arange(2), params), cfg.data.image_size, cfg.data.mean, cfg.data.std, cache_mb=1)
     x, y, ok, _ = ds.batch([0, 1])
-    assert ok.tolist() == [True, False] and y.tolist() == [rows[idx[0]][0].label, 3]
+    assert ok.tolist() == [True, False] and y.tolist() == [first.label, 3]
     assert torch.equal(x[0], ref[0]) and int(x[1].abs().sum()) == 0
-    assert list(ds._images) == [(rows[idx[0]][0].url, rows[idx[0]][0].offset)]
+    assert list(ds._images) == [(0, first.offset)]
