@@ -16,6 +16,7 @@ Each student's output folder holds ``ckpt.pt`` (every epoch; a rerun resumes fro
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -222,6 +223,53 @@ class CachedBatches:
             pool.append({k: v[rest] for k, v in merged.items()})
 
 
+def expected_distinct_labels(counts: np.ndarray, batch: int) -> float:
+    """Mean number of distinct labels in a batch of ``batch`` rows drawn uniformly without
+    replacement from rows with these per-class ``counts``: sum_c 1 - C(N - n_c, B) / C(N, B)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    n = counts.sum()
+    b = min(batch, int(n))
+    if b <= 0:
+        return 0.0
+
+    def log_choose(a, k):
+        return math.lgamma(a + 1) - math.lgamma(k + 1) - math.lgamma(a - k + 1)
+
+    miss = [math.exp(log_choose(n - c, b) - log_choose(n, b)) if n - c >= b else 0.0 for c in counts if c > 0]
+    return float(sum(1.0 - m for m in miss))
+
+
+class BatchMix:
+    """How well an epoch's batches mix the classes: the mean number of distinct labels per batch,
+    against what a uniform shuffle of the same rows would give (:func:`expected_distinct_labels`).
+    Batches far below it (class-sorted rows) train a student on one or two classes at a time."""
+
+    WARN_BELOW = 0.75
+
+    def __init__(self, labels: np.ndarray, batch_size: int):
+        self.uniform = expected_distinct_labels(np.bincount(labels), batch_size) if len(labels) else 0.0
+        self.batch_size = batch_size
+        self.distinct: list[int] = []
+
+    def add(self, y: torch.Tensor) -> None:
+        if len(y) == self.batch_size:  # a short last batch is not comparable
+            self.distinct.append(int(torch.unique(y).numel()))
+
+    def summary(self) -> dict:
+        return {"batch_labels": float(np.mean(self.distinct)) if self.distinct else float("nan"),
+                "batch_labels_uniform": self.uniform}
+
+    def check(self, name: str) -> None:
+        got = self.summary()["batch_labels"]
+        msg = (f"{name}: batches hold {got:.2f} distinct labels on average, a uniform shuffle of these rows "
+               f"{self.uniform:.2f}")
+        if self.distinct and got < self.WARN_BELOW * self.uniform:
+            log.warning(f"{msg}: the rows are not mixed (class-sorted input?); students trained so collapse. "
+                        f"Re-extract with this version (rows are laid out in a seeded permutation)")
+        else:
+            log.info(msg)
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -304,6 +352,11 @@ class Trainer:
             num_workers=models.resolve_workers(self.st.num_workers, self.device), memory=self.memory,
         )
 
+    def train_labels(self, epoch: int) -> np.ndarray:
+        """Labels of the rows epoch ``epoch`` trains on (its view's block, rows extract could read)."""
+        b = self.cache.block("train", epoch % self.cache.views("train"))
+        return self.views.rows.labels(np.arange(b.start, b.stop))[self.cache.valid[b.start : b.stop]]
+
     def val_batches(self):
         b = self.cache.block("val", 0)
         it = CachedBatches(self.cache, self.views, (b.start, b.stop), 256, [], False, 0, False, 0,
@@ -381,9 +434,11 @@ class Trainer:
             sums = np.zeros(5)
             step_times = []
             batches = self.train_batches(epoch)
+            mix = BatchMix(self.train_labels(epoch), st.batch_size)
             bar = tqdm(batches, total=len(batches), desc=f"{st.name} {epoch + 1}/{st.epochs}", leave=False,
                        disable=not dist.is_main() or None)
             for i, (x, y, _, tg) in enumerate(bar):
+                mix.add(y)
                 ts = time.perf_counter()
                 try:
                     terms = self.step(x, y, tg, opt)
@@ -407,7 +462,10 @@ class Trainer:
                 "loss_total": tot[0] / n, "loss_ce": tot[1] / n, "loss_kd": tot[2] / n, "loss_spec": tot[3] / n,
                 "val_top1": ev["top1"], "val_top5": ev["top5"], "val_loss": ev["loss"],
                 "epoch_s": time.time() - t0, "step_s": float(np.mean(step_times)) if step_times else 0.0,
+                **mix.summary(),
             }
+            if epoch == start and dist.is_main():
+                mix.check(st.name)
             metrics.append(row)
             if dist.is_main():
                 log.info(

@@ -130,6 +130,7 @@ def run(ctx) -> dict:
         b = skipped[0]
         raise PipelineError(f"{b['url']}: bad sample {b['key']}: {b['error']} (data.on_bad_sample: fail)")
     device = models.resolve_device(cfg.teacher.device)
+    torch.manual_seed(cfg.seed)  # a teacher that is not loaded from weights starts from seeded ones
     model = build(cfg)
     info: dict = {}
     if cfg.teacher.fit is not None:
