@@ -55,7 +55,10 @@ class Cache:
         integrity = self._check_meaning()
         self.spec: CacheSpec = spec_from_attrs(self.attrs["spec"])
         self._check_arrays()
-        self.manifest = _read_table(self.path / MANIFEST, integrity.get("manifest_sha256"), "manifest")
+        self._manifest_sha256 = integrity.get("manifest_sha256")
+        rows = self.manifest.num_rows  # read and checked at open: a damaged manifest refuses the cache at once
+        if rows != self.spec.rows:
+            raise PipelineError(f"{self.path / MANIFEST}: {rows} rows, the arrays have {self.spec.rows}")
         index = _read_table(self.path / SHARD_INDEX, integrity.get("shard_index_sha256"), "shard index")
         self._shard_bytes = {(a, int(s)): int(n) for a, s, n in zip(
             index.column("array").to_pylist(), index.column("shard").to_numpy(), index.column("nbytes").to_numpy())}
@@ -88,6 +91,12 @@ class Cache:
                     f"{tuple(shards)}, the cache records {want} {dtype} in shards of "
                     f"{(self.spec.rows_per_shard, *row_shape)}; refusing the cache"
                 )
+
+    @property
+    def manifest(self) -> pa.Table:
+        """The manifest, read and checked against its digest on each access (not kept: at scale it
+        is the largest table of a process, and readers turn it into their own columns once)."""
+        return _read_table(self.path / MANIFEST, self._manifest_sha256, "manifest")
 
     @property
     def layers(self):
@@ -170,6 +179,7 @@ class Cache:
         return min(self.array(n).chunks[0] for n in self.spec.arrays())
 
     def column(self, name: str) -> np.ndarray:
+        """One manifest column (reads the manifest: take ``manifest`` once for several columns)."""
         return self.manifest.column(name).to_numpy(zero_copy_only=False)
 
 

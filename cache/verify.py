@@ -60,23 +60,27 @@ def verify_cache(path: Path, fingerprint: str | None, teacher_digest: str | None
     bar.close()
     # manifest against arrays
     m = cache.manifest
+
+    def column(name: str) -> np.ndarray:
+        return m.column(name).to_numpy(zero_copy_only=False)
+
     if m.num_rows != spec.rows:
         problems.append(f"{path}/{MANIFEST}: {m.num_rows} rows, arrays have {spec.rows}")
         return problems
-    row = cache.column("row")
+    row = column("row")
     if not np.array_equal(row, np.arange(spec.rows)):
         problems.append(f"{path}/{MANIFEST}: row column is not 0..{spec.rows - 1}")
-    shard = cache.column("shard")
+    shard = column("shard")
     bad_shard = np.flatnonzero(shard != row // spec.rows_per_shard)
     if len(bad_shard):
         problems.append(f"{path}/{MANIFEST}: row {int(bad_shard[0])} has shard {int(shard[bad_shard[0]])}")
-    label = cache.column("label")
+    label = column("label")
     out = np.flatnonzero((label < 0) | (label >= spec.num_classes))
     if len(out):
         problems.append(
             f"{path}/{MANIFEST}: row {int(out[0])} has label {int(label[out[0]])} outside 0..{spec.num_classes - 1}"
         )
-    split, view = cache.column("split"), cache.column("view")
+    split, view = column("split"), column("view")
     for blk in cache.blocks:
         sl = slice(blk.start, blk.stop)
         if not (np.all(split[sl] == blk.split) and np.all(view[sl] == blk.view)):

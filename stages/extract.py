@@ -106,20 +106,27 @@ def manifest_table(rows: Rows, blocks: list[dict], rows_per_shard: int, cache_di
 
 
 def manifest_rows(cache: Cache) -> Rows:
-    """The rows of ``cache``'s manifest, columnar (recorded urls resolved against the cache's
-    folder; each sample stored once however many views it has)."""
-    m = cache.manifest
+    """The rows of ``cache``'s manifest (see :func:`rows_of_manifest`)."""
+    return rows_of_manifest(cache.manifest, cache.path)
+
+
+def rows_of_manifest(m: pa.Table, base: Path) -> Rows:
+    """The rows of a manifest, columnar: recorded urls resolved against ``base`` (the cache's
+    folder), each sample stored once however many views it has."""
     url = m.column("url").combine_chunks()
     if not isinstance(url, pa.DictionaryArray):
         url = url.dictionary_encode()
-    urls = [resolve_recorded(u, cache.path) for u in url.dictionary.to_pylist()]
+    urls = [resolve_recorded(u, base) for u in url.dictionary.to_pylist()]
     url_idx = url.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    offset = cache.column("offset").astype(np.int64)
+
+    def col(name: str) -> np.ndarray:
+        return m.column(name).to_numpy()
+
+    offset = col("offset").astype(np.int64)
     _, first, sample = np.unique((url_idx << 40) | offset, return_index=True, return_inverse=True)
     samples = Samples(urls, url_idx[first].astype(np.int32), m.column("key").combine_chunks().take(pa.array(first)),
-                      cache.column("label")[first].astype(np.int64), offset[first],
-                      cache.column("size")[first].astype(np.int64))
-    return Rows(samples, sample.reshape(-1), {f: cache.column(f) for f in VIEW_FIELDS})
+                      col("label")[first].astype(np.int64), offset[first], col("size")[first].astype(np.int64))
+    return Rows(samples, sample.reshape(-1), {f: col(f) for f in VIEW_FIELDS})
 
 
 @torch.inference_mode()
