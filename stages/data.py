@@ -74,8 +74,9 @@ VIEW_FIELDS = ("crop_top", "crop_left", "crop_height", "crop_width", "flip")
 PLAIN_VIEW = {"crop_top": 0.0, "crop_left": 0.0, "crop_height": 1.0, "crop_width": 1.0, "flip": False}
 
 
-# Streams of random numbers: extract's view v uses stream v; the row layout and the teacher fit
-# use streams of their own, far from any view count.
+# Streams of random numbers: extract's view v uses stream v; the row layouts (ORDER_STREAM + v for
+# view v, ORDER_STREAM - 1 for val, ORDER_STREAM - 2 for the teacher fit's sample order) and the
+# teacher fit's epochs (FIT_STREAM + epoch) use streams of their own, far from any view count.
 ORDER_STREAM = 1 << 40
 FIT_STREAM = 1 << 41
 _ATTEMPTS = 10  # random-resized-crop tries before the centred fallback (as torchvision)
@@ -132,6 +133,11 @@ def sample_views(key_hash: np.ndarray, seed: int, stream: int, scale, ratio, hfl
         todo = todo[~fits]
     out["flip"] = uniform(h64, seed, stream, 4 * _ATTEMPTS) < hflip
     return out
+
+
+def layout_order(samples: Samples, seed: int, stream: int) -> np.ndarray:
+    """A seeded permutation of ``samples`` that depends on their keys only (not their input order)."""
+    return np.argsort(random_bits(samples.key_hashes(), seed, stream, 0), kind="stable")
 
 
 def plain_views(n: int) -> dict[str, np.ndarray]:

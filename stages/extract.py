@@ -37,8 +37,7 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import recorded_path, resolve_recorded
 
 from . import models, teacher as teacher_stage
-from .data import (ORDER_STREAM, VIEW_FIELDS, BatchViews, Rows, ViewDataset, plain_views, random_bits,
-                   sample_views)
+from .data import ORDER_STREAM, VIEW_FIELDS, BatchViews, Rows, ViewDataset, layout_order, plain_views, sample_views
 from .prepare import load_index
 from .shards import Samples, check_labels
 from .spectral import spectrum
@@ -53,11 +52,6 @@ def cache_path(record) -> Path:
 
 
 # ----------------------------------------------------------------------------- plan
-
-
-def layout_order(samples: Samples, seed: int, stream: int) -> np.ndarray:
-    """A seeded permutation of ``samples`` that depends on their keys only (not their input order)."""
-    return np.argsort(random_bits(samples.key_hashes(), seed, stream, 0), kind="stable")
 
 
 def plan_rows(cfg: PipelineConfig, train: Samples, val: Samples) -> tuple[Rows, list[dict]]:

@@ -20,7 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_torch_save
 
 from . import models
-from .data import FIT_STREAM, BatchViews, Rows, ViewDataset, plain_views, sample_views
+from .data import FIT_STREAM, ORDER_STREAM, BatchViews, Rows, ViewDataset, layout_order, plain_views, sample_views
 from .prepare import load_index
 from .shards import Samples, check_labels
 from .train import adamw, evaluate, warmup_cosine
@@ -122,6 +122,7 @@ def run(ctx) -> dict:
     cfg = ctx.cfg
     t0 = time.time()
     train, val, skipped = load_index(ctx.upstream["prepare"])
+    train = train.take(layout_order(train, cfg.seed, ORDER_STREAM - 2))  # the fit ignores the input order
     check_labels(train, cfg.data.num_classes)
     check_labels(val, cfg.data.num_classes)
     for b in skipped:

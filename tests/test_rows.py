@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,7 +17,7 @@ from pipeline.graph import Runner
 from stages.data import VIEW_FIELDS, sample_views, uniform
 from stages.extract import manifest_rows, open_cache, plan_rows
 from stages.shards import Samples
-from tests.conftest import TINY, tiny_tree
+from tests.conftest import tiny_tree
 
 
 def _samples(n: int, classes: int = 7, seed: int = 0) -> Samples:
@@ -123,6 +123,14 @@ def test_class_sorted_shards_give_mixed_batches_and_the_same_cache_as_shuffled(b
     got = mix.summary()
     assert len(mix.distinct) >= 20
     assert got["batch_labels"] >= 0.9 * got["batch_labels_uniform"], got
+    # same cache, same seeds: a student trains identically from either input order
+    metrics = {}
+    for order, (c, _) in caches.items():
+        c.distill.students = c.distill.students[:1]
+        Runner(c).run("distill")
+        m = pq.read_table(Runner(c).student_dir("none") / "metrics.parquet").to_pylist()[0]
+        metrics[order] = {k: m[k] for k in ("loss_total", "val_top1", "batch_labels")}
+    assert metrics["sorted"] == metrics["shuffled"]
 
 
 def test_batch_mix_warns_on_class_sorted_batches(caplog):
