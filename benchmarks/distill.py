@@ -92,6 +92,29 @@ def main() -> None:
     online = [o / c for o, c in zip(times["spectral online"], times["spectral cached"])]
     print(f"online spectral / cached     : {float(np.median(online)):.3f}   (median of per-epoch ratios)")
     print(f"teacher / student fwd FLOPs  : {f_t / f_s:.2f}  ({f_t / 1e6:.1f} vs {f_s / 1e6:.1f} MFLOP per image)")
+    snapshot_cost(trainers["spectral cached"], med["spectral cached"] * n, args.repeat)
+
+
+def snapshot_cost(tr, train_epoch_s: float, repeat: int) -> None:
+    """What a dynamics snapshot adds to an epoch: the evaluation with layer statistics against the
+    plain evaluation (training steps are untouched: snapshots run in the evaluation's forward pass)."""
+    import numpy as np
+
+    every = tr.st.snapshot_every
+    times = {0: [], 1: []}
+    for _ in range(repeat):
+        for snap in (0, 1):  # interleaved
+            tr.st.snapshot_every = snap
+            t = time.perf_counter()
+            tr.evaluate(0)
+            times[snap].append(time.perf_counter() - t)
+    tr.st.snapshot_every = every
+    plain, snap = float(np.median(times[0])), float(np.median(times[1]))
+    one = (train_epoch_s + snap) / (train_epoch_s + plain)
+    n = max(1, every)
+    print(f"snapshot epoch / plain epoch : {one:.3f}   (evaluation {1000 * plain:.0f} -> {1000 * snap:.0f} ms, "
+          f"train {1000 * train_epoch_s:.0f} ms; per-step cost 0: statistics come from the evaluation's forward "
+          f"pass); over snapshot_every={n}: {1 + (one - 1) / n:.3f} (goal <= 1.05)")
 
 
 if __name__ == "__main__":

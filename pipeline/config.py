@@ -172,6 +172,8 @@ class TrainDefaults(_Model):
     keep_targets_mb: int = Field(2048, ge=0)  # hold decoded targets in memory when they fit
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["bf16", "fp16", "none"] = "bf16"
+    # every N epochs (and the last), record the val-split layer statistics for analyze's dynamics; 0: off
+    snapshot_every: int = Field(0, ge=0)
 
 
 class StudentConfig(_Model):
@@ -188,6 +190,7 @@ class StudentConfig(_Model):
     optimizer: Literal["adamw"] | None = None
     mode: Literal["cached", "online"] | None = None
     seed: int | None = None
+    snapshot_every: int | None = Field(None, ge=0)
 
     @field_validator("name")
     @classmethod
@@ -283,6 +286,7 @@ class ResolvedStudent(_Model):
     keep_targets_mb: int
     device: str
     amp: str
+    snapshot_every: int
 
 
 def resolve_student(s: StudentConfig, d: TrainDefaults) -> ResolvedStudent:

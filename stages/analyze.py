@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,10 @@ from pipeline.fsutil import atomic_write, atomic_write_text
 
 from . import models, teacher as teacher_stage
 from .data import ViewDataset
+from .dynamics import SNAPSHOTS, plot_dynamics, plot_entropy, read_snapshots, report_section, student_dynamics
 from .extract import manifest_rows, open_cache
-from .spectral import channel_spectrum_sum, inverse_spectrum, radial_energy_sum
+from .spectral import (channel_entropy_sum, channel_spectrum_sum, inverse_spectrum, profile_distance,  # noqa: F401
+                       radial_energy_sum)
 
 log = logging.getLogger("pipeline")
 
@@ -42,23 +45,26 @@ TEACHER = "teacher"
 
 
 def _metrics_block(block: np.ndarray, bands: int) -> np.ndarray:
-    """One chunk -> (1, C + bands): channel-spectrum sums, then radial energy sums (one read per chunk)."""
-    return np.concatenate([channel_spectrum_sum(block), radial_energy_sum(block, bands)])[None, :]
+    """One chunk -> (1, C + bands + 1): channel-spectrum sums, radial energy sums, channel-entropy sum
+    (one read per chunk)."""
+    return np.concatenate([channel_spectrum_sum(block), radial_energy_sum(block, bands),
+                           [channel_entropy_sum(block)]])[None, :]
 
 
 def layer_metrics(arr, bands: int):
     """Lazy per-layer sums of one (rows, C, H, W) dask array chunked along rows only.
 
-    Returns (sums (C + bands,), number of (b, h, w) positions); every task reads one chunk.
+    Returns (sums (C + bands + 1,), number of (b, h, w) positions); every task reads one chunk.
     """
     c = arr.shape[1]
     per_chunk = arr.map_blocks(_metrics_block, bands, drop_axis=[2, 3],
-                               chunks=((1,) * arr.numblocks[0], (c + bands,)), dtype=np.float64)
+                               chunks=((1,) * arr.numblocks[0], (c + bands + 1,)), dtype=np.float64)
     return per_chunk.sum(axis=0), arr.shape[0] * arr.shape[2] * arr.shape[3]
 
 
 def dask_channel_spectra(arrays: dict, bands: int, progress: bool = True, client=None) -> dict:
-    """{key: dask array} -> {key: (channel spectrum (C,), intensity, radial energy fractions (bands,))}."""
+    """{key: dask array} -> {key: (channel spectrum (C,), intensity, radial energy fractions (bands,),
+    mean channel entropy)}."""
     import dask
 
     lazy = {k: layer_metrics(a, bands) for k, a in arrays.items()}
@@ -76,8 +82,8 @@ def dask_channel_spectra(arrays: dict, bands: int, progress: bool = True, client
     for (k, (_, positions)), sums in zip(lazy.items(), values):
         c = arrays[k].shape[1]
         spec = np.asarray(sums[:c]) / positions
-        energy = np.asarray(sums[c:])
-        out[k] = (spec, float(spec.mean()), energy / max(energy.sum(), 1e-30))
+        energy = np.asarray(sums[c:-1])
+        out[k] = (spec, float(spec.mean()), energy / max(energy.sum(), 1e-30), float(sums[-1]) / positions)
     return out
 
 
@@ -202,16 +208,6 @@ def _write_table(path: Path, rows: list[dict]) -> None:
     atomic_write(path, lambda f: pq.write_table(t, f))
 
 
-def _norm_profile(v: np.ndarray) -> np.ndarray:
-    return v / max(float(np.mean(v)), 1e-30)
-
-
-def profile_distance(t_depth: np.ndarray, t_val: np.ndarray, s_depth: np.ndarray, s_val: np.ndarray) -> float:
-    """Mean |difference| of mean-normalized intensity profiles, teacher interpolated at student depths."""
-    t_at = np.interp(s_depth, t_depth, _norm_profile(t_val))
-    return float(np.mean(np.abs(_norm_profile(s_val) - t_at)))
-
-
 def spectrum_distance(a: np.ndarray, b: np.ndarray) -> float:
     """L2 distance of two channel spectra, each normalized to sum 1, on a common relative-frequency grid."""
     grid = np.linspace(0, 1, 64)
@@ -258,55 +254,89 @@ def _client(cfg: PipelineConfig):
 
 
 def run(ctx) -> dict:
-    import dask.array as da
-
+    """Features of every model on the val split, their metrics on Dask, then tables, plots, report."""
     cfg: PipelineConfig = ctx.cfg
-    a = cfg.analyze
     t0 = time.time()
     cache = open_cache(ctx.upstream["extract"])
-    trec = ctx.upstream["teacher"]
     vb = cache.block("val", 0)
-    rows = (vb.start, vb.stop if a.max_rows is None else min(vb.stop, vb.start + a.max_rows))
+    rows = (vb.start, vb.stop if cfg.analyze.max_rows is None else min(vb.stop, vb.start + cfg.analyze.max_rows))
+    models_seen = write_features(ctx, cache, rows)
+    metrics = compute_metrics(cfg, Path(ctx.out) / "features.zarr", models_seen.layer_index)
+    tables = metric_tables(cfg, metrics, models_seen, _snapshots(ctx.runner))
+    out = Path(ctx.out)
+    for name in ("intensity", "channel_spectra", "radial_energy", "profile_distance", "layer_pairs", "dynamics"):
+        if tables[name]:
+            _write_table(out / f"{name}.parquet", tables[name])
+    figure = _plot_intensity(tables["intensity"], out / "intensity.png")
+    plots = ["intensity.png", plot_entropy(tables["intensity"], out, TEACHER)]
+    for model in models_seen.layer_index:
+        _plot_spectra(tables["channel_spectra"], model, out / f"channel_spectra_{model}.png")
+        plots.append(f"channel_spectra_{model}.png")
+    if tables["dynamics"]:
+        plots += plot_dynamics(tables["dynamics"], out)
+    report = make_report(cfg, tables, plots, rows[1] - rows[0], models_seen.kinds)
+    atomic_write_text(out / "report.md", report)
+    log.info(f"analyze: report at {out / 'report.md'}")
+    t_rows = sorted((r for r in tables["intensity"] if r["model"] == TEACHER), key=lambda r: r["layer"])
+    return {"models": list(models_seen.layer_index), "val_rows": rows[1] - rows[0],
+            "seconds": round(time.time() - t0, 1),
+            "profile_distance": {r["model"]: r["profile_distance"] for r in tables["profile_distance"]},
+            "top_teacher_layers": top_layers(t_rows, 3), "intensity_figure": figure}
+
+
+@dataclass
+class ModelsSeen:
+    """What :func:`write_features` wrote: per model its layers (name -> index), depth, kind and
+    distilled layer pairs, and each student's seed."""
+
+    layer_index: dict[str, dict[str, int]] = field(default_factory=dict)
+    depths: dict[str, int] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)
+    pairs: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    seeds: dict[str, int] = field(default_factory=dict)
+
+
+def write_features(ctx, cache, rows: tuple[int, int]) -> ModelsSeen:
+    """``features.zarr/<model>/<layer>`` on val rows: the teacher's cached layers from the cache, its
+    other layers (``analyze.teacher_all_layers``) and every student's from a forward pass."""
+    from .distill import load_student
+
+    cfg = ctx.cfg
+    a = cfg.analyze
     rps = cache.spec.rows_per_shard
     views = ViewDataset.for_config(manifest_rows(cache), cfg.data)
     device = models.resolve_device(cfg.teacher.device)
-    store = Path(ctx.out) / "features.zarr"
-    root = zarr.open_group(str(store), mode="w")
-
-    # teacher: cached layers from the cache, the rest (optionally) from a forward pass
-    teacher = teacher_stage.load(trec, cfg)
+    root = zarr.open_group(str(Path(ctx.out) / "features.zarr"), mode="w")
+    seen = ModelsSeen()
+    teacher = teacher_stage.load(ctx.upstream["teacher"], cfg)
     tdepth = models.depth(teacher)
     cached = write_cached_teacher_layers(root, cache, rows, rps)
-    layer_index = {TEACHER: {}}
-    for l in cache.spec.layers:
-        layer_index[TEACHER][l.name] = l.index
+    seen.layer_index[TEACHER] = {layer.name: layer.index for layer in cache.spec.layers}
     if a.teacher_all_layers:
         rest = [i for i in range(tdepth) if i not in cached]
         if rest:
             names = models.layer_names(teacher, rest)
             write_model_features(root, TEACHER, teacher, rest, names, views, rows, rps, a.batch_size, device,
                                  cache.valid)
-            layer_index[TEACHER].update(dict(zip(names, rest)))
-    depths = {TEACHER: tdepth}
-    # students
-    from .distill import load_student
-
-    kinds = {TEACHER: "teacher"}
-    pairs_cfg = {}
+            seen.layer_index[TEACHER].update(dict(zip(names, rest)))
+    seen.depths[TEACHER], seen.kinds[TEACHER] = tdepth, "teacher"
     for s in cfg.distill.students:
         st = cfg.student(s.name)
         m = load_student(ctx.runner, cfg, s.name)
         d = models.depth(m)
-        idx = list(range(d))
-        names = models.layer_names(m, idx)
-        write_model_features(root, s.name, m, idx, names, views, rows, rps, a.batch_size, device,
+        names = models.layer_names(m, list(range(d)))
+        write_model_features(root, s.name, m, list(range(d)), names, views, rows, rps, a.batch_size, device,
                              cache.valid)
-        layer_index[s.name] = dict(zip(names, idx))
-        depths[s.name] = d
-        kinds[s.name] = st.loss.kind
-        pairs_cfg[s.name] = [(sl % d, tl % tdepth) for sl, tl in st.layers]
+        seen.layer_index[s.name] = dict(zip(names, range(d)))
+        seen.depths[s.name], seen.kinds[s.name], seen.seeds[s.name] = d, st.loss.kind, st.seed
+        seen.pairs[s.name] = [(sl % d, tl % tdepth) for sl, tl in st.layers]
+    return seen
 
-    # dask: chunks = shards
+
+def compute_metrics(cfg: PipelineConfig, store: Path, layer_index: dict) -> dict:
+    """The metrics of every (model, layer) of the feature store, on Dask with chunks = shards."""
+    import dask.array as da
+
     g = zarr.open_group(str(store), mode="r")
     arrays = {}
     for model, names in layer_index.items():
@@ -315,64 +345,72 @@ def run(ctx) -> dict:
             arrays[(model, idx)] = da.from_zarr(z, chunks=z.shards)
     client, cluster = _client(cfg)
     try:
-        metrics = dask_channel_spectra(arrays, a.radial_bands, client=client)
+        return dask_channel_spectra(arrays, cfg.analyze.radial_bands, client=client)
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
 
-    # tables
+
+def metric_tables(cfg: PipelineConfig, metrics: dict, seen: ModelsSeen,
+                  snapshots: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Long-format rows of every table analyze writes (``snapshots``: each student's records)."""
     spectra_rows, int_rows, radial_rows = [], [], []
-    for (model, idx), (spec, inten, radial) in sorted(metrics.items()):
-        frac = idx / max(1, depths[model] - 1)
-        int_rows.append({"model": model, "kind": kinds[model], "layer": idx, "depth_frac": frac, "intensity": inten})
+    for (model, idx), (spec, inten, radial, entropy) in sorted(metrics.items()):
+        frac = idx / max(1, seen.depths[model] - 1)
+        int_rows.append({"model": model, "kind": seen.kinds[model], "layer": idx, "depth_frac": frac,
+                         "intensity": inten, "entropy": entropy})
         spectra_rows += [{"model": model, "layer": idx, "frequency": f, "value": float(v)} for f, v in enumerate(spec)]
         radial_rows += [{"model": model, "layer": idx, "band": b, "value": float(v)} for b, v in enumerate(radial)]
-    prof_rows, pair_rows = [], []
     t_rows = sorted((r for r in int_rows if r["model"] == TEACHER), key=lambda r: r["layer"])
-    t_depth = np.array([r["depth_frac"] for r in t_rows])
-    t_val = np.array([r["intensity"] for r in t_rows])
+    teacher = (np.array([r["depth_frac"] for r in t_rows]), np.array([r["intensity"] for r in t_rows]))
+    prof_rows, pair_rows, dyn_rows = [], [], []
     for s in cfg.distill.students:
         s_rows = sorted((r for r in int_rows if r["model"] == s.name), key=lambda r: r["layer"])
         prof_rows.append({
-            "model": s.name, "kind": kinds[s.name],
-            "profile_distance": profile_distance(t_depth, t_val, np.array([r["depth_frac"] for r in s_rows]),
+            "model": s.name, "kind": seen.kinds[s.name],
+            "profile_distance": profile_distance(*teacher, np.array([r["depth_frac"] for r in s_rows]),
                                                  np.array([r["intensity"] for r in s_rows])),
         })
-        for sl, tl in pairs_cfg[s.name]:
-            if (TEACHER, tl) not in metrics:
-                continue
-            ts, tl_int, _ = metrics[(TEACHER, tl)]
-            ss, sl_int, _ = metrics[(s.name, sl)]
-            pair_rows.append({"model": s.name, "student_layer": sl, "teacher_layer": tl,
-                              "intensity_distance": abs(tl_int - sl_int),
-                              "relative_intensity_distance": abs(tl_int - sl_int) / max(tl_int, 1e-30),
-                              "spectrum_distance": spectrum_distance(ts, ss)})
-    out = Path(ctx.out)
-    _write_table(out / "intensity.parquet", int_rows)
-    _write_table(out / "channel_spectra.parquet", spectra_rows)
-    _write_table(out / "radial_energy.parquet", radial_rows)
-    _write_table(out / "profile_distance.parquet", prof_rows)
-    if pair_rows:
-        _write_table(out / "layer_pairs.parquet", pair_rows)
-    figure = _plot_intensity(int_rows, out / "intensity.png")
-    plots = ["intensity.png"]
-    for model in layer_index:
-        _plot_spectra(spectra_rows, model, out / f"channel_spectra_{model}.png")
-        plots.append(f"channel_spectra_{model}.png")
-    report = make_report(cfg, int_rows, prof_rows, pair_rows, radial_rows, plots, rows[1] - rows[0])
-    atomic_write_text(out / "report.md", report)
-    log.info(f"analyze: report at {out / 'report.md'}")
-    return {"models": list(layer_index), "val_rows": rows[1] - rows[0], "seconds": round(time.time() - t0, 1),
-            "profile_distance": {r["model"]: r["profile_distance"] for r in prof_rows},
-            "top_teacher_layers": top_layers(t_rows, 3), "intensity_figure": figure}
+        pair_rows += _pair_rows(s.name, seen.pairs[s.name], metrics)
+    for name, snaps in snapshots.items():
+        dyn_rows += student_dynamics(name, seen.kinds[name], seen.seeds[name], snaps, teacher,
+                                     cfg.analyze.radial_bands)
+    return {"intensity": int_rows, "channel_spectra": spectra_rows, "radial_energy": radial_rows,
+            "profile_distance": prof_rows, "layer_pairs": pair_rows, "dynamics": dyn_rows}
+
+
+def _pair_rows(name: str, pairs: list[tuple[int, int]], metrics: dict) -> list[dict]:
+    out = []
+    for sl, tl in pairs:
+        if (TEACHER, tl) not in metrics:
+            continue
+        ts, tl_int = metrics[(TEACHER, tl)][:2]
+        ss, sl_int = metrics[(name, sl)][:2]
+        out.append({"model": name, "student_layer": sl, "teacher_layer": tl,
+                    "intensity_distance": abs(tl_int - sl_int),
+                    "relative_intensity_distance": abs(tl_int - sl_int) / max(tl_int, 1e-30),
+                    "spectrum_distance": spectrum_distance(ts, ss)})
+    return out
+
+
+def _snapshots(runner) -> dict[str, list[dict]]:
+    """Each student's snapshot records (distill's ``snapshots.parquet``), where it kept any."""
+    out = {}
+    for s in runner.cfg.distill.students:
+        snaps = read_snapshots(runner.student_dir(s.name) / SNAPSHOTS)
+        if snaps:
+            out[s.name] = snaps
+    return out
 
 
 def top_layers(teacher_rows: list[dict], k: int) -> list[int]:
     return [r["layer"] for r in sorted(teacher_rows, key=lambda r: -r["intensity"])[:k]]
 
 
-def make_report(cfg, int_rows, prof_rows, pair_rows, radial_rows, plots, n_rows) -> str:
+def make_report(cfg, tables: dict, plots: list[str], n_rows: int, kinds: dict[str, str]) -> str:
+    int_rows, prof_rows, pair_rows = tables["intensity"], tables["profile_distance"], tables["layer_pairs"]
+    radial_rows = tables["radial_energy"]
     t_rows = sorted((r for r in int_rows if r["model"] == TEACHER), key=lambda r: r["layer"])
     top = sorted(t_rows, key=lambda r: -r["intensity"])[:3]
     lines = [
@@ -419,9 +457,10 @@ def make_report(cfg, int_rows, prof_rows, pair_rows, radial_rows, plots, n_rows)
         for r in pair_rows:
             lines.append(f"| {r['model']} | {r['student_layer']} | {r['teacher_layer']} | "
                          f"{r['relative_intensity_distance']:.4f} | {r['spectrum_distance']:.4f} |")
-    lines += ["", "## Plots", ""] + [f"- [{p}]({p})" for p in plots]
-    lines += ["", "Tables: intensity.parquet, channel_spectra.parquet, radial_energy.parquet, "
-              "profile_distance.parquet, layer_pairs.parquet (long format).", ""]
+    lines += [""] + report_section(tables["dynamics"], kinds)
+    lines += ["## Plots", ""] + [f"- [{p}]({p})" for p in plots]
+    lines += ["", "Tables: intensity.parquet (with channel entropy), channel_spectra.parquet, radial_energy.parquet, "
+              "profile_distance.parquet, layer_pairs.parquet, dynamics.parquet (long format).", ""]
     return "\n".join(lines)
 
 

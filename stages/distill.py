@@ -38,7 +38,8 @@ from pipeline.fsutil import (atomic_torch_save, atomic_write, atomic_write_json,
 from . import models, teacher as teacher_stage
 from .data import ViewDataset
 from .extract import manifest_rows, open_cache
-from .spectral import spectralkd_loss, spectrum
+from .dynamics import SNAPSHOTS
+from .spectral import layer_sums, spectralkd_loss, spectrum
 from .train import adamw, evaluate, warmup_cosine
 
 log = logging.getLogger("pipeline")
@@ -364,6 +365,29 @@ class Trainer:
         for x, y, _, _ in it:
             yield x, y
 
+    def snapshot_due(self, epoch: int) -> bool:
+        n = self.st.snapshot_every
+        return n > 0 and ((epoch + 1) % n == 0 or epoch + 1 == self.st.epochs)
+
+    def evaluate(self, epoch: int) -> tuple[dict, list[dict]]:
+        """Val top-1/top-5/loss; at snapshot epochs, from the same forward pass, the analysis sums of
+        every student layer on the val split (:func:`stages.spectral.layer_sums`): the statistics
+        are kept rather than the weights, a few numbers per layer instead of a checkpoint."""
+        amp = lambda: models.autocast(self.device, self.st.amp)  # noqa: E731
+        if not self.snapshot_due(epoch):
+            return evaluate(self.model, self.val_batches(), self.device, amp), []
+        sums: list[dict | None] = [None] * self.depth
+        widths = [0] * self.depth
+
+        def add(feats):
+            for i, f in enumerate(feats):
+                s = layer_sums(f)
+                sums[i] = s if sums[i] is None else {k: sums[i][k] + s[k] for k in s}
+                widths[i] = f.shape[-1]
+
+        ev = evaluate(self.model, self.val_batches(), self.device, amp, list(range(self.depth)), add)
+        return ev, [snapshot_row(epoch, layer, s, widths[layer]) for layer, s in enumerate(sums) if s is not None]
+
     def targets_online(self, x: torch.Tensor) -> dict:
         with torch.no_grad(), models.autocast(self.device, self.st.amp):
             logits, feats = models.intermediates(self.teacher, x, sorted(set(self.t_layers)))
@@ -411,73 +435,91 @@ class Trainer:
                                     f"({len(bad)} parameters in all)")
 
     def fit(self, max_steps: int | None = None) -> list[dict]:
+        """Train every remaining epoch (resuming from ``ckpt.pt``); one metrics row per epoch, and the
+        snapshots of :meth:`evaluate` in ``snapshots.parquet``."""
         st, out = self.st, self.out
         opt = adamw(self.model, st.lr, st.weight_decay)
         steps_per_epoch = len(self.train_batches(0))
         sched = warmup_cosine(opt, st.epochs * steps_per_epoch, int(st.warmup_epochs * steps_per_epoch))
-        metrics: list[dict] = []
-        start = 0
-        ck = out / "ckpt.pt"
-        if ck.exists():
-            state = torch.load(ck, map_location="cpu", weights_only=True)
-            self.model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            sched.load_state_dict(state["sched"])
-            metrics = state["metrics"]
-            start = state["epoch"] + 1
-            if dist.is_main():
-                log.info(f"{st.name}: resuming after epoch {start} from {ck}")
+        start, metrics, snapshots = self._resume(out / "ckpt.pt", opt, sched)
         for epoch in range(start, st.epochs):
-            torch.manual_seed(st.seed * 1000 + epoch)
             t0 = time.time()
-            self.model.train()
-            sums = np.zeros(5)
-            step_times = []
-            batches = self.train_batches(epoch)
-            mix = BatchMix(self.train_labels(epoch), st.batch_size)
-            bar = tqdm(batches, total=len(batches), desc=f"{st.name} {epoch + 1}/{st.epochs}", leave=False,
-                       disable=not dist.is_main() or None)
-            for i, (x, y, _, tg) in enumerate(bar):
-                mix.add(y)
-                ts = time.perf_counter()
-                try:
-                    terms = self.step(x, y, tg, opt)
-                except NonFiniteTraining as e:
-                    raise NonFiniteTraining(f"{e} at epoch {epoch + 1} step {i + 1}; lower the lr or check the "
-                                            f"loss weights") from None
-                sched.step()
-                it = terms.items()
-                sums += np.array([it["total"] * len(y), it["ce"] * len(y), it["kd"] * len(y),
-                                  it["spec"] * len(y), len(y)])
-                step_times.append(time.perf_counter() - ts)
-                if max_steps is not None and i + 1 >= max_steps:
-                    break
-            self.check_finite_weights(epoch)
-            tot = dist.all_reduce_sum(sums.tolist())
-            n = max(1.0, tot[4])
-            ev = evaluate(self.model, self.val_batches(), self.device,
-                          lambda: models.autocast(self.device, st.amp))
+            terms, step_s, mix = self._train_epoch(epoch, opt, sched, max_steps)
+            ev, snap = self.evaluate(epoch)
             row = {
-                "student": st.name, "epoch": epoch, "lr": float(sched.get_last_lr()[0]),
-                "loss_total": tot[0] / n, "loss_ce": tot[1] / n, "loss_kd": tot[2] / n, "loss_spec": tot[3] / n,
+                "student": st.name, "epoch": epoch, "lr": float(sched.get_last_lr()[0]), **terms,
                 "val_top1": ev["top1"], "val_top5": ev["top5"], "val_loss": ev["loss"],
-                "epoch_s": time.time() - t0, "step_s": float(np.mean(step_times)) if step_times else 0.0,
-                **mix.summary(),
+                "epoch_s": time.time() - t0, "step_s": step_s, **mix.summary(),
             }
-            if epoch == start and dist.is_main():
-                mix.check(st.name)
             metrics.append(row)
+            snapshots += snap
             if dist.is_main():
+                if epoch == start:
+                    mix.check(st.name)
                 log.info(
                     f"{st.name} epoch {epoch + 1}/{st.epochs}: loss {row['loss_total']:.4f} (ce {row['loss_ce']:.3f} "
                     f"kd {row['loss_kd']:.3f} spec {row['loss_spec']:.4f}) val top-1 {ev['top1']:.2f}% "
                     f"({row['epoch_s']:.1f}s)"
                 )
-                atomic_torch_save(ck, {"model": self.model.state_dict(), "opt": opt.state_dict(),
-                                       "sched": sched.state_dict(), "epoch": epoch, "metrics": metrics})
+                atomic_torch_save(out / "ckpt.pt", {"model": self.model.state_dict(), "opt": opt.state_dict(),
+                                                    "sched": sched.state_dict(), "epoch": epoch, "metrics": metrics,
+                                                    "snapshots": snapshots})
                 write_metrics(out / "metrics.parquet", metrics)
+                if snapshots:
+                    write_metrics(out / SNAPSHOTS, snapshots)
             dist.barrier()
         return metrics
+
+    def _resume(self, ck: Path, opt, sched) -> tuple[int, list[dict], list[dict]]:
+        """(first epoch to train, metrics so far, snapshots so far), from ``ck`` when it exists."""
+        if not ck.exists():
+            return 0, [], []
+        state = torch.load(ck, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        if dist.is_main():
+            log.info(f"{self.st.name}: resuming after epoch {state['epoch'] + 1} from {ck}")
+        return state["epoch"] + 1, state["metrics"], state.get("snapshots", [])
+
+    def _train_epoch(self, epoch: int, opt, sched, max_steps: int | None) -> tuple[dict, float, BatchMix]:
+        """One epoch of steps: (mean loss terms over all ranks, mean step seconds, the batch mix)."""
+        st = self.st
+        torch.manual_seed(st.seed * 1000 + epoch)
+        self.model.train()
+        sums = np.zeros(5)
+        step_times = []
+        batches = self.train_batches(epoch)
+        mix = BatchMix(self.train_labels(epoch), st.batch_size)
+        bar = tqdm(batches, total=len(batches), desc=f"{st.name} {epoch + 1}/{st.epochs}", leave=False,
+                   disable=not dist.is_main() or None)
+        for i, (x, y, _, tg) in enumerate(bar):
+            mix.add(y)
+            ts = time.perf_counter()
+            try:
+                terms = self.step(x, y, tg, opt)
+            except NonFiniteTraining as e:
+                raise NonFiniteTraining(f"{e} at epoch {epoch + 1} step {i + 1}; lower the lr or check the "
+                                        f"loss weights") from None
+            sched.step()
+            it = terms.items()
+            sums += np.array([it["total"], it["ce"], it["kd"], it["spec"], 1.0]) * len(y)
+            step_times.append(time.perf_counter() - ts)
+            if max_steps is not None and i + 1 >= max_steps:
+                break
+        self.check_finite_weights(epoch)
+        tot = dist.all_reduce_sum(sums.tolist())
+        n = max(1.0, tot[4])
+        terms = {"loss_total": tot[0] / n, "loss_ce": tot[1] / n, "loss_kd": tot[2] / n, "loss_spec": tot[3] / n}
+        return terms, float(np.mean(step_times)) if step_times else 0.0, mix
+
+
+def snapshot_row(epoch: int, layer: int, sums: dict, width: int) -> dict:
+    """One snapshot record: the layer's summed statistics, as plain numbers (Parquet, checkpoints)."""
+    grid = sums["grid_energy"]
+    return {"epoch": epoch, "layer": layer, "positions": int(sums["positions"]),
+            "spectrum_sum": [float(v) for v in sums["spectrum_sum"]], "entropy_sum": float(sums["entropy_sum"]),
+            "grid_height": int(grid.shape[0]), "width": int(width), "grid_energy": [float(v) for v in grid.ravel()]}
 
 
 def write_metrics(path: Path, rows: list[dict]) -> None:

@@ -222,9 +222,61 @@ def radial_band_index(h: int, w: int, bands: int) -> np.ndarray:
 
 def radial_energy_sum(block: np.ndarray, bands: int) -> np.ndarray:
     """Per-block sums of |rfft2(X)|^2 per radial band (summed over b, c)."""
+    return band_energy(grid_energy_sum(block), block.shape[-2], block.shape[-1], bands)
+
+
+def grid_energy_sum(block: np.ndarray) -> np.ndarray:
+    """Per-block sums of |rfft2(X, norm="ortho")|^2 over b and c: (H, W//2+1), the spatial-frequency
+    energy grid that :func:`radial_energy_sum` bins into bands (``band_energy`` does it later)."""
     e = np.zeros((block.shape[-2], block.shape[-1] // 2 + 1), dtype=np.float64)
     for sl in _row_slices(block.shape[0], int(np.prod(block.shape[1:]))):
         s = np.fft.rfft2(np.asarray(block[sl], dtype=np.float32), norm="ortho")
         e += (np.abs(s) ** 2).sum(axis=(0, 1))
-    idx = radial_band_index(block.shape[-2], block.shape[-1], bands)
-    return np.bincount(idx.ravel(), weights=e.ravel(), minlength=bands).astype(np.float64)
+    return e
+
+
+def band_energy(grid: np.ndarray, h: int, w: int, bands: int) -> np.ndarray:
+    """The energy grid of :func:`grid_energy_sum` summed per radial band (:func:`radial_band_index`)."""
+    idx = radial_band_index(h, w, bands)
+    return np.bincount(idx.ravel(), weights=np.asarray(grid, dtype=np.float64).ravel(), minlength=bands)
+
+
+ENTROPY_BINS = 100
+
+
+def channel_entropy_sum(block: np.ndarray, bins: int = ENTROPY_BINS) -> float:
+    """Per-block sum, over images b and positions (h, w), of the channel entropy of X (B, C, H, W).
+
+    Channel entropy of one position: the C values of its channel vector in a histogram of ``bins``
+    equal-width bins spanning that vector's own min..max (the last bin closed), p_k = n_k / C,
+    H = -sum_k p_k ln p_k (nats); a constant vector has entropy 0.  Divide by B*H*W for the mean.
+    """
+    total = 0.0
+    c = block.shape[1]
+    for sl in _row_slices(block.shape[0], int(np.prod(block.shape[1:])), max_elems=1 << 16):
+        v = np.moveaxis(np.asarray(block[sl], dtype=np.float64), 1, -1).reshape(-1, c)  # (positions, C)
+        lo, hi = v.min(axis=1, keepdims=True), v.max(axis=1, keepdims=True)
+        span = np.where(hi > lo, hi - lo, 1.0)
+        k = np.clip(((v - lo) / span * bins).astype(np.int64), 0, bins - 1)
+        counts = np.bincount((k + bins * np.arange(len(v))[:, None]).ravel(), minlength=len(v) * bins)
+        p = counts.reshape(len(v), bins) / c
+        total += float(-(p * np.log(np.where(p > 0, p, 1.0))).sum())
+    return total
+
+
+def _norm_profile(v: np.ndarray) -> np.ndarray:
+    return v / max(float(np.mean(v)), 1e-30)
+
+
+def profile_distance(t_depth: np.ndarray, t_val: np.ndarray, s_depth: np.ndarray, s_val: np.ndarray) -> float:
+    """Mean |difference| of mean-normalized intensity profiles, teacher interpolated at student depths."""
+    t_at = np.interp(s_depth, t_depth, _norm_profile(t_val))
+    return float(np.mean(np.abs(_norm_profile(s_val) - t_at)))
+
+
+def layer_sums(block: np.ndarray) -> dict:
+    """Every analysis sum of one block of a layer's features (B, C, H, W): the channel-spectrum sums,
+    the spatial-frequency energy grid, the channel-entropy sum and the number of (b, h, w) positions.
+    Sums of blocks add up; divide by ``positions`` for means."""
+    return {"spectrum_sum": channel_spectrum_sum(block), "grid_energy": grid_energy_sum(block),
+            "entropy_sum": channel_entropy_sum(block), "positions": block.shape[0] * block.shape[2] * block.shape[3]}

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .models import topk_correct
+from .models import intermediates, topk_correct
 
 
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -34,8 +34,10 @@ def warmup_cosine(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: in
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, device: torch.device, autocast_ctx=None) -> dict:
-    """top-1 / top-5 (percent) and mean CE over (x, y) batches."""
+def evaluate(model: torch.nn.Module, batches, device: torch.device, autocast_ctx=None, layers: list[int] | None = None,
+             on_layers=None) -> dict:
+    """top-1 / top-5 (percent) and mean CE over (x, y) batches.  With ``layers``, the same forward
+    pass also hands each batch's features of those layers (float32 numpy, NCHW) to ``on_layers``."""
     import contextlib
 
     model.eval()
@@ -44,7 +46,11 @@ def evaluate(model: torch.nn.Module, batches, device: torch.device, autocast_ctx
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast_ctx() if autocast_ctx else contextlib.nullcontext():
-            logits = model(x)
+            if layers:
+                logits, feats = intermediates(model, x, layers)
+                on_layers([f.float().cpu().numpy() for f in feats])
+            else:
+                logits = model(x)
         logits = logits.float()
         loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         a, b = topk_correct(logits, y)

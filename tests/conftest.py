@@ -27,7 +27,7 @@ TINY = {
     "extract": {"layers": [0, -1], "views": 2, "store": ["logits", "spectra"], "batch_size": 64,
                 "rows_per_shard": 256, "num_workers": 0},
     "distill": {
-        "defaults": {"epochs": 1, "batch_size": 64, "lr": 0.002, "num_workers": 0},
+        "defaults": {"epochs": 1, "batch_size": 64, "lr": 0.002, "num_workers": 0, "snapshot_every": 1},
         "students": [
             {"name": "none", "model": "deit_tiny_patch16_224",
              "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2},

@@ -29,6 +29,21 @@ def _np_metrics(x: np.ndarray, bands: int):
     return spec, spec.mean(), energy / energy.sum()
 
 
+def _np_entropy(x: np.ndarray) -> float:
+    """Mean channel entropy by np.histogram, one position at a time (100 bins over the vector's range)."""
+    x = x.astype(np.float64)
+    total, n = 0.0, 0
+    for b in range(x.shape[0]):
+        for h in range(x.shape[2]):
+            for w in range(x.shape[3]):
+                v = x[b, :, h, w]
+                counts, _ = np.histogram(v, bins=100, range=(v.min(), v.max()) if v.max() > v.min() else None)
+                p = counts[counts > 0] / len(v)
+                total += float(-(p * np.log(p)).sum())
+                n += 1
+    return total / n
+
+
 def test_dask_intensities_equal_numpy_float64(tmp_path):
     rng = np.random.default_rng(0)
     g = zarr.open_group(str(tmp_path / "f.zarr"), mode="w")
@@ -46,6 +61,7 @@ def test_dask_intensities_equal_numpy_float64(tmp_path):
         np.testing.assert_allclose(got[name][0], spec, rtol=1e-5)
         assert got[name][1] == pytest.approx(inten, rel=1e-5)
         np.testing.assert_allclose(got[name][2], energy, rtol=1e-4, atol=1e-7)
+        assert got[name][3] == pytest.approx(_np_entropy(x), rel=1e-9)
 
 
 def test_dask_path_is_chunked_and_memory_bounded(tmp_path):
@@ -120,6 +136,20 @@ def test_analyze_stage_outputs(built):
     # the teacher's cached layers came from the cache: inverse rfft2 of the stored spectra
     g = zarr.open_group(str(out / "features.zarr"), mode="r")
     assert g["teacher/blocks.0"].shape == (359, 32, 4, 4)
+    # dynamics: the last epoch's snapshot (float32 features in distill) equals what analyze computed
+    # from the final checkpoint (float16 features in features.zarr), layer by layer
+    dyn = pq.read_table(out / "dynamics.parquet").to_pylist()
+    assert {r["student"] for r in dyn} == {"none", "spectral"} and {r["epoch"] for r in dyn} == {0}
+    for q in ("intensity", "entropy"):
+        snap = {(r["student"], r["layer"]): r["value"] for r in dyn if r["quantity"] == q}
+        final = {(r["model"], r["layer"]): r[q] for r in t if r["model"] != "teacher"}
+        assert snap.keys() == final.keys()
+        for k in snap:
+            assert snap[k] == pytest.approx(final[k], rel=2e-3), (q, k)
+    assert all(r["entropy"] > 0 for r in t)
+    assert "## Dynamics" in report and "settling epoch" in report
+    for png in ("dynamics_distance.png", "dynamics_none.png", "channel_entropy.png"):
+        assert (out / png).stat().st_size > 10_000, png
 
 
 @pytest.mark.slow
