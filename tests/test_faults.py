@@ -416,7 +416,7 @@ def test_labels_beyond_num_classes_on_an_existing_workdir(built, tmp_path):
     copy_upstream(recs, wd)
     cfg2 = config_from_dict(TINY, ["data.num_classes=5"], workdir=str(wd))
     assert Runner(cfg2).state("prepare").status == "up to date"
-    with pytest.raises(PipelineError, match=r"^data\.num_classes: 5, but sample digits_\d+ in .*train-000000\.tar "
+    with pytest.raises(PipelineError, match=r"^data\.num_classes: 5, but sample digits_\d+ in .*train-00000\d\.tar "
                                             r"has label [5-9] \(labels must be 0\.\.4\)"):
         Runner(cfg2).run("teacher")
 
