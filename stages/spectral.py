@@ -244,6 +244,22 @@ def band_energy(grid: np.ndarray, h: int, w: int, bands: int) -> np.ndarray:
 ENTROPY_BINS = 100
 
 
+def _histogram_bins(v: np.ndarray, bins: int) -> np.ndarray:
+    """The bin of each value of each row of ``v`` (rows, n) among ``bins`` equal-width bins spanning
+    the row's min..max, the last bin closed: the rule of ``np.histogram(row, bins)``, values on an
+    edge included (its linspace edges, then one step of correction against them)."""
+    lo, hi = v.min(axis=1, keepdims=True), v.max(axis=1, keepdims=True)
+    flat = hi <= lo
+    lo, hi = np.where(flat, lo - 0.5, lo), np.where(flat, hi + 0.5, hi)  # numpy's range for a constant row
+    step = (hi - lo) / bins
+    k = ((v - lo) * (bins / (hi - lo))).astype(np.int64)
+    k[k == bins] = bins - 1
+    k -= v < k * step + lo
+    upper = np.where(k + 1 == bins, hi, (k + 1) * step + lo)
+    k += (v >= upper) & (k != bins - 1)
+    return k
+
+
 def channel_entropy_sum(block: np.ndarray, bins: int = ENTROPY_BINS) -> float:
     """Per-block sum, over images b and positions (h, w), of the channel entropy of X (B, C, H, W).
 
@@ -255,9 +271,7 @@ def channel_entropy_sum(block: np.ndarray, bins: int = ENTROPY_BINS) -> float:
     c = block.shape[1]
     for sl in _row_slices(block.shape[0], int(np.prod(block.shape[1:])), max_elems=1 << 16):
         v = np.moveaxis(np.asarray(block[sl], dtype=np.float64), 1, -1).reshape(-1, c)  # (positions, C)
-        lo, hi = v.min(axis=1, keepdims=True), v.max(axis=1, keepdims=True)
-        span = np.where(hi > lo, hi - lo, 1.0)
-        k = np.clip(((v - lo) / span * bins).astype(np.int64), 0, bins - 1)
+        k = _histogram_bins(v, bins)
         counts = np.bincount((k + bins * np.arange(len(v))[:, None]).ravel(), minlength=len(v) * bins)
         p = counts.reshape(len(v), bins) / c
         total += float(-(p * np.log(np.where(p > 0, p, 1.0))).sum())

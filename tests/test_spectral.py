@@ -177,3 +177,36 @@ def test_matrix_and_fft_paths_agree_with_numpy_and_carry_gradients(shape):
     (spectrum(xt) * g).sum().backward()
     (torch.view_as_real(torch.fft.rfft2(xf, norm="ortho")) * g).sum().backward()
     np.testing.assert_allclose(xt.grad.numpy(), xf.grad.numpy(), atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 4), c=st.integers(1, 130), h=st.integers(1, 5), w=st.integers(1, 5), seed=st.integers(0, 99),
+       split=st.integers(0, 4), ties=st.booleans())
+def test_snapshot_sums_equal_float64_numpy(b, c, h, w, seed, split, ties):
+    """layer_sums (what a distill snapshot records) against an independent float64 computation:
+    the channel spectrum, the energy grid, and the channel entropy by np.histogram per position."""
+    from stages.spectral import layer_sums
+
+    x = np.random.default_rng(seed).normal(size=(b, c, h, w))
+    if ties:  # constant and repeated channel values: one bin, entropy 0 for a constant vector
+        x = np.round(x) if c > 1 else x
+        x[0, :, 0, 0] = 1.5
+    x = x.astype(np.float32)
+    cut = min(split, b)
+    parts = [layer_sums(x[:cut]), layer_sums(x[cut:])] if 0 < cut < b else [layer_sums(x)]
+    got = {k: sum(p[k] for p in parts) for k in parts[0]}
+    xd = x.astype(np.float64)
+    assert got["positions"] == b * h * w
+    want_spec = (np.abs(np.fft.fft(xd, axis=1)) / c).sum(axis=(0, 2, 3))
+    np.testing.assert_allclose(got["spectrum_sum"], want_spec, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["grid_energy"], (np.abs(np.fft.rfft2(xd, norm="ortho")) ** 2).sum(axis=(0, 1)),
+                               rtol=1e-5, atol=1e-6)
+    ent = 0.0
+    for i in range(b):
+        for y in range(h):
+            for z in range(w):
+                v = xd[i, :, y, z]
+                counts, _ = np.histogram(v, bins=100, range=(v.min(), v.max()) if v.max() > v.min() else None)
+                p = counts[counts > 0] / c
+                ent += float(-(p * np.log(p)).sum())
+    assert got["entropy_sum"] == pytest.approx(ent, rel=1e-9, abs=1e-9)
