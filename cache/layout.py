@@ -66,7 +66,7 @@ class CacheSpec:
     store: tuple[str, ...] = ("logits", "spectra")
     chunk_bytes: int = 1 << 20
     compressor: str = "zstd"
-    clevel: int = 3
+    clevel: int = 1
 
     @property
     def num_shards(self) -> int:

@@ -11,8 +11,8 @@
    selected layers (NCHW, prefix tokens dropped); spectra are rfft2(norm="ortho") in float32,
    stored as float16 at teacher width.
 3. Write: rows are grouped by Zarr shard; DataLoader workers decode and build views while the
-   teacher runs, and a writer thread compresses and writes finished shards behind a bounded
-   queue.  Under torchrun rank r owns the shards s with s % world == r.
+   teacher runs, and ``extract.writers`` threads compress and write finished shards behind a
+   bounded queue.  Under torchrun rank r owns the shards s with s % world == r.
 """
 
 from __future__ import annotations

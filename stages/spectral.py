@@ -1,6 +1,6 @@
 """The SpectralKD math, pure and small.
 
-Notation (DESIGN.md, "The math"): features ``X`` are (B, C, H, W) NCHW maps from timm's
+Notation (ARCHITECTURE.md and the README's loss section): features ``X`` are (B, C, H, W) NCHW maps from timm's
 ``forward_intermediates``.
 
 * :func:`spectrum`: ``S = rfft2(X, norm="ortho")`` over (H, W) in float32, returned as a real tensor

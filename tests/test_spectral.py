@@ -40,7 +40,7 @@ def np_log_softmax(z):
 
 
 def np_loss(zs, y, zt, fs, ts_feats, alpha, tau, beta, w_fft, ls):
-    """DESIGN.md's total loss, in float64 numpy; teacher spectra computed from teacher features."""
+    """The README's total loss, in float64 numpy; teacher spectra computed from teacher features."""
     k = zs.shape[1]
     logp = np_log_softmax(zs)
     onehot = np.eye(k)[y]
