@@ -25,6 +25,21 @@ from pipeline.fingerprint import diff
 from .layout import FORMAT_VERSION, MANIFEST, SHARD_INDEX, CacheSpec, meaning_digest, shard_key, spec_from_attrs
 
 
+CACHE_DIR = "cache.zarr"  # the cache's folder inside an extract output
+
+
+def cache_path(record) -> Path:
+    """The cache of a completed extract record (anything with a ``path``)."""
+    return Path(record.path) / CACHE_DIR
+
+
+def open_cache(extract_record) -> "Cache":
+    """The cache of a completed extract record, checked against the record's fingerprint."""
+    fp = extract_record.lock["fingerprint"]
+    inputs = extract_record.lock.get("inputs")
+    return Cache(cache_path(extract_record), expect_fingerprint=fp, expect_inputs=inputs)
+
+
 @dataclass
 class Block:
     """A contiguous row range of one (split, view)."""

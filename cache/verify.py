@@ -14,7 +14,7 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import read_json
 
 from .layout import MANIFEST, marker_name
-from .reader import Cache
+from .reader import Cache, cache_path
 
 
 def verify_cache(path: Path, fingerprint: str | None, teacher_digest: str | None = None,
@@ -109,8 +109,6 @@ def verify_stage(runner, stage: str) -> list[str]:
         return [f"{stage}: no complete output for the current config ({fp[:12]}) under {runner.out_dir(stage)}; "
                 f"run `python -m pipeline run {stage}`"]
     if stage == "extract":
-        from stages.extract import cache_path
-
         trec = runner.record("teacher")
         digest = trec.summary.get("weights_sha256") if trec else None
         return verify_cache(cache_path(rec), fp, digest)

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cache.layout import CacheSpec, LayerSpec
-from cache.reader import Cache
+from cache.reader import CACHE_DIR, Cache, cache_path, open_cache  # noqa: F401  (stages import them from here)
 from cache.writer import CacheWriter
 from pipeline import dist
 from pipeline.config import PipelineConfig
@@ -43,13 +43,6 @@ from .shards import Samples, check_labels
 from .spectral import spectrum
 
 log = logging.getLogger("pipeline")
-
-CACHE_DIR = "cache.zarr"
-
-
-def cache_path(record) -> Path:
-    return Path(record.path) / CACHE_DIR
-
 
 # ----------------------------------------------------------------------------- plan
 
@@ -388,10 +381,3 @@ def _teacher_pass(cfg, model, device, rows, spec: CacheSpec, todo, writer, n_tod
         + ", ".join(f"{k} {100 * v:.0f}%" for k, v in split.items())
     )
     return split
-
-
-def open_cache(extract_record) -> Cache:
-    """The cache of a completed extract record, checked against the record's fingerprint."""
-    fp = extract_record.lock["fingerprint"]
-    inputs = extract_record.lock.get("inputs")
-    return Cache(cache_path(extract_record), expect_fingerprint=fp, expect_inputs=inputs)
