@@ -142,12 +142,17 @@ def test_sigkill_mid_epoch_resumes_to_same_metrics(built, tmp_path):
         if kill:
             assert "resuming after epoch" in r.stderr
         m = pq.read_table(next(wd.glob("distill/students/*/metrics.parquet"))).to_pylist()
-        results.append(m)
-    clean, killed = results
+        snaps = pq.read_table(next(wd.glob("distill/students/*/snapshots.parquet"))).to_pylist()
+        results.append((m, snaps))
+    (clean, clean_snaps), (killed, killed_snaps) = results
     assert len(clean) == len(killed) == 4
     for a, b in zip(clean, killed):
-        for k in ("loss_total", "loss_spec", "val_top1", "val_top5", "val_loss"):
+        for k in ("loss_total", "loss_spec", "val_top1", "val_top5", "val_loss", "batch_labels"):
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["epoch"], k)
+    # the snapshots taken before the kill survive it (kept in the checkpoint): one per layer and epoch
+    assert [(s["epoch"], s["layer"]) for s in killed_snaps] == [(e, l) for e in range(4) for l in range(2)]
+    for a, b in zip(clean_snaps, killed_snaps):
+        assert a["entropy_sum"] == pytest.approx(b["entropy_sum"], rel=1e-5), (a["epoch"], a["layer"])
 
 
 def test_corrupt_chunk_fails_distill_naming_shard(built, tmp_path):
