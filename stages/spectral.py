@@ -269,12 +269,13 @@ def channel_entropy_sum(block: np.ndarray, bins: int = ENTROPY_BINS) -> float:
     """
     total = 0.0
     c = block.shape[1]
+    n = np.arange(c + 1, dtype=np.float64)
+    n_log_n = n * np.log(np.maximum(n, 1.0))  # H = ln C - sum_k n_k ln n_k / C, with 0 ln 0 = 0
     for sl in _row_slices(block.shape[0], int(np.prod(block.shape[1:])), max_elems=1 << 16):
         v = np.moveaxis(np.asarray(block[sl], dtype=np.float64), 1, -1).reshape(-1, c)  # (positions, C)
         k = _histogram_bins(v, bins)
         counts = np.bincount((k + bins * np.arange(len(v))[:, None]).ravel(), minlength=len(v) * bins)
-        p = counts.reshape(len(v), bins) / c
-        total += float(-(p * np.log(np.where(p > 0, p, 1.0))).sum())
+        total += len(v) * np.log(c) - float(n_log_n[counts].sum()) / c
     return total
 
 
