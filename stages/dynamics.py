@@ -24,9 +24,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.errors import PipelineError
+
 from .spectral import band_energy, profile_distance
 
 SNAPSHOTS = "snapshots.parquet"
+SNAPSHOT_COLUMNS = {"epoch", "layer", "positions", "spectrum_sum", "entropy_sum", "grid_height", "width", "grid_energy"}
 
 
 def snapshot_metrics(snap: dict, bands: int) -> dict:
@@ -71,7 +74,16 @@ def student_dynamics(name: str, kind: str, seed: int, snapshots: list[dict], tea
 
 
 def read_snapshots(path: Path) -> list[dict]:
-    return pq.read_table(path).to_pylist() if path.exists() else []
+    """A student's snapshot records; none when it kept none; a damaged file is named."""
+    if not path.exists():
+        return []
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{path}: cannot read the snapshots ({e}); rerun the student with --force") from None
+    if rows and not SNAPSHOT_COLUMNS <= set(rows[0]):
+        raise PipelineError(f"{path}: not a snapshot table (columns {sorted(rows[0])})")
+    return rows
 
 
 def distance_curves(rows: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
