@@ -81,11 +81,18 @@ class CacheSpec:
         out: dict[str, tuple[tuple[int, ...], str]] = {"logits": ((self.num_classes,), "float16")}
         for layer in self.layers:
             if "spectra" in self.store:
-                out[f"spectra/{layer.name}"] = (layer.spectrum_shape(), "float16")
+                out[layer_array("spectra", layer.name)] = (layer.spectrum_shape(), "float16")
             if "features" in self.store:
-                out[f"features/{layer.name}"] = (layer.feature_shape(), "float16")
+                out[layer_array("features", layer.name)] = (layer.feature_shape(), "float16")
         out["valid"] = ((), "uint8")
         return out
+
+    def layer_arrays(self, kind: str) -> dict[str, int]:
+        """Array name -> position in ``layers`` of every stored array of ``kind`` ('spectra' or
+        'features'); empty when the cache does not store that kind."""
+        if kind not in self.store:
+            return {}
+        return {layer_array(kind, layer.name): i for i, layer in enumerate(self.layers)}
 
     def chunk_rows(self, row_shape: tuple[int, ...], dtype: str) -> int:
         """Inner-chunk rows for an array of this cache (see :func:`chunk_rows`)."""
@@ -105,6 +112,11 @@ class CacheSpec:
             name: int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
             for name, (shape, dt) in self.arrays().items()
         }
+
+
+def layer_array(kind: str, layer_name: str) -> str:
+    """The array holding ``kind`` ('spectra' or 'features') of a teacher layer."""
+    return f"{kind}/{layer_name}"
 
 
 def spec_to_attrs(spec: CacheSpec) -> dict:

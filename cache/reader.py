@@ -22,7 +22,8 @@ import zarr
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import diff
 
-from .layout import FORMAT_VERSION, MANIFEST, SHARD_INDEX, CacheSpec, meaning_digest, shard_key, spec_from_attrs
+from .layout import (FORMAT_VERSION, MANIFEST, SHARD_INDEX, CacheSpec, layer_array, meaning_digest, shard_key,
+                     spec_from_attrs)
 
 
 CACHE_DIR = "cache.zarr"  # the cache's folder inside an extract output
@@ -124,6 +125,17 @@ class Cache:
                 f"{self.path}: teacher layer {index} is not in the cache (cached: {sorted(layers)})"
             )
         return layers[index]
+
+    def read_layer(self, kind: str, index: int, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the ``kind`` ('spectra' or 'features') of teacher layer ``index``."""
+        if kind not in self.spec.store:
+            raise PipelineError(f"{self.path}: the cache stores no {kind} (extract.store = {list(self.spec.store)})")
+        return self.read(layer_array(kind, self.layer(index).name), start, stop)
+
+    def target_bytes_per_row(self, layers: list[int]) -> int:
+        """Bytes per row of the logits and the spectra of teacher layers ``layers`` once decoded."""
+        per_row = self.spec.bytes_per_row()
+        return per_row["logits"] + sum(per_row[layer_array("spectra", self.layer(t).name)] for t in set(layers))
 
     def array(self, name: str):
         try:

@@ -21,10 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import zarr
 from tqdm.auto import tqdm
 
-from cache.layout import chunk_rows
+from cache.features import FeatureStore
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write, atomic_write_text
@@ -90,21 +89,10 @@ def dask_channel_spectra(arrays: dict, bands: int, progress: bool = True, client
 # ----------------------------------------------------------------------------- features
 
 
-def _feature_writer(root: zarr.Group, model: str, name: str, rows: int, shape, rps: int):
-    from zarr.codecs import Crc32cCodec, ZstdCodec
-
-    c, h, w = shape
-    n = chunk_rows(rps, c * h * w * 2, 1 << 20)
-
-    return root.create_array(
-        f"{model}/{name}", shape=(rows, c, h, w), dtype="float16", chunks=(n, c, h, w), shards=(rps, c, h, w),
-        compressors=[ZstdCodec(level=1), Crc32cCodec()], fill_value=0, overwrite=True,
-    )
-
-
 @torch.inference_mode()
-def write_model_features(root, label: str, model, indices: list[int], names: list[str], views: ViewDataset,
-                         rows: tuple[int, int], rps: int, batch: int, device, valid: np.ndarray) -> None:
+def write_model_features(store: FeatureStore, label: str, model, indices: list[int], names: list[str],
+                         views: ViewDataset, rows: tuple[int, int], rps: int, batch: int, device,
+                         valid: np.ndarray) -> None:
     """Run ``model`` on val rows and write its layers, one shard of rows at a time (a row whose
     image extract read, ``valid``, must still be readable)."""
     model = model.to(device).eval()
@@ -112,7 +100,7 @@ def write_model_features(root, label: str, model, indices: list[int], names: lis
     n = b0 - a0
     x0 = views.normalize(views[a0][0][None].to(device))
     _, f0 = models.intermediates(model, x0, indices)
-    arrays = [_feature_writer(root, label, nm, n, tuple(f.shape[1:]), rps) for nm, f in zip(names, f0)]
+    arrays = [store.new_array(label, nm, n, tuple(f.shape[1:]), rps) for nm, f in zip(names, f0)]
     for s in tqdm(range(0, n, rps), desc=f"features {label}", leave=False, disable=None):
         e = min(n, s + rps)
         bufs = [np.zeros((e - s, *a.shape[1:]), np.float16) for a in arrays]
@@ -128,19 +116,19 @@ def write_model_features(root, label: str, model, indices: list[int], names: lis
             arr[s:e] = buf
 
 
-def write_cached_teacher_layers(root, cache, rows: tuple[int, int], rps: int) -> list[int]:
+def write_cached_teacher_layers(store: FeatureStore, cache, rows: tuple[int, int], rps: int) -> list[int]:
     """The teacher's cached layers on val rows: stored features, else irfft2 of the stored spectra."""
     a0, b0 = rows
     n = b0 - a0
     done = []
     for layer in cache.spec.layers:
-        arr = _feature_writer(root, TEACHER, layer.name, n, layer.feature_shape(), rps)
+        arr = store.new_array(TEACHER, layer.name, n, layer.feature_shape(), rps)
         for s in range(0, n, rps):
             e = min(n, s + rps)
             if "features" in cache.spec.store:
-                block = cache.read(f"features/{layer.name}", a0 + s, a0 + e)
+                block = cache.read_layer("features", layer.index, a0 + s, a0 + e)
             else:
-                spec = torch.from_numpy(cache.read(f"spectra/{layer.name}", a0 + s, a0 + e))
+                spec = torch.from_numpy(cache.read_layer("spectra", layer.index, a0 + s, a0 + e))
                 block = inverse_spectrum(spec, layer.width).numpy().astype(np.float16)
             arr[s:e] = block
         done.append(layer.index)
@@ -306,17 +294,17 @@ def write_features(ctx, cache, rows: tuple[int, int]) -> ModelsSeen:
     rps = cache.spec.rows_per_shard
     views = ViewDataset.for_config(manifest_rows(cache), cfg.data)
     device = models.resolve_device(cfg.teacher.device)
-    root = zarr.open_group(str(Path(ctx.out) / "features.zarr"), mode="w")
+    store = FeatureStore.create(Path(ctx.out) / "features.zarr")
     seen = ModelsSeen()
     teacher = teacher_stage.load(ctx.upstream["teacher"], cfg)
     tdepth = models.depth(teacher)
-    cached = write_cached_teacher_layers(root, cache, rows, rps)
+    cached = write_cached_teacher_layers(store, cache, rows, rps)
     seen.layer_index[TEACHER] = {layer.name: layer.index for layer in cache.spec.layers}
     if a.teacher_all_layers:
         rest = [i for i in range(tdepth) if i not in cached]
         if rest:
             names = models.layer_names(teacher, rest)
-            write_model_features(root, TEACHER, teacher, rest, names, views, rows, rps, a.batch_size, device,
+            write_model_features(store, TEACHER, teacher, rest, names, views, rows, rps, a.batch_size, device,
                                  cache.valid)
             seen.layer_index[TEACHER].update(dict(zip(names, rest)))
     seen.depths[TEACHER], seen.kinds[TEACHER] = tdepth, "teacher"
@@ -325,7 +313,7 @@ def write_features(ctx, cache, rows: tuple[int, int]) -> ModelsSeen:
         m = load_student(ctx.runner, cfg, s.name)
         d = models.depth(m)
         names = models.layer_names(m, list(range(d)))
-        write_model_features(root, s.name, m, list(range(d)), names, views, rows, rps, a.batch_size, device,
+        write_model_features(store, s.name, m, list(range(d)), names, views, rows, rps, a.batch_size, device,
                              cache.valid)
         seen.layer_index[s.name] = dict(zip(names, range(d)))
         seen.depths[s.name], seen.kinds[s.name], seen.seeds[s.name] = d, st.loss.kind, st.seed
@@ -335,14 +323,9 @@ def write_features(ctx, cache, rows: tuple[int, int]) -> ModelsSeen:
 
 def compute_metrics(cfg: PipelineConfig, store: Path, layer_index: dict) -> dict:
     """The metrics of every (model, layer) of the feature store, on Dask with chunks = shards."""
-    import dask.array as da
-
-    g = zarr.open_group(str(store), mode="r")
-    arrays = {}
-    for model, names in layer_index.items():
-        for name, idx in names.items():
-            z = g[f"{model}/{name}"]
-            arrays[(model, idx)] = da.from_zarr(z, chunks=z.shards)
+    features = FeatureStore(store)
+    arrays = {(model, idx): features.dask_array(model, name)
+              for model, names in layer_index.items() for name, idx in names.items()}
     client, cluster = _client(cfg)
     try:
         return dask_channel_spectra(arrays, cfg.analyze.radial_bands, client=client)

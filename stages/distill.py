@@ -136,8 +136,7 @@ class CachedBatches:
         if self.want_logits:
             out["logits"] = torch.from_numpy(self.cache.read("logits", a, b))
         for t in self.layers:
-            name = self.cache.layer(t).name
-            out[t] = torch.from_numpy(self.cache.read(f"spectra/{name}", a, b))
+            out[t] = torch.from_numpy(self.cache.read_layer("spectra", t, a, b))
         if self.memory is not None:
             self.memory[(a, b)] = out
         return out
@@ -336,10 +335,8 @@ class Trainer:
         """Bytes of the decoded teacher targets this student reads over all train views."""
         if self.st.mode != "cached" or self.st.loss.kind == "none":
             return 0
-        per_row = self.cache.spec.bytes_per_row()
-        names = ["logits"] + [f"spectra/{self.cache.layer(t).name}" for t in sorted(set(self.t_layers))]
         rows = sum(b.stop - b.start for b in self.cache.blocks if b.split == "train")
-        return rows * sum(per_row[n] for n in names)
+        return rows * self.cache.target_bytes_per_row(self.t_layers)
 
     def train_batches(self, epoch: int) -> CachedBatches:
         k = self.cache.views("train")

@@ -268,7 +268,8 @@ def run(ctx) -> dict:
                      "teacher_pass_s": round(pass_s, 3), "teacher_pass_split": split}
     if dist.is_main():
         fin = writer.finalize({"extract_seconds": round(time.time() - t_start, 2)})
-        raw32 = {n: b * 2 for n, b in spec.bytes_per_row().items() if n.startswith(("spectra/", "features/"))}
+        layer_arrays = {**spec.layer_arrays("spectra"), **spec.layer_arrays("features")}
+        raw32 = {n: b * 2 for n, b in spec.bytes_per_row().items() if n in layer_arrays}
         stored = {n: _du(path / n) for n in raw32}
         views = spec.rows
         summary.update({
@@ -300,8 +301,8 @@ def _teacher_pass(cfg, model, device, rows, spec: CacheSpec, todo, writer, n_tod
         persistent_workers=False,
     )
     arrays = spec.arrays()
-    layer_of = {f"spectra/{l.name}": i for i, l in enumerate(spec.layers)}
-    feat_of = {f"features/{l.name}": i for i, l in enumerate(spec.layers)}
+    layer_of = spec.layer_arrays("spectra")
+    feat_of = spec.layer_arrays("features")
     wt = _Writers(writer, e.writers)
     cur, buf, bad = -1, {}, []
 
