@@ -48,7 +48,6 @@ def main() -> None:
     recs = runner.run("extract")
     cache = open_cache(recs["extract"])
     teacher = teacher_stage.load(recs["teacher"], cfg).to(models.resolve_device(cfg.distill.defaults.device))
-    tdepth = models.depth(teacher)
     spectral = next(s for s in cfg.distill.students if s.loss.kind == "spectral").name
     base = cfg.student(spectral)
     variants = {
@@ -57,7 +56,7 @@ def main() -> None:
         "spectral online": base.model_copy(update={"mode": "online"}),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
-    trainers = {name: Trainer(cfg, st, cache, Path(wd) / "scratch", teacher_depth=tdepth,
+    trainers = {name: Trainer(cfg, st, cache, Path(wd) / "scratch", runner.model_plan,
                               teacher=teacher if st.mode == "online" else None) for name, st in variants.items()}
     opts = {name: torch.optim.AdamW(tr.model.parameters(), lr=tr.st.lr) for name, tr in trainers.items()}
     for epoch in range(args.repeat):  # epochs interleaved across variants; epoch e trains on view e mod K

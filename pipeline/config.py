@@ -470,55 +470,9 @@ def config_from_dict(
 # --------------------------------------------------------------------------- model checks
 
 
-def model_depth(name: str, kwargs: dict[str, Any], num_classes: int, where: str) -> tuple[int, list[dict]]:
-    """Build ``name`` on the meta device and return (number of intermediates, feature_info)."""
-    import timm
-    import torch
+def check_models(cfg: PipelineConfig):
+    """Validate model names, kwargs and layer indices against timm before any work; returns the
+    resolved models (:func:`stages.models.plan_models`, the one place that asks timm)."""
+    from stages.models import plan_models
 
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
-        hint = f" (similar: {', '.join(close)})" if close else ""
-        raise ConfigError(f"{where}.model: {name!r} is not a timm model{hint}")
-    kw = {"num_classes": num_classes, **kwargs}
-    try:
-        with torch.device("meta"):
-            m = timm.create_model(name, pretrained=False, **kw)
-    except TypeError as e:
-        raise ConfigError(f"{where}.kwargs: {kwargs!r} rejected by timm {name}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - timm raises many kinds on bad kwargs
-        raise ConfigError(f"{where}.kwargs: timm {name} cannot be built with {kwargs!r}: {e}") from None
-    if not hasattr(m, "forward_intermediates"):
-        raise ConfigError(f"{where}.model: {name!r} has no forward_intermediates in this timm version")
-    info = [dict(f) for f in getattr(m, "feature_info", [])]
-    depth = len(info) if info else len(getattr(m, "blocks", []))
-    return depth, info
-
-
-def check_index(idx: int, depth: int, name: str, where: str) -> int:
-    if not (-depth <= idx < depth):
-        raise ConfigError(f"{where}: {idx} is out of range for {name} ({-depth}..{depth - 1})")
-    return idx % depth
-
-
-def check_models(cfg: PipelineConfig) -> None:
-    """Validate model names, kwargs and layer indices against timm before any work."""
-    t = cfg.teacher
-    depth, _ = model_depth(t.model, t.kwargs, cfg.data.num_classes, "teacher")
-    seen = set()
-    for i, layer in enumerate(cfg.extract.layers):
-        norm = check_index(layer, depth, t.model, f"extract.layers[{i}]")
-        if norm in seen:
-            raise ConfigError(f"extract.layers[{i}]: {layer} names layer {norm} twice")
-        seen.add(norm)
-    cached = {layer % depth for layer in cfg.extract.layers}
-    for i, s in enumerate(cfg.distill.students):
-        sdepth, _ = model_depth(s.model, s.kwargs, cfg.data.num_classes, f"distill.students[{i}]")
-        for j, (sl, tl) in enumerate(s.layers):
-            check_index(sl, sdepth, s.model, f"distill.students[{i}].layers[{j}][0]")
-            tn = check_index(tl, depth, t.model, f"distill.students[{i}].layers[{j}][1]")
-            mode = s.mode or cfg.distill.defaults.mode
-            if s.loss.kind == "spectral" and mode == "cached" and tn not in cached:
-                raise ConfigError(
-                    f"distill.students[{i}].layers[{j}][1]: teacher layer {tl} is not in the cache "
-                    f"(extract.layers = {cfg.extract.layers})"
-                )
+    return plan_models(cfg)

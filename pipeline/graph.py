@@ -241,6 +241,7 @@ class Runner:
         self.upstream_workdirs = [Path(w) for w in cfg.upstream_workdirs]
         self.options = options or {}
         self._fp: dict[str, tuple[str, dict]] = {}
+        self._model_plan = None
         self.versions = library_versions()
 
     # ------------------------------------------------------------ fingerprints
@@ -285,6 +286,15 @@ class Runner:
     def out_dir(self, name: str, fp: str | None = None) -> Path:
         fp = fp or self.fingerprint_of(name)[0]
         return self.workdir / name / fp[:12]
+
+    @property
+    def model_plan(self):
+        """The config's models resolved once (:func:`stages.models.plan_models`)."""
+        if self._model_plan is None:
+            from stages.models import plan_models
+
+            self._model_plan = plan_models(self.cfg)
+        return self._model_plan
 
     def student_dir(self, name: str) -> Path:
         """Where student ``name`` lives: this workdir's folder, unless only an upstream workdir holds

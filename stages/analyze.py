@@ -317,7 +317,7 @@ def write_features(ctx, cache, rows: tuple[int, int]) -> ModelsSeen:
                              cache.valid)
         seen.layer_index[s.name] = dict(zip(names, range(d)))
         seen.depths[s.name], seen.kinds[s.name], seen.seeds[s.name] = d, st.loss.kind, st.seed
-        seen.pairs[s.name] = [(sl % d, tl % tdepth) for sl, tl in st.layers]
+        seen.pairs[s.name] = list(ctx.runner.model_plan.pairs[s.name])
     return seen
 
 

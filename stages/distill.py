@@ -39,7 +39,7 @@ from . import models, teacher as teacher_stage
 from .data import ViewDataset
 from .extract import manifest_rows, open_cache
 from .dynamics import SNAPSHOTS
-from .spectral import layer_sums, spectralkd_loss, spectrum
+from .spectral import check_pair, layer_sums, spectralkd_loss, spectrum
 from .train import adamw, evaluate, warmup_cosine
 
 log = logging.getLogger("pipeline")
@@ -277,27 +277,17 @@ def student_dir(runner, name: str) -> Path:
     return runner.student_dir(name)
 
 
-def check_student(cache: Cache | None, model, st: ResolvedStudent, size: int, teacher_depth: int) -> None:
-    """Fail before training when a layer pair cannot be matched against the cached teacher layer."""
+def check_student(cache: Cache | None, model, st: ResolvedStudent, size: int,
+                  pairs: tuple[tuple[int, int], ...]) -> None:
+    """Fail before training when a layer pair (normalized, :class:`stages.models.ModelPlan`) cannot
+    be matched against the cached teacher layer (:func:`stages.spectral.check_pair`)."""
     if st.loss.kind != "spectral" or cache is None:
         return
-    d = models.depth(model)
     with torch.no_grad():
         x = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
-        _, feats = models.intermediates(model.eval(), x, [s % d for s, _ in st.layers])
-    for (sl, tl), f in zip(st.layers, feats):
-        pair = f"{st.name} [{sl}, {tl}]"
-        layer = cache.layer(tl % teacher_depth)
-        if (f.shape[2], f.shape[3]) != (layer.height, layer.width):
-            raise PipelineError(
-                f"distill.students: layer pair {pair}: student grid {f.shape[2]}x{f.shape[3]} does not match "
-                f"teacher layer {layer.name} grid {layer.height}x{layer.width}"
-            )
-        if f.shape[1] > layer.channels:
-            raise PipelineError(
-                f"distill.students: layer pair {pair}: student has {f.shape[1]} channels, more than the "
-                f"teacher's {layer.channels} (the cache can only be pooled down)"
-            )
+        _, feats = models.intermediates(model.eval(), x, [s for s, _ in pairs])
+    for (sl, tl), f in zip(pairs, feats):
+        check_pair(f.shape, (1, *cache.layer(tl).spectrum_shape()), f"{st.name} [{sl}, {tl}]")
 
 
 class _WithFeatures(torch.nn.Module):
@@ -312,16 +302,19 @@ class _WithFeatures(torch.nn.Module):
 
 
 class Trainer:
-    def __init__(self, cfg: PipelineConfig, st: ResolvedStudent, cache: Cache, out: Path, teacher_depth: int,
-                 teacher=None):
+    """One student's training against the cache (or the live teacher online); ``plan`` is the
+    config's resolved models (:func:`stages.models.plan_models`, resolved here when not given)."""
+
+    def __init__(self, cfg: PipelineConfig, st: ResolvedStudent, cache: Cache, out: Path,
+                 plan: models.ModelPlan | None = None, teacher=None):
         self.cfg, self.st, self.cache, self.out = cfg, st, cache, out
         self.device = models.resolve_device(st.device)
         torch.manual_seed(st.seed)
         self.model = models.create(st.model, st.kwargs, cfg.data.num_classes).to(self.device)
         self.depth = models.depth(self.model)
-        spectral = st.loss.kind == "spectral"
-        self.s_layers = [s % self.depth for s, _ in st.layers] if spectral else []
-        self.t_layers = [t % teacher_depth for _, t in st.layers] if spectral else []
+        self.pairs = (plan or models.plan_models(cfg)).pairs[st.name] if st.loss.kind == "spectral" else ()
+        self.s_layers = [s for s, _ in self.pairs]
+        self.t_layers = [t for _, t in self.pairs]
         self.teacher = teacher
         self.views = ViewDataset.for_config(manifest_rows(cache), cfg.data)
         self.net: torch.nn.Module = _WithFeatures(self.model, self.s_layers)
@@ -524,7 +517,7 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
     atomic_write(path, lambda f: pq.write_table(table, f))
 
 
-def train_student(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher_depth: int, teacher=None,
+def train_student(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher=None,
                   max_steps: int | None = None, forced: bool = False) -> dict:
     """Train one student unless its output is complete.  A rerun resumes from ``ckpt.pt``; under
     --force the student is trained beside its old output and replaces it only once complete.  A
@@ -546,7 +539,7 @@ def train_student(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher_
         (out / FAILED).unlink(missing_ok=True)
     dist.barrier()
     try:
-        summary = _train_into(runner, cfg, name, cache, teacher_depth, teacher, max_steps, out)
+        summary = _train_into(runner, cfg, name, cache, teacher, max_steps, out)
     except PipelineError as e:
         if dist.is_main():
             atomic_write_json(out / FAILED, {"student": name, "fingerprint": fp, "error": str(e)})
@@ -557,16 +550,16 @@ def train_student(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher_
     return summary
 
 
-def _train_into(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher_depth: int, teacher,
+def _train_into(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher,
                 max_steps: int | None, out: Path) -> dict:
     st = cfg.student(name)
     fp, inputs = runner.student_fingerprint(name)
     t0 = time.time()
-    tr = Trainer(cfg, st, cache, out, teacher_depth=teacher_depth, teacher=teacher)
+    tr = Trainer(cfg, st, cache, out, runner.model_plan, teacher=teacher)
     if dist.is_main():
         ddp = f", DDP over {dist.world_size()} processes" if dist.world_size() > 1 else ""
         log.info(f"{name}: {st.loss.kind} student {st.model}, {st.mode} teacher targets, {tr.device}{ddp}")
-    check_student(cache if st.mode == "cached" else None, tr.model, st, cfg.data.image_size, teacher_depth)
+    check_student(cache if st.mode == "cached" else None, tr.model, st, cfg.data.image_size, tr.pairs)
     metrics = tr.fit(max_steps=max_steps)
     last = metrics[-1]
     summary = {
@@ -629,20 +622,20 @@ def run(ctx) -> dict:
     cache = open_cache(ctx.upstream["extract"])
     trec = ctx.upstream["teacher"]
     check_cache_teacher(cache, trec)
-    tdepth = _teacher_depth(cfg)
+    plan = ctx.runner.model_plan
     # fail before any training if any chosen student cannot use the cache
     for name in wanted:
         st = cfg.student(name)
         if st.mode == "cached" and st.loss.kind == "spectral":
-            for _, t in st.layers:
-                cache.layer(t % tdepth)
+            for _, t in plan.pairs[name]:
+                cache.layer(t)
     teacher = None
     if any(cfg.student(n).mode == "online" and cfg.student(n).loss.kind != "none" for n in wanted):
         teacher = teacher_stage.load(trec, cfg).to(models.resolve_device(cfg.distill.defaults.device))
     results, failed = [], []
     for name in wanted:
         try:
-            results.append(train_student(ctx.runner, cfg, name, cache, tdepth, teacher=teacher, forced=ctx.forced))
+            results.append(train_student(ctx.runner, cfg, name, cache, teacher=teacher, forced=ctx.forced))
         except NonFiniteTraining as e:  # the other students still train; this one is retried by the next run
             log.error(f"{name}: failed: {e}")
             failed.append(str(e))
@@ -658,9 +651,3 @@ def run(ctx) -> dict:
         atomic_write_text(ctx.out / "summary.md", md)
         print("\n" + md)
     return summary
-
-
-def _teacher_depth(cfg: PipelineConfig) -> int:
-    from pipeline.config import model_depth
-
-    return model_depth(cfg.teacher.model, cfg.teacher.kwargs, cfg.data.num_classes, "teacher")[0]

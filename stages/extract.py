@@ -117,17 +117,16 @@ def rows_of_manifest(m: pa.Table, base: Path) -> Rows:
 
 
 @torch.inference_mode()
-def layer_specs(model, cfg: PipelineConfig, device) -> list[LayerSpec]:
-    size = cfg.data.image_size
+def layer_specs(model, layers: tuple[int, ...], size: int, device) -> list[LayerSpec]:
+    """The cached layers (normalized indices) with their names and feature shapes."""
     x = torch.zeros(1, 3, size, size, device=device)
-    _, feats = models.intermediates(model, x, cfg.extract.layers)
-    names = models.layer_names(model, cfg.extract.layers)
-    d = models.depth(model)
+    _, feats = models.intermediates(model, x, list(layers))
+    names = models.layer_names(model, list(layers))
     out = []
-    for idx, name, f in zip(cfg.extract.layers, names, feats):
+    for idx, name, f in zip(layers, names, feats):
         if f.ndim != 4:
             raise PipelineError(f"extract.layers: layer {idx} ({name}) is not a 2-D feature map: {tuple(f.shape)}")
-        out.append(LayerSpec(idx % d, name, int(f.shape[1]), int(f.shape[2]), int(f.shape[3])))
+        out.append(LayerSpec(idx, name, int(f.shape[1]), int(f.shape[2]), int(f.shape[3])))
     return out
 
 
@@ -219,7 +218,7 @@ def run(ctx) -> dict:
         rows=len(rows),
         rows_per_shard=e.rows_per_shard,
         num_classes=cfg.data.num_classes,
-        layers=layer_specs(model, cfg, device),
+        layers=layer_specs(model, ctx.runner.model_plan.teacher_layers, cfg.data.image_size, device),
         store=tuple(e.store),
         chunk_bytes=e.chunk_bytes,
         compressor=e.compressor,
@@ -343,7 +342,7 @@ def _teacher_pass(cfg, model, device, rows, spec: CacheSpec, todo, writer, n_tod
                     bad.append({"row": r, "key": sm.key, "url": sm.url, "error": "cannot decode image"})
             x = ds.normalize(x.to(device, non_blocking=True))
             with models.autocast(device, e.amp):
-                logits, feats = models.intermediates(model, x, e.layers)
+                logits, feats = models.intermediates(model, x, [l.index for l in spec.layers])
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t_fwd = time.perf_counter()

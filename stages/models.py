@@ -1,4 +1,9 @@
-"""timm models through one entry point and one feature API (``forward_intermediates``)."""
+"""timm models through one entry point and one feature API (``forward_intermediates``).
+
+This is the only module that calls timm.  :func:`plan_models` resolves a config's models once
+(depths, layer indices normalized to 0..depth-1 and checked, layer pairs) into a :class:`ModelPlan`
+that the stages share.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,12 @@ import contextlib
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from pipeline.config import ConfigError, PipelineConfig
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
@@ -101,14 +108,9 @@ def depth(model: torch.nn.Module) -> int:
 
 
 def layer_names(model: torch.nn.Module, indices: list[int]) -> list[str]:
-    """The module names ``forward_intermediates`` takes each index from (e.g. 'blocks.6')."""
-    d = depth(model)
+    """The module names ``forward_intermediates`` takes each (normalized) index from (e.g. 'blocks.6')."""
     info = getattr(model, "feature_info", None)
-    out = []
-    for i in indices:
-        j = i % d
-        out.append(info[j]["module"] if info else f"blocks.{j}")
-    return out
+    return [info[i]["module"] if info else f"blocks.{i}" for i in indices]
 
 
 def intermediates(model: torch.nn.Module, x: torch.Tensor, indices: list[int]) -> tuple[torch.Tensor, list]:
@@ -125,3 +127,72 @@ def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> list[int]:
     top = logits.topk(k, dim=1).indices
     hit = top == y[:, None]
     return [int(hit[:, : min(kk, k)].any(1).sum()) for kk in ks]
+
+
+# ----------------------------------------------------------------------------- the models of a config
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """A config's models resolved once: depths, and every layer index normalized to 0..depth-1."""
+
+    teacher_depth: int
+    teacher_layers: tuple[int, ...]  # extract.layers
+    student_depths: dict[str, int]
+    pairs: dict[str, tuple[tuple[int, int], ...]]  # student -> ((student layer, teacher layer), ...)
+
+
+def meta_depth(name: str, kwargs: dict[str, Any], num_classes: int, where: str) -> int:
+    """The number of intermediates of timm model ``name``, built on the meta device (no weights)."""
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise ConfigError(f"{where}.model: {name!r} is not a timm model{hint}")
+    kw = {"num_classes": num_classes, **kwargs}
+    try:
+        with torch.device("meta"):
+            m = timm.create_model(name, pretrained=False, **kw)
+    except TypeError as e:
+        raise ConfigError(f"{where}.kwargs: {kwargs!r} rejected by timm {name}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - timm raises many kinds on bad kwargs
+        raise ConfigError(f"{where}.kwargs: timm {name} cannot be built with {kwargs!r}: {e}") from None
+    if not hasattr(m, "forward_intermediates"):
+        raise ConfigError(f"{where}.model: {name!r} has no forward_intermediates in this timm version")
+    return depth(m)
+
+
+def layer_index(idx: int, depth: int, name: str, where: str) -> int:
+    """``idx`` (negative counts from the end) as 0..depth-1, or a ConfigError naming ``where``."""
+    if not (-depth <= idx < depth):
+        raise ConfigError(f"{where}: {idx} is out of range for {name} ({-depth}..{depth - 1})")
+    return idx % depth
+
+
+def plan_models(cfg: PipelineConfig) -> ModelPlan:
+    """Check model names, kwargs and layer indices against timm, and resolve them (before any work).
+    A cached spectral student's teacher layers must be among the cached ones."""
+    t = cfg.teacher
+    tdepth = meta_depth(t.model, t.kwargs, cfg.data.num_classes, "teacher")
+    cached: list[int] = []
+    for i, layer in enumerate(cfg.extract.layers):
+        norm = layer_index(layer, tdepth, t.model, f"extract.layers[{i}]")
+        if norm in cached:
+            raise ConfigError(f"extract.layers[{i}]: {layer} names layer {norm} twice")
+        cached.append(norm)
+    depths, pairs = {}, {}
+    for i, s in enumerate(cfg.distill.students):
+        where = f"distill.students[{i}]"
+        depths[s.name] = meta_depth(s.model, s.kwargs, cfg.data.num_classes, where)
+        resolved = []
+        for j, (sl, tl) in enumerate(s.layers):
+            sn = layer_index(sl, depths[s.name], s.model, f"{where}.layers[{j}][0]")
+            tn = layer_index(tl, tdepth, t.model, f"{where}.layers[{j}][1]")
+            mode = s.mode or cfg.distill.defaults.mode
+            if s.loss.kind == "spectral" and mode == "cached" and tn not in cached:
+                raise ConfigError(f"{where}.layers[{j}][1]: teacher layer {tl} is not in the cache "
+                                  f"(extract.layers = {cfg.extract.layers})")
+            resolved.append((sn, tn))
+        pairs[s.name] = tuple(resolved)
+    return ModelPlan(tdepth, tuple(cached), depths, pairs)

@@ -29,7 +29,7 @@ def test_cached_loss_equals_online_loss(built):
     cache = open_cache(recs["extract"])
     teacher = teacher_stage.load(recs["teacher"], cfg)
     st = cfg.student("spectral")
-    tr = Trainer(cfg, st, cache, Path("/nonexistent"), teacher_depth=4, teacher=teacher)
+    tr = Trainer(cfg, st, cache, Path("/nonexistent"), teacher=teacher)
     x, y, rows, tg = next(iter(tr.train_batches(0)))
     assert set(tg) == {"logits", 0, 3}
     assert tg[0].dtype == torch.float16
@@ -44,7 +44,7 @@ def test_cached_loss_equals_online_loss(built):
 def test_loader_reads_one_view_per_epoch_in_chunk_units(built):
     cfg, runner, recs = built
     cache = open_cache(recs["extract"])
-    tr = Trainer(cfg, cfg.student("spectral"), cache, Path("/nonexistent"), teacher_depth=4)
+    tr = Trainer(cfg, cfg.student("spectral"), cache, Path("/nonexistent"))
     for epoch in (0, 1, 2):
         b = cache.block("train", epoch % 2)
         it = tr.train_batches(epoch)
@@ -113,7 +113,7 @@ def test_student_wider_than_teacher_fails_before_training(built, tmp_path):
     st = cfg2.student("spectral")
     m = models.create(st.model, st.kwargs, 10)
     with pytest.raises(PipelineError, match=r"layer pair spectral \[0, 0\]: student has 64 channels"):
-        check_student(open_cache(recs["extract"]), m, st, 16, 4)
+        check_student(open_cache(recs["extract"]), m, st, 16, ((0, 0), (1, 3)))
 
 
 @pytest.mark.slow
@@ -193,7 +193,7 @@ def test_torchrun_ddp_distill_two_ranks(built, tmp_path):
 def test_targets_are_kept_in_memory_across_epochs(built, monkeypatch):
     cfg, runner, recs = built
     cache = open_cache(recs["extract"])
-    tr = Trainer(cfg, cfg.student("spectral"), cache, Path("/nonexistent"), teacher_depth=4)
+    tr = Trainer(cfg, cfg.student("spectral"), cache, Path("/nonexistent"))
     assert tr.memory == {} and 0 < tr.target_bytes() <= 64 * 2**20
     first = {int(r): {k: v[i].clone() for k, v in tg.items()}
              for _, _, rows, tg in tr.train_batches(0) for i, r in enumerate(rows)}
@@ -209,4 +209,4 @@ def test_targets_are_kept_in_memory_across_epochs(built, monkeypatch):
             assert torch.equal(first[r][k], again[r][k])
     # a zero budget reads from the cache every epoch
     st0 = cfg.student("spectral").model_copy(update={"keep_targets_mb": 0})
-    assert Trainer(cfg, st0, cache, Path("/nonexistent"), teacher_depth=4).memory is None
+    assert Trainer(cfg, st0, cache, Path("/nonexistent")).memory is None

@@ -116,7 +116,7 @@ def test_class_sorted_shards_give_mixed_batches_and_the_same_cache_as_shuffled(b
         np.testing.assert_array_equal(sorted_cache.read(name, 0, 1797), shuffled_cache.read(name, 0, 1797))
     # epoch 0's batches hold as many classes as a uniform shuffle would
     st_cfg = c.student("none")
-    tr = Trainer(c, st_cfg, sorted_cache, tmp_path / "student", teacher_depth=4)
+    tr = Trainer(c, st_cfg, sorted_cache, tmp_path / "student")
     mix = BatchMix(tr.train_labels(0), st_cfg.batch_size)
     for _, y, _, _ in tr.train_batches(0):
         mix.add(y)
