@@ -19,46 +19,66 @@ from .reader import Cache, cache_path
 
 def verify_cache(path: Path, fingerprint: str | None, teacher_digest: str | None = None,
                  progress: bool = True) -> list[str]:
-    problems: list[str] = []
+    """Every problem of the cache at ``path``: opening (digests, metadata), identity, each shard
+    file of each array (size, checksums, finite values), and the manifest against the arrays."""
     try:
         cache = Cache(path)
     except PipelineError as e:
         return [str(e)]
     except Exception as e:  # noqa: BLE001 - a damaged group can fail in many ways
         return [f"{path}: cannot open the cache ({type(e).__name__}: {e})"]
-    attrs = cache.attrs
+    return (_identity_problems(cache, fingerprint, teacher_digest) + _shard_problems(cache, progress)
+            + _manifest_problems(cache))
+
+
+def _identity_problems(cache: Cache, fingerprint: str | None, teacher_digest: str | None) -> list[str]:
+    problems = []
+    attrs, path = cache.attrs, cache.path
     if fingerprint and attrs.get("fingerprint") != fingerprint:
         problems.append(f"{path}: fingerprint {str(attrs.get('fingerprint'))[:12]} != config's {fingerprint[:12]}")
     got = attrs.get("teacher", {}).get("weights_sha256")
     if teacher_digest and got != teacher_digest:
         problems.append(f"{path}: made by teacher weights {str(got)[:12]}, current teacher is {teacher_digest[:12]}")
-    spec = cache.spec
+    return problems
+
+
+def _shard_problems(cache: Cache, progress: bool) -> list[str]:
+    """Markers, then every shard of every array read whole (sizes and crc32c checked)."""
+    spec, path = cache.spec, cache.path
+    problems = [f"{path}: shard {s} is not marked complete" for s in range(spec.num_shards)
+                if not (path / marker_name(s)).exists()]
     arrays = spec.arrays()
-    for s in range(spec.num_shards):
-        if not (path / marker_name(s)).exists():
-            problems.append(f"{path}: shard {s} is not marked complete")
-    total = spec.num_shards * len(arrays)
-    bar = tqdm(total=total, desc="verify", unit="shard", disable=not progress or None)
+    bar = tqdm(total=spec.num_shards * len(arrays), desc="verify", unit="shard", disable=not progress or None)
     for name in arrays:
-        arr = cache.group[name]
         for s in range(spec.num_shards):
-            a, b = spec.shard_rows(s)
-            try:
-                cache.check_shard_file(name, s)
-            except PipelineError as e:
-                problems.append(str(e))
-                bar.update(1)
-                continue
-            try:
-                block = arr[a:b]
-                if block.dtype.kind == "f" and not np.isfinite(block).all():
-                    problems.append(f"{path}/{name}: shard {s} holds non-finite values")
-            except Exception as e:  # noqa: BLE001 - checksum mismatch or a damaged shard index
-                why = "checksum mismatch" if "checksum" in str(e).lower() else f"{type(e).__name__}: {e}"
-                problems.append(f"{path}/{name}: shard {s} (rows {a}..{b - 1}) is corrupt ({why})")
+            problem = _shard_problem(cache, name, s)
+            if problem:
+                problems.append(problem)
             bar.update(1)
     bar.close()
-    # manifest against arrays
+    return problems
+
+
+def _shard_problem(cache: Cache, name: str, s: int) -> str | None:
+    a, b = cache.spec.shard_rows(s)
+    try:
+        cache.check_shard_file(name, s)
+    except PipelineError as e:
+        return str(e)
+    try:
+        block = cache.group[name][a:b]
+    except Exception as e:  # noqa: BLE001 - checksum mismatch or a damaged shard index
+        why = "checksum mismatch" if "checksum" in str(e).lower() else f"{type(e).__name__}: {e}"
+        return f"{cache.path}/{name}: shard {s} (rows {a}..{b - 1}) is corrupt ({why})"
+    if block.dtype.kind == "f" and not np.isfinite(block).all():
+        return f"{cache.path}/{name}: shard {s} holds non-finite values"
+    return None
+
+
+def _manifest_problems(cache: Cache) -> list[str]:
+    """The manifest against the arrays: rows, shards, labels, row blocks, views, bad rows."""
+    spec, path, attrs = cache.spec, cache.path, cache.attrs
+    problems: list[str] = []
     m = cache.manifest
 
     def column(name: str) -> np.ndarray:

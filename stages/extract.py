@@ -194,11 +194,45 @@ def _du(path: Path) -> int:
 
 
 def run(ctx) -> dict:
+    """Plan the rows, open (or resume) the cache, run the teacher over this rank's missing shards,
+    then mark the cache complete."""
     cfg: PipelineConfig = ctx.cfg
     e = cfg.extract
     t_start = time.time()
-    trec = ctx.upstream["teacher"]
-    train, val, skipped = load_index(ctx.upstream["prepare"])
+    train, val, skipped = _samples(cfg, ctx.upstream["prepare"])
+    device = models.resolve_device(e.device)
+    model = teacher_stage.load(ctx.upstream["teacher"], cfg).to(device)
+    path = Path(ctx.out) / CACHE_DIR
+    rows, blocks = plan_rows(cfg, train, val)
+    spec = CacheSpec(
+        rows=len(rows), rows_per_shard=e.rows_per_shard, num_classes=cfg.data.num_classes,
+        layers=layer_specs(model, ctx.runner.model_plan.teacher_layers, cfg.data.image_size, device),
+        store=tuple(e.store), chunk_bytes=e.chunk_bytes, compressor=e.compressor, clevel=e.clevel,
+    )
+    writer = CacheWriter(path, spec)
+    todo = _open_cache_shards(ctx, writer, cache_attrs(ctx, spec, blocks, skipped),
+                              manifest_table(rows, blocks, e.rows_per_shard, path, ctx.runner.workdir))
+    n_todo = sum(spec.shard_rows(s)[1] - spec.shard_rows(s)[0] for s in todo)
+    t_pass = time.time()
+    split = _teacher_pass(cfg, model, device, rows, spec, todo, writer, n_todo) if todo else {}
+    pass_s = time.time() - t_pass
+    dist.barrier()
+    summary: dict = {"rows": spec.rows, "shards": spec.num_shards, "rows_computed": n_todo,
+                     "teacher_pass_s": round(pass_s, 3), "teacher_pass_split": split}
+    if dist.is_main():
+        fin = writer.finalize({"extract_seconds": round(time.time() - t_start, 2)})
+        summary.update({"bad_rows": len(fin["bad_rows"]), "skipped_samples": len(skipped), **_sizes(path, spec)})
+        log.info(
+            f"extract: {spec.rows} rows in {spec.num_shards} shards, {summary['cache_bytes'] / 2**20:.1f} MiB, "
+            f"{summary['bad_rows']} bad rows, {len(skipped)} skipped samples"
+        )
+    return summary
+
+
+def _samples(cfg: PipelineConfig, prepare_record) -> tuple[Samples, Samples, list[dict]]:
+    """Prepare's train and val samples, labels checked; samples prepare could not index are
+    skipped (logged, recorded) or, with ``data.on_bad_sample: fail``, an error naming the first."""
+    train, val, skipped = load_index(prepare_record)
     check_labels(train, cfg.data.num_classes)
     check_labels(val, cfg.data.num_classes)
     skipped = [{"key": b["key"], "url": b["url"], "error": b["error"]} for b in skipped]
@@ -208,35 +242,20 @@ def run(ctx) -> dict:
     for b in skipped:
         if dist.is_main():
             log.warning(f"extract: skipping sample {b['key']} in {b['url']}: {b['error']}")
+    return train, val, skipped
 
-    device = models.resolve_device(e.device)
-    model = teacher_stage.load(trec, cfg).to(device)
-    path = Path(ctx.out) / CACHE_DIR
-    rows, blocks = plan_rows(cfg, train, val)
-    manifest = manifest_table(rows, blocks, e.rows_per_shard, path, ctx.runner.workdir)
-    spec = CacheSpec(
-        rows=len(rows),
-        rows_per_shard=e.rows_per_shard,
-        num_classes=cfg.data.num_classes,
-        layers=layer_specs(model, ctx.runner.model_plan.teacher_layers, cfg.data.image_size, device),
-        store=tuple(e.store),
-        chunk_bytes=e.chunk_bytes,
-        compressor=e.compressor,
-        clevel=e.clevel,
-    )
-    writer = CacheWriter(path, spec)
-    attrs = {
+
+def cache_attrs(ctx, spec: CacheSpec, blocks: list[dict], skipped: list[dict]) -> dict:
+    """The cache's root attributes: identity, what decides the rows' meaning, provenance."""
+    cfg, trec = ctx.cfg, ctx.upstream["teacher"]
+    return {
         "fingerprint": ctx.fingerprint,
         "inputs": ctx.inputs,
         "config": cfg.model_dump(mode="json"),
-        "teacher": {
-            "model": cfg.teacher.model,
-            "kwargs": cfg.teacher.kwargs,
-            "weights_sha256": trec.summary.get("weights_sha256"),
-            "fingerprint": trec.lock["fingerprint"],
-        },
+        "teacher": {"model": cfg.teacher.model, "kwargs": cfg.teacher.kwargs,
+                    "weights_sha256": trec.summary.get("weights_sha256"), "fingerprint": trec.lock["fingerprint"]},
         "layers": [{"index": l.index, "name": l.name, "shape": [l.channels, l.height, l.width]} for l in spec.layers],
-        "views": e.views,
+        "views": cfg.extract.views,
         "blocks": blocks,
         "image_size": cfg.data.image_size,
         "mean": list(cfg.data.mean),
@@ -246,134 +265,69 @@ def run(ctx) -> dict:
         "skipped_samples": skipped,
         "versions": ctx.runner.versions,
     }
+
+
+def _open_cache_shards(ctx, writer: CacheWriter, attrs: dict, manifest: pa.Table) -> list[int]:
+    """Create or resume the cache (rank 0 first); the shards this rank still has to write."""
     if dist.is_main():
         resumed = writer.create_or_resume(attrs, manifest, fresh=ctx.forced)
     dist.barrier()
     if not dist.is_main():
         resumed = writer.create_or_resume(attrs, manifest)
     done = writer.completed()
-    mine = [s for s in range(spec.num_shards) if s % dist.world_size() == dist.rank()]
-    todo = [s for s in mine if s not in done]
+    n = writer.spec.num_shards
     if dist.is_main() and resumed:
-        log.info(f"extract: resuming, {len(done)}/{spec.num_shards} shards already complete")
-    n_todo = sum(spec.shard_rows(s)[1] - spec.shard_rows(s)[0] for s in todo)
-    t_pass = time.time()
-    split = {}
-    if todo:
-        split = _teacher_pass(cfg, model, device, rows, spec, todo, writer, n_todo)
-    pass_s = time.time() - t_pass
-    dist.barrier()
-    summary: dict = {"rows": spec.rows, "shards": spec.num_shards, "rows_computed": n_todo,
-                     "teacher_pass_s": round(pass_s, 3), "teacher_pass_split": split}
-    if dist.is_main():
-        fin = writer.finalize({"extract_seconds": round(time.time() - t_start, 2)})
-        layer_arrays = {**spec.layer_arrays("spectra"), **spec.layer_arrays("features")}
-        raw32 = {n: b * 2 for n, b in spec.bytes_per_row().items() if n in layer_arrays}
-        stored = {n: _du(path / n) for n in raw32}
-        views = spec.rows
-        summary.update({
-            "bad_rows": len(fin["bad_rows"]),
-            "skipped_samples": len(skipped),
-            "cache_bytes": _du(path),
-            "bytes_per_view": {n: round(stored[n] / views, 1) for n in stored},
-            "compression_vs_float32": {n: round(raw32[n] * views / max(1, stored[n]), 2) for n in stored},
-        })
-        log.info(
-            f"extract: {spec.rows} rows in {spec.num_shards} shards, {summary['cache_bytes'] / 2**20:.1f} MiB, "
-            f"{summary['bad_rows']} bad rows, {len(skipped)} skipped samples"
-        )
-    return summary
+        log.info(f"extract: resuming, {len(done)}/{n} shards already complete")
+    return [s for s in range(n) if s % dist.world_size() == dist.rank() and s not in done]
+
+
+def _sizes(path: Path, spec: CacheSpec) -> dict:
+    """The cache's bytes, and per layer array its bytes per view and compression against float32."""
+    layer_arrays = {**spec.layer_arrays("spectra"), **spec.layer_arrays("features")}
+    raw32 = {n: b * 2 for n, b in spec.bytes_per_row().items() if n in layer_arrays}
+    stored = {n: _du(path / n) for n in raw32}
+    return {"cache_bytes": _du(path),
+            "bytes_per_view": {n: round(stored[n] / spec.rows, 1) for n in stored},
+            "compression_vs_float32": {n: round(raw32[n] * spec.rows / max(1, stored[n]), 2) for n in stored}}
 
 
 @torch.inference_mode()
-def _teacher_pass(cfg, model, device, rows, spec: CacheSpec, todo, writer, n_todo) -> dict:
+def _teacher_pass(cfg, model, device, rows: Rows, spec: CacheSpec, todo: list[int], writer: CacheWriter,
+                  n_todo: int) -> dict:
+    """The paper's step over this rank's shards: each batch of views through the teacher, the
+    selected layers' spectra, into shard buffers that writer threads compress and write.  Returns
+    the fractions of wall time spent waiting for data, in the teacher, on spectra and copies, and
+    waiting for the writers."""
     e = cfg.extract
     ds = ViewDataset.for_config(rows, cfg.data)
-    workers = models.resolve_workers(e.num_workers, device)
-    loader = torch.utils.data.DataLoader(
-        BatchViews(ds),
-        sampler=ShardBatches(spec, todo, e.batch_size),
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers > 0 else None,
-        persistent_workers=False,
-    )
-    arrays = spec.arrays()
-    layer_of = spec.layer_arrays("spectra")
-    feat_of = spec.layer_arrays("features")
-    wt = _Writers(writer, e.writers)
-    cur, buf, bad = -1, {}, []
-
-    def flush():
-        if cur >= 0:
-            wt.put((cur, buf, bad))
-
+    shards = _ShardBuffers(spec, _Writers(writer, e.writers))
+    indices = [layer.index for layer in spec.layers]
     bar = tqdm(total=n_todo, desc="extract", unit="row", disable=not dist.is_main() or None, smoothing=0.1)
-    # where the wall time goes: data wait, teacher forward, spectra + copies, writer backpressure
     tm = {"data": 0.0, "teacher": 0.0, "spectra": 0.0, "writer": 0.0}
-    t_all = time.perf_counter()
-    t = t_all
+    t_all = t = time.perf_counter()
     try:
-        for x, _, ok, idx in loader:
+        for x, _, ok, idx in _view_loader(ds, spec, todo, e, device):
             now = time.perf_counter()
             tm["data"] += now - t
-            s = int(idx[0]) // spec.rows_per_shard
-            if s != cur:
-                flush()
-                tw = time.perf_counter()
-                tm["writer"] += tw - now
-                now = tw
-                cur = s
-                a, b = spec.shard_rows(s)
-                buf = {n: np.zeros((b - a, *shape), dtype=dt) for n, (shape, dt) in arrays.items()}
-                bad = []
-            a = cur * spec.rows_per_shard
-            local = (idx - a).numpy()
+            tm["writer"] += shards.start(int(idx[0]) // spec.rows_per_shard)
             okn = ok.numpy().astype(bool)
-            if not okn.all():
-                for j in np.flatnonzero(~okn):
-                    r = int(idx[j])
-                    sm = rows.source(r)
-                    if cfg.data.on_bad_sample == "fail":
-                        raise PipelineError(f"{sm.url}: cannot decode image of sample {sm.key} "
-                                            f"(row {r}; data.on_bad_sample: fail)")
-                    log.warning(f"extract: bad image {sm.key} in {sm.url} (row {r}): skipped")
-                    bad.append({"row": r, "key": sm.key, "url": sm.url, "error": "cannot decode image"})
-            x = ds.normalize(x.to(device, non_blocking=True))
+            bad = _bad_rows(cfg, rows, idx, okn)
+            t_fwd = time.perf_counter()
             with models.autocast(device, e.amp):
-                logits, feats = models.intermediates(model, x, [l.index for l in spec.layers])
+                logits, feats = models.intermediates(model, ds.normalize(x.to(device, non_blocking=True)), indices)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            t_fwd = time.perf_counter()
-            tm["teacher"] += t_fwd - now
-            out = {"logits": logits.float()}
-            for n, i in layer_of.items():
-                if n in arrays:
-                    out[n] = spectrum(feats[i])
-            for n, i in feat_of.items():
-                if n in arrays:
-                    out[n] = feats[i].float()
-            # one device-to-host copy for every array of the batch
-            names = list(out)
-            flat = torch.cat([out[n].to(torch.float16).reshape(len(idx), -1) for n in names], dim=1).cpu().numpy()
-            flat[~okn] = 0
-            col = 0
-            for n in names:
-                width = int(np.prod(arrays[n][0]))
-                buf[n][local] = flat[:, col : col + width].reshape(len(idx), *arrays[n][0])
-                col += width
-            buf["valid"][local] = okn.astype(np.uint8)
-            bar.update(len(idx))
             t = time.perf_counter()
-            tm["spectra"] += t - t_fwd
-        tw = time.perf_counter()
-        flush()
-        cur = -1
+            tm["teacher"] += t - t_fwd
+            shards.add(idx.numpy(), teacher_targets(logits, feats, spec), okn, bad)
+            bar.update(len(idx))
+            t_done = time.perf_counter()
+            tm["spectra"] += t_done - t
+            t = t_done
+        tm["writer"] += shards.start(-1)
     finally:
         bar.close()
-        wt.close()
-    tm["writer"] += time.perf_counter() - tw
+        shards.close()
     total = time.perf_counter() - t_all
     split = {k: round(v / max(total, 1e-9), 3) for k, v in tm.items()}
     log.info(
@@ -381,3 +335,80 @@ def _teacher_pass(cfg, model, device, rows, spec: CacheSpec, todo, writer, n_tod
         + ", ".join(f"{k} {100 * v:.0f}%" for k, v in split.items())
     )
     return split
+
+
+def teacher_targets(logits: torch.Tensor, feats: list[torch.Tensor], spec: CacheSpec) -> dict[str, torch.Tensor]:
+    """What the cache stores of one batch, by array name: the logits, the spectrum
+    rfft2(X, norm="ortho") of each cached layer's features (float32), the features when stored."""
+    out = {"logits": logits.float()}
+    for name, i in spec.layer_arrays("spectra").items():
+        out[name] = spectrum(feats[i])
+    for name, i in spec.layer_arrays("features").items():
+        out[name] = feats[i].float()
+    return out
+
+
+def _view_loader(ds: ViewDataset, spec: CacheSpec, todo: list[int], e, device) -> torch.utils.data.DataLoader:
+    """Batches of uint8 views of ``todo``'s rows, shard by shard, built in worker processes."""
+    workers = models.resolve_workers(e.num_workers, device)
+    return torch.utils.data.DataLoader(
+        BatchViews(ds), sampler=ShardBatches(spec, todo, e.batch_size), batch_size=None, num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
+    )
+
+
+def _bad_rows(cfg: PipelineConfig, rows: Rows, idx: torch.Tensor, ok: np.ndarray) -> list[dict]:
+    """The batch's rows whose image could not be decoded: recorded, or an error under
+    ``data.on_bad_sample: fail``."""
+    bad = []
+    for j in np.flatnonzero(~ok):
+        r = int(idx[j])
+        sm = rows.source(r)
+        if cfg.data.on_bad_sample == "fail":
+            raise PipelineError(f"{sm.url}: cannot decode image of sample {sm.key} (row {r}; data.on_bad_sample: fail)")
+        log.warning(f"extract: bad image {sm.key} in {sm.url} (row {r}): skipped")
+        bad.append({"row": r, "key": sm.key, "url": sm.url, "error": "cannot decode image"})
+    return bad
+
+
+class _ShardBuffers:
+    """The rows of the shard being filled, as float16/uint8 arrays; a finished shard goes to the
+    writers.  Batches arrive shard by shard (:class:`ShardBatches`)."""
+
+    def __init__(self, spec: CacheSpec, writers: _Writers):
+        self.spec, self.writers = spec, writers
+        self.arrays = spec.arrays()
+        self.shard, self.buf, self.bad = -1, {}, []
+
+    def start(self, s: int) -> float:
+        """Make shard ``s`` current (-1: none), handing a finished one to the writers; returns the
+        seconds spent waiting for them."""
+        if s == self.shard:
+            return 0.0
+        t = time.perf_counter()
+        if self.shard >= 0:
+            self.writers.put((self.shard, self.buf, self.bad))
+        waited = time.perf_counter() - t
+        self.shard, self.bad = s, []
+        if s >= 0:
+            a, b = self.spec.shard_rows(s)
+            self.buf = {n: np.zeros((b - a, *shape), dtype=dt) for n, (shape, dt) in self.arrays.items()}
+        return waited
+
+    def add(self, idx: np.ndarray, out: dict[str, torch.Tensor], ok: np.ndarray, bad: list[dict]) -> None:
+        """Rows ``idx`` of the current shard: every array in one device-to-host copy, float16."""
+        local = idx - self.shard * self.spec.rows_per_shard
+        names = list(out)
+        flat = torch.cat([out[n].to(torch.float16).reshape(len(idx), -1) for n in names], dim=1).cpu().numpy()
+        flat[~ok] = 0
+        col = 0
+        for n in names:
+            shape = self.arrays[n][0]
+            width = int(np.prod(shape))
+            self.buf[n][local] = flat[:, col : col + width].reshape(len(idx), *shape)
+            col += width
+        self.buf["valid"][local] = ok.astype(np.uint8)
+        self.bad += bad
+
+    def close(self) -> None:
+        self.writers.close()
