@@ -79,61 +79,14 @@ def _print_status(runner: Runner) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; errors are one line on stderr (exit 2 for config and input problems)."""
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
-    t0 = time.time()
     try:
         cfg = load_config(args.config, args.overrides, args.workdir)
         if args.upstream_workdirs:
             cfg.upstream_workdirs = args.upstream_workdirs
-        if args.command == "status":
-            _print_status(Runner(cfg))
-            return 0
-        if args.command == "run":
-            for name in args.student or []:
-                cfg.student(name)  # an unknown name fails even when everything is up to date
-            runner = Runner(cfg, {"students": args.student})
-            stages = STAGES if args.stage == "all" else upstream_closure(args.stage)
-            # models are checked before any work; with nothing to do there is nothing to check or lock
-            # (so an up-to-date workdir that is read-only for this user still answers)
-            work = args.force or any(runner.state(s).status != "up to date" for s in stages)
-            if work:
-                check_models(cfg)
-            dist.init()
-            if not work:
-                runner.run(args.stage)
-            elif dist.is_main():
-                with WorkdirLock(cfg.workdir, f"run {args.stage}", wait=args.wait):
-                    dist.barrier()
-                    runner.run(args.stage, force=args.force)
-            else:
-                dist.barrier()
-                runner.run(args.stage, force=args.force)
-            if dist.is_main():
-                log.info(f"finished in {time.time() - t0:.1f}s")
-            return 0
-        check_models(cfg)
-        if args.command == "verify":
-            from cache.verify import verify_stage
-
-            problems = verify_stage(Runner(cfg), args.stage)
-            for p in problems:
-                print(p)
-            if problems:
-                print(f"verify {args.stage}: {len(problems)} problem(s)", file=sys.stderr)
-                return 1
-            print(f"verify {args.stage}: ok")
-            return 0
-        if args.command == "select-layers":
-            if args.k < 1:
-                raise ConfigError(f"select-layers --k: {args.k}; propose at least 1 layer")
-            if args.student_depth is not None and args.student_depth < 1:
-                raise ConfigError(f"select-layers --student-depth: {args.student_depth}; a depth is at least 1")
-            from stages.analyze import select_layers_cli
-
-            with WorkdirLock(cfg.workdir, "select-layers"):  # it may run analyze first
-                print(select_layers_cli(Runner(cfg), args.k, args.method, args.student_depth))
-            return 0
+        return COMMANDS[args.command](cfg, args)
     except (ConfigError, PipelineError, LockedError) as e:
         if args.debug:
             raise
@@ -147,7 +100,68 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def cmd_status(cfg, args) -> int:
+    _print_status(Runner(cfg))
     return 0
+
+
+def cmd_run(cfg, args) -> int:
+    """Run a stage after its stale upstream stages, under the workdir lock when there is work."""
+    t0 = time.time()
+    for name in args.student or []:
+        cfg.student(name)  # an unknown name fails even when everything is up to date
+    runner = Runner(cfg, {"students": args.student})
+    stages = STAGES if args.stage == "all" else upstream_closure(args.stage)
+    # models are checked before any work; with nothing to do there is nothing to check or lock
+    # (so an up-to-date workdir that is read-only for this user still answers)
+    work = args.force or any(runner.state(s).status != "up to date" for s in stages)
+    if work:
+        check_models(cfg)
+    dist.init()
+    if not work:
+        runner.run(args.stage)
+    elif dist.is_main():
+        with WorkdirLock(cfg.workdir, f"run {args.stage}", wait=args.wait):
+            dist.barrier()
+            runner.run(args.stage, force=args.force)
+    else:
+        dist.barrier()
+        runner.run(args.stage, force=args.force)
+    if dist.is_main():
+        log.info(f"finished in {time.time() - t0:.1f}s")
+    return 0
+
+
+def cmd_verify(cfg, args) -> int:
+    from cache.verify import verify_stage
+
+    check_models(cfg)
+    problems = verify_stage(Runner(cfg), args.stage)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"verify {args.stage}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"verify {args.stage}: ok")
+    return 0
+
+
+def cmd_select_layers(cfg, args) -> int:
+    check_models(cfg)
+    if args.k < 1:
+        raise ConfigError(f"select-layers --k: {args.k}; propose at least 1 layer")
+    if args.student_depth is not None and args.student_depth < 1:
+        raise ConfigError(f"select-layers --student-depth: {args.student_depth}; a depth is at least 1")
+    from stages.analyze import select_layers_cli
+
+    with WorkdirLock(cfg.workdir, "select-layers"):  # it may run analyze first
+        print(select_layers_cli(Runner(cfg), args.k, args.method, args.student_depth))
+    return 0
+
+
+COMMANDS = {"status": cmd_status, "run": cmd_run, "verify": cmd_verify, "select-layers": cmd_select_layers}
 
 
 if __name__ == "__main__":
