@@ -27,6 +27,26 @@ class ConfigError(PipelineError):
     """A config problem, reported as one line naming the key path at fault."""
 
 
+def operational(default: Any, **constraints: Any) -> Any:
+    """A field that decides how a stage runs (workers, devices, memory budgets), not what it outputs:
+    :func:`decisive` leaves it out, so fingerprints ignore it."""
+    return Field(default, json_schema_extra={"operational": True}, **constraints)
+
+
+def decisive(model: BaseModel) -> dict:
+    """``model_dump(mode="json")`` without its operational fields, at every level: what goes into a
+    fingerprint."""
+    out = model.model_dump(mode="json")
+    for name, field in type(model).model_fields.items():
+        if (field.json_schema_extra or {}).get("operational"):
+            out.pop(name, None)
+            continue
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out[name] = decisive(value)
+    return out
+
+
 class _Model(BaseModel):
     """Every config section: unknown keys, inf/nan and booleans in numeric fields are refused."""
 
@@ -89,7 +109,7 @@ class DataConfig(_Model):
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     augment: AugmentConfig = AugmentConfig()
     on_bad_sample: Literal["skip", "fail"] = "skip"
-    decoded_cache_mb: int = Field(256, ge=0)  # decoded images kept per process for later views and epochs
+    decoded_cache_mb: int = operational(256, ge=0)  # decoded images kept per process for later views and epochs
 
     @model_validator(mode="after")
     def _source_fields(self) -> "DataConfig":
@@ -110,7 +130,7 @@ class FitConfig(_Model):
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(2, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = operational(0, ge=0)
 
 
 class TeacherConfig(_Model):
@@ -119,7 +139,7 @@ class TeacherConfig(_Model):
     pretrained: bool = False
     checkpoint: str | None = None
     fit: FitConfig | None = FitConfig()
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = operational("auto")
 
 
 # --------------------------------------------------------------------------- extract
@@ -134,9 +154,9 @@ class ExtractConfig(_Model):
     chunk_bytes: int = Field(1 << 20, ge=1024)
     compressor: Literal["zstd", "blosc"] = "zstd"
     clevel: int = Field(1, ge=1, le=9)  # zstd 1 encodes ~7x faster than 3 on float16 spectra, ~8% larger
-    num_workers: Workers = "auto"
-    writers: int = Field(2, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: Workers = operational("auto")
+    writers: int = operational(2, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = operational("auto")
     amp: Literal["bf16", "fp16", "none"] = "bf16"
 
     @field_validator("store")
@@ -168,9 +188,9 @@ class TrainDefaults(_Model):
     optimizer: Literal["adamw"] = "adamw"
     mode: Literal["cached", "online"] = "cached"
     seed: int = 0
-    num_workers: Workers = "auto"
-    keep_targets_mb: int = Field(2048, ge=0)  # hold decoded targets in memory when they fit
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: Workers = operational("auto")
+    keep_targets_mb: int = operational(2048, ge=0)  # hold decoded targets in memory when they fit
+    device: Literal["auto", "cpu", "cuda"] = operational("auto")
     amp: Literal["bf16", "fp16", "none"] = "bf16"
     # every N epochs (and the last), record the val-split layer statistics for analyze's dynamics; 0: off
     snapshot_every: int = Field(0, ge=0)
@@ -225,10 +245,10 @@ class DistillConfig(_Model):
 
 
 class AnalyzeConfig(_Model):
-    workers: int = Field(2, ge=1)
-    threads_per_worker: int = Field(1, ge=1)
-    scheduler: str | None = None
-    memory_limit: str = "4GiB"
+    workers: int = operational(2, ge=1)
+    threads_per_worker: int = operational(1, ge=1)
+    scheduler: str | None = operational(None)
+    memory_limit: str = operational("4GiB")
     batch_size: int = Field(256, ge=1)
     radial_bands: int = Field(4, ge=1)
     teacher_all_layers: bool = True
@@ -282,9 +302,9 @@ class ResolvedStudent(_Model):
     optimizer: str
     mode: Literal["cached", "online"]
     seed: int
-    num_workers: Workers
-    keep_targets_mb: int
-    device: str
+    num_workers: Workers = operational(...)
+    keep_targets_mb: int = operational(...)
+    device: str = operational(...)
     amp: str
     snapshot_every: int
 

@@ -19,20 +19,13 @@ from pathlib import Path
 from typing import Callable
 
 from . import dist
-from .config import PipelineConfig
+from .config import PipelineConfig, decisive
 from .fingerprint import diff, file_digest, fingerprint, library_versions
 from .fsutil import atomic_write_json, fresh_dir, read_json, replace_dir
 
 log = logging.getLogger("pipeline")
 
 STAGES = ("prepare", "teacher", "extract", "distill", "analyze")
-
-
-def _pick(cfg: PipelineConfig, section: str, exclude: tuple[str, ...] = ()) -> dict:
-    d = getattr(cfg, section).model_dump(mode="json")
-    for k in exclude:
-        d.pop(k, None)
-    return d
 
 
 def _prepare_params(cfg: PipelineConfig) -> dict:
@@ -69,7 +62,7 @@ def _preprocess(cfg: PipelineConfig) -> dict:
 
 
 def _teacher_params(cfg: PipelineConfig) -> dict:
-    return {"seed": cfg.seed, "teacher": _pick(cfg, "teacher", ("device",)), "data": _preprocess(cfg)}
+    return {"seed": cfg.seed, "teacher": decisive(cfg.teacher), "data": _preprocess(cfg)}
 
 
 def _teacher_identity(cfg: PipelineConfig) -> dict:
@@ -90,17 +83,13 @@ def _extract_params(cfg: PipelineConfig) -> dict:
     return {
         "cache_format": FORMAT_VERSION,
         "seed": cfg.seed,
-        "extract": _pick(cfg, "extract", ("num_workers", "writers", "device")),
+        "extract": decisive(cfg.extract),
         "data": _preprocess(cfg),
     }
 
 
 def student_params(cfg: PipelineConfig, name: str) -> dict:
-    s = cfg.student(name)
-    d = s.model_dump(mode="json")
-    for k in ("num_workers", "keep_targets_mb", "device"):
-        d.pop(k, None)
-    return d
+    return decisive(cfg.student(name))
 
 
 def _distill_params(cfg: PipelineConfig) -> dict:
@@ -108,7 +97,7 @@ def _distill_params(cfg: PipelineConfig) -> dict:
 
 
 def _analyze_params(cfg: PipelineConfig) -> dict:
-    return {"analyze": _pick(cfg, "analyze", ("workers", "threads_per_worker", "scheduler", "memory_limit"))}
+    return {"analyze": decisive(cfg.analyze)}
 
 
 def _prepare_problems(runner: "Runner", out: Path, lock: dict) -> list[str]:
