@@ -40,14 +40,13 @@ def main() -> None:
     import torch
 
     from stages import models
-    from stages import teacher as teacher_stage
     from stages.distill import Trainer
-    from stages.extract import open_cache
+    from cache.reader import open_cache
 
     cfg, runner = default_runner(wd, ["teacher.fit=null"])
     recs = runner.run("extract")
     cache = open_cache(recs["extract"])
-    teacher = teacher_stage.load(recs["teacher"], cfg).to(models.resolve_device(cfg.distill.defaults.device))
+    teacher = models.load_teacher(recs["teacher"], cfg).to(models.resolve_device(cfg.distill.defaults.device))
     spectral = next(s for s in cfg.distill.students if s.loss.kind == "spectral").name
     base = cfg.student(spectral)
     variants = {

@@ -34,11 +34,10 @@ def main() -> None:
     import torch
 
     from stages import models
-    from stages import teacher as teacher_stage
 
     cfg, runner = default_runner(wd, ["teacher.fit=null", *args.overrides])
     recs = runner.run("teacher")
-    model = teacher_stage.load(recs["teacher"], cfg)
+    model = models.load_teacher(recs["teacher"], cfg)
     device = models.resolve_device(cfg.extract.device)
     model.to(device)
     bs, size = cfg.extract.batch_size, cfg.data.image_size
@@ -98,7 +97,7 @@ def cpu_budget(cfg, runner, record, model, x) -> None:
     from cache.shardfile import ShardEncoder
     from stages import models
     from stages.data import ViewDataset
-    from stages.extract import cache_path, manifest_rows
+    from cache.reader import cache_path
     from stages.spectral import spectrum
 
     bs = x.shape[0]
@@ -112,7 +111,7 @@ def cpu_budget(cfg, runner, record, model, x) -> None:
         return statistics.median(times)
 
     cache = Cache(cache_path(record))
-    rows = manifest_rows(cache)
+    rows = cache.rows()
     n_fwd = 20
     with torch.inference_mode():
         model(x)

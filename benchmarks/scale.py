@@ -110,7 +110,8 @@ def main() -> None:
                     help="rows held as per-row Python objects for the worker-growth comparison (0: skip)")
     args = ap.parse_args()
     from pipeline.config import config_from_dict
-    from stages.extract import manifest_table, plan_rows, rows_of_manifest
+    from cache.manifest import manifest_table, rows_of_manifest
+    from stages.extract import plan_rows
 
     print(machine())
     n_val = max(1, args.samples // 25)

@@ -205,6 +205,12 @@ class Cache:
         """Rows per read unit: the smallest inner chunk among the arrays (reads stay chunk-aligned)."""
         return min(self.array(n).chunks[0] for n in self.spec.arrays())
 
+    def rows(self):
+        """The manifest's rows as columns (:func:`cache.manifest.rows_of_manifest`)."""
+        from .manifest import rows_of_manifest
+
+        return rows_of_manifest(self.manifest, self.path)
+
     def column(self, name: str) -> np.ndarray:
         """One manifest column (reads the manifest: take ``manifest`` once for several columns)."""
         return self.manifest.column(name).to_numpy(zero_copy_only=False)

@@ -24,14 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from cache.features import FeatureStore
+from cache.reader import open_cache
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write, atomic_write_text
 
-from . import models, teacher as teacher_stage
+from . import models
 from .data import ViewDataset
 from .dynamics import SNAPSHOTS, plot_dynamics, plot_entropy, read_snapshots, report_section, student_dynamics
-from .extract import manifest_rows, open_cache
 from .spectral import (channel_entropy_sum, channel_spectrum_sum, inverse_spectrum, profile_distance,  # noqa: F401
                        radial_energy_sum)
 
@@ -287,16 +287,14 @@ class ModelsSeen:
 def write_features(ctx, cache, rows: tuple[int, int]) -> ModelsSeen:
     """``features.zarr/<model>/<layer>`` on val rows: the teacher's cached layers from the cache, its
     other layers (``analyze.teacher_all_layers``) and every student's from a forward pass."""
-    from .distill import load_student
-
     cfg = ctx.cfg
     a = cfg.analyze
     rps = cache.spec.rows_per_shard
-    views = ViewDataset.for_config(manifest_rows(cache), cfg.data)
+    views = ViewDataset.for_config(cache.rows(), cfg.data)
     device = models.resolve_device(cfg.teacher.device)
     store = FeatureStore.create(Path(ctx.out) / "features.zarr")
     seen = ModelsSeen()
-    teacher = teacher_stage.load(ctx.upstream["teacher"], cfg)
+    teacher = models.load_teacher(ctx.upstream["teacher"], cfg)
     tdepth = models.depth(teacher)
     cached = write_cached_teacher_layers(store, cache, rows, rps)
     seen.layer_index[TEACHER] = {layer.name: layer.index for layer in cache.spec.layers}
@@ -310,7 +308,7 @@ def write_features(ctx, cache, rows: tuple[int, int]) -> ModelsSeen:
     seen.depths[TEACHER], seen.kinds[TEACHER] = tdepth, "teacher"
     for s in cfg.distill.students:
         st = cfg.student(s.name)
-        m = load_student(ctx.runner, cfg, s.name)
+        m = models.load_student(ctx.runner, cfg, s.name)
         d = models.depth(m)
         names = models.layer_names(m, list(range(d)))
         write_model_features(store, s.name, m, list(range(d)), names, views, rows, rps, a.batch_size, device,

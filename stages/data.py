@@ -13,7 +13,6 @@ sample's views never depend on where the shards list it.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
 import fsspec
 import numpy as np
@@ -22,7 +21,7 @@ from PIL import Image
 
 from pipeline.errors import PipelineError
 
-from .shards import Sample, Samples
+from cache.rows import Rows, Samples  # noqa: F401  (the row table)
 
 
 class ImageReader:
@@ -143,38 +142,6 @@ def layout_order(samples: Samples, seed: int, stream: int) -> np.ndarray:
 def plain_views(n: int) -> dict[str, np.ndarray]:
     """The whole image, unflipped, for ``n`` rows (val views)."""
     return {f: np.full(n, v, dtype=bool if f == "flip" else np.float64) for f, v in PLAIN_VIEW.items()}
-
-
-@dataclass
-class Rows:
-    """Rows as columns: row ``i`` is view ``params[*][i]`` of sample ``sample[i]`` of ``samples``.
-
-    No Python object per row: a row costs its sample index and its view parameters.
-    """
-
-    samples: Samples
-    sample: np.ndarray  # int64 index into samples, per row
-    params: dict[str, np.ndarray]  # one column per VIEW_FIELDS entry
-
-    def __len__(self) -> int:
-        return len(self.sample)
-
-    def view_params(self, i: int) -> dict:
-        return {f: (bool(c[i]) if f == "flip" else float(c[i])) for f, c in self.params.items()}
-
-    def source(self, i: int) -> Sample:
-        return self.samples.sample(int(self.sample[i]))
-
-    def labels(self, idx) -> np.ndarray:
-        return self.samples.label[self.sample[np.asarray(idx, dtype=np.int64)]]
-
-    @classmethod
-    def concat(cls, parts: list[Rows]) -> Rows:
-        """Rows of several tables over one :class:`Samples` (``parts`` share ``samples``)."""
-        samples = parts[0].samples
-        assert all(p.samples is samples for p in parts)
-        return cls(samples, np.concatenate([p.sample for p in parts]),
-                   {f: np.concatenate([p.params[f] for p in parts]) for f in VIEW_FIELDS})
 
 
 def crop_box(params: dict, width: int, height: int) -> tuple[int, int, int, int]:

@@ -28,16 +28,15 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from cache.reader import Cache
+from cache.reader import Cache, open_cache
 from pipeline import dist
 from pipeline.config import PipelineConfig, ResolvedStudent
 from pipeline.errors import PipelineError
 from pipeline.fsutil import (atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text, fresh_dir,
                             read_json, replace_dir)
 
-from . import models, teacher as teacher_stage
+from . import models
 from .data import ViewDataset
-from .extract import manifest_rows, open_cache
 from .dynamics import SNAPSHOTS
 from .spectral import check_pair, layer_sums, spectralkd_loss, spectrum
 from .train import adamw, evaluate, warmup_cosine
@@ -316,7 +315,7 @@ class Trainer:
         self.s_layers = [s for s, _ in self.pairs]
         self.t_layers = [t for _, t in self.pairs]
         self.teacher = teacher
-        self.views = ViewDataset.for_config(manifest_rows(cache), cfg.data)
+        self.views = ViewDataset.for_config(cache.rows(), cfg.data)
         self.net: torch.nn.Module = _WithFeatures(self.model, self.s_layers)
         self.memory = {} if self.target_bytes() <= st.keep_targets_mb * 2**20 else None
         if dist.world_size() > 1:
@@ -578,13 +577,6 @@ def _train_into(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher,
     return summary
 
 
-def load_student(runner, cfg: PipelineConfig, name: str) -> torch.nn.Module:
-    st = cfg.student(name)
-    m = models.create(st.model, st.kwargs, cfg.data.num_classes)
-    models.load_checkpoint(m, str(student_dir(runner, name) / "final.pt"))
-    return m.eval()
-
-
 def summary_table(teacher_summary: dict, cfg: PipelineConfig, rows: list[dict]) -> tuple[pa.Table, str]:
     all_rows = [{"model": f"teacher ({cfg.teacher.model})", "kind": "teacher", "mode": "-",
                  "val_top1": teacher_summary.get("val_top1"), "val_top5": teacher_summary.get("val_top5"),
@@ -631,7 +623,7 @@ def run(ctx) -> dict:
                 cache.layer(t)
     teacher = None
     if any(cfg.student(n).mode == "online" and cfg.student(n).loss.kind != "none" for n in wanted):
-        teacher = teacher_stage.load(trec, cfg).to(models.resolve_device(cfg.distill.defaults.device))
+        teacher = models.load_teacher(trec, cfg).to(models.resolve_device(cfg.distill.defaults.device))
     results, failed = [], []
     for name in wanted:
         try:

@@ -29,17 +29,16 @@ import torch
 from tqdm.auto import tqdm
 
 from cache.layout import CacheSpec, LayerSpec
-from cache.reader import CACHE_DIR, Cache, cache_path, open_cache  # noqa: F401  (stages import them from here)
+from cache.manifest import manifest_table
+from cache.reader import CACHE_DIR
 from cache.writer import CacheWriter
 from pipeline import dist
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
-from pipeline.fsutil import recorded_path, resolve_recorded
 
-from . import models, teacher as teacher_stage
-from .data import ORDER_STREAM, VIEW_FIELDS, BatchViews, Rows, ViewDataset, layout_order, plain_views, sample_views
-from .prepare import load_index
-from .shards import Samples, check_labels
+from . import models
+from .data import ORDER_STREAM, BatchViews, Rows, ViewDataset, layout_order, plain_views, sample_views
+from .shards import Samples, check_labels, load_index
 from .spectral import spectrum
 
 log = logging.getLogger("pipeline")
@@ -64,56 +63,6 @@ def plan_rows(cfg: PipelineConfig, train: Samples, val: Samples) -> tuple[Rows, 
     parts.append(Rows(samples, order, plain_views(len(val))))
     blocks.append({"split": "val", "view": 0, "start": start, "stop": start + len(val)})
     return Rows.concat(parts), blocks
-
-
-def manifest_table(rows: Rows, blocks: list[dict], rows_per_shard: int, cache_dir: Path, workdir: Path) -> pa.Table:
-    """The manifest: one row per cache row, as typed columns.  Shard urls are recorded relative to
-    ``cache_dir`` when they lie in ``workdir`` (:func:`pipeline.fsutil.recorded_path`)."""
-    n = len(rows)
-    split = np.zeros(n, dtype=np.int32)
-    view = np.zeros(n, dtype=np.int32)
-    for b in blocks:
-        split[b["start"] : b["stop"]] = 0 if b["split"] == "train" else 1
-        view[b["start"] : b["stop"]] = b["view"]
-    s = rows.samples
-    recorded = pa.array([recorded_path(u, cache_dir, workdir) for u in s.urls], pa.string())
-    cols = {
-        "row": np.arange(n, dtype=np.int64),
-        "split": pa.DictionaryArray.from_arrays(split, ["train", "val"]),
-        "view": view,
-        "key": s.key.take(pa.array(rows.sample)),
-        "label": s.label[rows.sample],
-        "url": pa.DictionaryArray.from_arrays(s.url[rows.sample], recorded),
-        "offset": s.offset[rows.sample],
-        "size": s.size[rows.sample],
-        **{f: rows.params[f] for f in VIEW_FIELDS},
-        "shard": (np.arange(n) // rows_per_shard).astype(np.int32),
-    }
-    return pa.table(cols)
-
-
-def manifest_rows(cache: Cache) -> Rows:
-    """The rows of ``cache``'s manifest (see :func:`rows_of_manifest`)."""
-    return rows_of_manifest(cache.manifest, cache.path)
-
-
-def rows_of_manifest(m: pa.Table, base: Path) -> Rows:
-    """The rows of a manifest, columnar: recorded urls resolved against ``base`` (the cache's
-    folder), each sample stored once however many views it has."""
-    url = m.column("url").combine_chunks()
-    if not isinstance(url, pa.DictionaryArray):
-        url = url.dictionary_encode()
-    urls = [resolve_recorded(u, base) for u in url.dictionary.to_pylist()]
-    url_idx = url.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-
-    def col(name: str) -> np.ndarray:
-        return m.column(name).to_numpy()
-
-    offset = col("offset").astype(np.int64)
-    _, first, sample = np.unique((url_idx << 40) | offset, return_index=True, return_inverse=True)
-    samples = Samples(urls, url_idx[first].astype(np.int32), m.column("key").combine_chunks().take(pa.array(first)),
-                      col("label")[first].astype(np.int64), offset[first], col("size")[first].astype(np.int64))
-    return Rows(samples, sample.reshape(-1), {f: col(f) for f in VIEW_FIELDS})
 
 
 @torch.inference_mode()
@@ -201,7 +150,7 @@ def run(ctx) -> dict:
     t_start = time.time()
     train, val, skipped = _samples(cfg, ctx.upstream["prepare"])
     device = models.resolve_device(e.device)
-    model = teacher_stage.load(ctx.upstream["teacher"], cfg).to(device)
+    model = models.load_teacher(ctx.upstream["teacher"], cfg).to(device)
     path = Path(ctx.out) / CACHE_DIR
     rows, blocks = plan_rows(cfg, train, val)
     spec = CacheSpec(

@@ -90,6 +90,28 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
         )
 
 
+def load_teacher(record, cfg: PipelineConfig) -> torch.nn.Module:
+    """The teacher a completed teacher record holds (``model.pt``, its digest checked), in eval mode."""
+    from pathlib import Path
+
+    t = cfg.teacher
+    m = create(t.model, t.kwargs, cfg.data.num_classes, pretrained=False)
+    load_checkpoint(m, str(Path(record.path) / "model.pt"))
+    got = weights_digest(m)
+    want = record.summary.get("weights_sha256")
+    if want and got != want:
+        raise PipelineError(f"{record.path}/model.pt: weights digest {got[:12]} != recorded {want[:12]}")
+    return m.eval()
+
+
+def load_student(runner, cfg: PipelineConfig, name: str) -> torch.nn.Module:
+    """Student ``name``'s final weights (``final.pt`` in its folder), in eval mode."""
+    st = cfg.student(name)
+    m = create(st.model, st.kwargs, cfg.data.num_classes)
+    load_checkpoint(m, str(runner.student_dir(name) / "final.pt"))
+    return m.eval()
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """sha256 of the state dict (sorted names, dtypes, shapes, bytes): independent of file format."""
     h = hashlib.sha256()

@@ -8,7 +8,7 @@ fixed mtime, owner and order.
 Outputs: ``shards.json`` (the shard lists, the sizes of the shards prepare wrote, the samples that
 could not be indexed) and ``index.parquet`` (split, key, url, label, offset, size of every sample:
 the scan every later stage reads instead of scanning again).  Both are covered by digests in the
-stage's record, checked by :func:`load_index` and by ``status``.
+stage's record, checked by :func:`stages.shards.load_index` and by ``status``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -32,12 +31,11 @@ from pipeline.fingerprint import file_digest
 from pipeline.fsutil import (atomic_write, atomic_write_bytes, atomic_write_json, read_json, recorded_path,
                             resolve_recorded)
 
-from .shards import IMAGE_EXTS, Samples, expand_urls, scan_shards
+from .shards import IMAGE_EXTS, INDEX, expand_urls, scan_shards
 
 log = logging.getLogger("pipeline")
 
 MTIME = 0.0  # fixed tar member time: shards depend on content only
-INDEX = "index.parquet"
 
 
 def source_identity(cfg: PipelineConfig) -> dict:
@@ -201,29 +199,6 @@ def index_shards(train: list[str], val: list[str], out: Path, root: Path) -> tup
     return buf.getvalue(), skipped
 
 
-def load_index(record) -> tuple[Samples, Samples, list[dict]]:
-    """The train and val samples and the skipped samples a prepare record indexed, after checking
-    the index and the shard list against the digests prepare recorded."""
-    path = Path(record.path)
-    data = (path / INDEX).read_bytes() if (path / INDEX).exists() else b""
-    if hashlib.sha256(data).hexdigest() != record.summary.get("index_sha256"):
-        raise PipelineError(f"{path / INDEX}: the sample index is missing or not the one prepare wrote "
-                            f"(sha256 mismatch); rerun prepare with --force")
-    shard_lists(record)  # checks shards.json
-    skipped = [{**b, "url": resolve_recorded(b["url"], path)} for b in read_json(path / "shards.json")["skipped"]]
-    table = pq.read_table(pa.BufferReader(data), read_dictionary=["split", "url"])
-    out = []
-    for split in ("train", "val"):
-        t = table.filter(pc.equal(table.column("split").cast(pa.string()), split)).combine_chunks()
-        url = t.column("url").chunk(0) if t.num_rows else pa.DictionaryArray.from_arrays(
-            pa.array([], pa.int32()), pa.array([], pa.string()))
-        urls = [resolve_recorded(u, path) for u in url.dictionary.to_pylist()]
-        key = t.column("key").chunk(0) if t.num_rows else pa.array([], pa.string())
-        out.append(Samples(urls, url.indices.to_numpy(zero_copy_only=False).astype(np.int32), key,
-                           *(t.column(c).to_numpy() for c in ("label", "offset", "size"))))
-    return out[0], out[1], skipped
-
-
 def output_problems(out: Path, lock: dict) -> list[str]:
     """What is wrong with a finished prepare output now: an edited shard list, shards missing or
     resized since prepare wrote them (a damaged output is stale)."""
@@ -249,13 +224,3 @@ def output_problems(out: Path, lock: dict) -> list[str]:
     return problems
 
 
-def shard_lists(record) -> tuple[list[str], list[str]]:
-    """The train and val shard urls a prepare record points at (its recorded relative paths resolved),
-    after checking the shard list against the digest prepare recorded."""
-    f = Path(record.path) / "shards.json"
-    if file_digest(f) != record.summary.get("shards_json_sha256"):
-        raise PipelineError(f"{f}: the shard list is not the one prepare wrote (sha256 mismatch); "
-                            f"rerun prepare with --force")
-    m = read_json(f)
-    return ([resolve_recorded(u, record.path) for u in m["train"]],
-            [resolve_recorded(u, record.path) for u in m["val"]])

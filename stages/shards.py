@@ -10,101 +10,27 @@ DataLoader workers share them without copy-on-read growth.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from braceexpand import braceexpand
 
+from cache.rows import Sample, Samples, string_hashes  # noqa: F401  (the sample table)
 from pipeline.errors import PipelineError
+from pipeline.fingerprint import file_digest
+from pipeline.fsutil import read_json, resolve_recorded
 
 log = logging.getLogger("pipeline")
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
-
-
-@dataclass
-class Sample:
-    key: str
-    label: int
-    url: str
-    offset: int
-    size: int
-
-
-@dataclass
-class Samples:
-    """Samples as columns: ``urls`` once, then per sample an index into them, the key (Arrow
-    strings), the label and the image member's byte offset and size in its tar."""
-
-    urls: list[str]
-    url: np.ndarray  # int32 index into urls
-    key: pa.Array  # strings
-    label: np.ndarray  # int64
-    offset: np.ndarray  # int64
-    size: np.ndarray  # int64
-
-    @classmethod
-    def of(cls, samples: list[Sample]) -> Samples:
-        urls = list(dict.fromkeys(s.url for s in samples))
-        where = {u: i for i, u in enumerate(urls)}
-        return cls(urls, np.array([where[s.url] for s in samples], dtype=np.int32),
-                   pa.array([s.key for s in samples], type=pa.string()),
-                   np.array([s.label for s in samples], dtype=np.int64),
-                   np.array([s.offset for s in samples], dtype=np.int64),
-                   np.array([s.size for s in samples], dtype=np.int64))
-
-    @classmethod
-    def concat(cls, parts: list[Samples]) -> Samples:
-        urls = list(dict.fromkeys(u for p in parts for u in p.urls))
-        where = {u: i for i, u in enumerate(urls)}
-        remap = [np.array([where[u] for u in p.urls], dtype=np.int32) for p in parts]
-        return cls(urls, np.concatenate([r[p.url] for r, p in zip(remap, parts)] or [np.zeros(0, np.int32)]),
-                   pa.concat_arrays([p.key for p in parts]) if parts else pa.array([], pa.string()),
-                   *(np.concatenate([getattr(p, c) for p in parts] or [np.zeros(0, np.int64)])
-                     for c in ("label", "offset", "size")))
-
-    def __len__(self) -> int:
-        return len(self.label)
-
-    def take(self, idx: np.ndarray) -> Samples:
-        idx = np.asarray(idx, dtype=np.int64)
-        return Samples(self.urls, self.url[idx], self.key.take(pa.array(idx)), self.label[idx], self.offset[idx],
-                       self.size[idx])
-
-    def sample(self, i: int) -> Sample:
-        """Sample ``i`` as one object (for messages and tests, never on the hot path)."""
-        return Sample(self.key[i].as_py(), int(self.label[i]), self.urls[self.url[i]], int(self.offset[i]),
-                      int(self.size[i]))
-
-    def key_hashes(self) -> np.ndarray:
-        """A 64-bit FNV-1a hash of each key's UTF-8 bytes (vectorized over the Arrow buffers): what
-        seeds a sample's views and its place in the row layout, whatever order the shards list it in."""
-        return string_hashes(self.key)
-
-
-_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
-
-
-def string_hashes(strings: pa.Array) -> np.ndarray:
-    """FNV-1a 64 of each string of an Arrow string array, one numpy pass per byte position."""
-    arr = pa.concat_arrays([strings.cast(pa.string())]) if len(strings) else pa.array([], pa.string())
-    n = len(arr)
-    h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
-    if n == 0:
-        return h
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + n + 1]
-    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None else np.zeros(1, np.uint8)
-    start, length = offsets[:-1].astype(np.int64), np.diff(offsets).astype(np.int64)
-    with np.errstate(over="ignore"):
-        for j in range(int(length.max(initial=0))):
-            live = length > j
-            b = data[np.minimum(start + j, len(data) - 1)].astype(np.uint64)
-            h = np.where(live, (h ^ b) * _FNV_PRIME, h)
-    return h
 
 
 @dataclass
@@ -200,3 +126,43 @@ def scan_shards(urls: list[str], progress: bool = True) -> tuple[Samples, list[B
         parts.append(Samples.of(s))
         bad.extend(b)
     return Samples.concat(parts), bad
+
+
+# ----------------------------------------------------------------------------- the index prepare writes
+
+INDEX = "index.parquet"
+
+
+def load_index(record) -> tuple[Samples, Samples, list[dict]]:
+    """The train and val samples and the skipped samples a prepare record indexed, after checking
+    the index and the shard list against the digests prepare recorded."""
+    path = Path(record.path)
+    data = (path / INDEX).read_bytes() if (path / INDEX).exists() else b""
+    if hashlib.sha256(data).hexdigest() != record.summary.get("index_sha256"):
+        raise PipelineError(f"{path / INDEX}: the sample index is missing or not the one prepare wrote "
+                            f"(sha256 mismatch); rerun prepare with --force")
+    shard_lists(record)  # checks shards.json
+    skipped = [{**b, "url": resolve_recorded(b["url"], path)} for b in read_json(path / "shards.json")["skipped"]]
+    table = pq.read_table(pa.BufferReader(data), read_dictionary=["split", "url"])
+    out = []
+    for split in ("train", "val"):
+        t = table.filter(pc.equal(table.column("split").cast(pa.string()), split)).combine_chunks()
+        url = t.column("url").chunk(0) if t.num_rows else pa.DictionaryArray.from_arrays(
+            pa.array([], pa.int32()), pa.array([], pa.string()))
+        urls = [resolve_recorded(u, path) for u in url.dictionary.to_pylist()]
+        key = t.column("key").chunk(0) if t.num_rows else pa.array([], pa.string())
+        out.append(Samples(urls, url.indices.to_numpy(zero_copy_only=False).astype(np.int32), key,
+                           *(t.column(c).to_numpy() for c in ("label", "offset", "size"))))
+    return out[0], out[1], skipped
+
+
+def shard_lists(record) -> tuple[list[str], list[str]]:
+    """The train and val shard urls a prepare record points at (its recorded relative paths resolved),
+    after checking the shard list against the digest prepare recorded."""
+    f = Path(record.path) / "shards.json"
+    if file_digest(f) != record.summary.get("shards_json_sha256"):
+        raise PipelineError(f"{f}: the shard list is not the one prepare wrote (sha256 mismatch); "
+                            f"rerun prepare with --force")
+    m = read_json(f)
+    return ([resolve_recorded(u, record.path) for u in m["train"]],
+            [resolve_recorded(u, record.path) for u in m["val"]])

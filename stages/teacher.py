@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,8 +20,7 @@ from pipeline.fsutil import atomic_torch_save
 
 from . import models
 from .data import FIT_STREAM, ORDER_STREAM, BatchViews, Rows, ViewDataset, layout_order, plain_views, sample_views
-from .prepare import load_index
-from .shards import Samples, check_labels
+from .shards import Samples, check_labels, load_index
 from .train import adamw, evaluate, warmup_cosine
 
 log = logging.getLogger("pipeline")
@@ -31,18 +29,6 @@ log = logging.getLogger("pipeline")
 def build(cfg: PipelineConfig) -> torch.nn.Module:
     t = cfg.teacher
     return models.create(t.model, t.kwargs, cfg.data.num_classes, t.pretrained, t.checkpoint)
-
-
-def load(record, cfg: PipelineConfig) -> torch.nn.Module:
-    """The teacher a completed teacher record holds, in eval mode."""
-    t = cfg.teacher
-    m = models.create(t.model, t.kwargs, cfg.data.num_classes, pretrained=False)
-    models.load_checkpoint(m, str(Path(record.path) / "model.pt"))
-    got = models.weights_digest(m)
-    want = record.summary.get("weights_sha256")
-    if want and got != want:
-        raise PipelineError(f"{record.path}/model.pt: weights digest {got[:12]} != recorded {want[:12]}")
-    return m.eval()
 
 
 def plain_rows(samples: Samples) -> Rows:

@@ -18,16 +18,16 @@ from cache.reader import Cache
 from pipeline.config import config_from_dict
 from pipeline.errors import PipelineError
 from pipeline.graph import Runner
-from stages import teacher as teacher_stage
+from stages import models
 from stages.distill import Trainer, check_cache_teacher, student_dir
-from stages.extract import cache_path, open_cache
+from cache.reader import cache_path, open_cache
 from tests.conftest import ROOT, TINY, copy_upstream, tiny_tree, write_config
 
 
 def test_cached_loss_equals_online_loss(built):
     cfg, runner, recs = built
     cache = open_cache(recs["extract"])
-    teacher = teacher_stage.load(recs["teacher"], cfg)
+    teacher = models.load_teacher(recs["teacher"], cfg)
     st = cfg.student("spectral")
     tr = Trainer(cfg, st, cache, Path("/nonexistent"), teacher=teacher)
     x, y, rows, tg = next(iter(tr.train_batches(0)))

@@ -16,9 +16,8 @@ import torch
 import zarr
 
 from stages import models
-from stages import teacher as teacher_stage
 from stages.data import ImageReader, Rows, ViewDataset, build_view, decode_image, view_pixels
-from stages.extract import cache_path, manifest_rows, open_cache
+from cache.reader import cache_path, open_cache
 from stages.shards import Sample, Samples
 from stages.spectral import spectrum
 from tests.conftest import ROOT, TINY, copy_upstream, tiny_tree, write_config
@@ -27,8 +26,8 @@ from tests.conftest import ROOT, TINY, copy_upstream, tiny_tree, write_config
 def test_replay_reproduces_cached_targets(built):
     cfg, runner, recs = built
     cache = open_cache(recs["extract"])
-    teacher = teacher_stage.load(recs["teacher"], cfg)
-    rows = manifest_rows(cache)
+    teacher = models.load_teacher(recs["teacher"], cfg)
+    rows = cache.rows()
     rng = np.random.default_rng(0)
     pick = np.sort(rng.choice(cache.spec.rows, 24, replace=False))
     reader = ImageReader()
@@ -163,7 +162,7 @@ def test_torchrun_two_ranks_equal_one_process(built, tmp_path):
 def test_batched_views_and_decoded_image_cache_equal_one_view_at_a_time(built, tmp_path):
     cfg, runner, recs = built
     cache = open_cache(recs["extract"])
-    rows = manifest_rows(cache)
+    rows = cache.rows()
     keys = cache.manifest.column("key").to_pylist()
     first = {}
     pairs = []  # (view 0 row, view 1 row) of the same sample

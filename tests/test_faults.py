@@ -309,7 +309,7 @@ def test_deleted_source_tar_makes_prepare_stale_and_a_changed_image_stops_distil
 def test_interrupted_force_keeps_the_old_output(built, tmp_path, monkeypatch):
     from cache.writer import CacheWriter
     from stages import distill as distill_stage
-    from stages.extract import open_cache
+    from cache.reader import open_cache
 
     cfg, runner, recs = built
     wd = tmp_path / "w"

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from pipeline.config import config_from_dict
 from pipeline.graph import Runner
 from stages.data import VIEW_FIELDS, sample_views, uniform
-from stages.extract import manifest_rows, open_cache, plan_rows
+from cache.reader import open_cache
+from stages.extract import plan_rows
 from stages.shards import Samples
 from tests.conftest import tiny_tree
 
@@ -111,7 +112,7 @@ def test_class_sorted_shards_give_mixed_batches_and_the_same_cache_as_shuffled(b
         c = config_from_dict(tree, workdir=str(tmp_path / f"w-{order}"))
         caches[order] = (c, open_cache(Runner(c).run("extract")["extract"]))
     (c, sorted_cache), (_, shuffled_cache) = caches["sorted"], caches["shuffled"]
-    assert _layout(manifest_rows(sorted_cache)) == _layout(manifest_rows(shuffled_cache))
+    assert _layout(sorted_cache.rows()) == _layout(shuffled_cache.rows())
     for name in ("logits", "spectra/blocks.0", "valid"):
         np.testing.assert_array_equal(sorted_cache.read(name, 0, 1797), shuffled_cache.read(name, 0, 1797))
     # epoch 0's batches hold as many classes as a uniform shuffle would

@@ -1,0 +1,67 @@
+"""The manifest: one row per cache row, as typed Parquet columns readable without the project.
+
+``row, split, view, key, label, url, offset, size, shard`` and one column per view parameter
+(``crop_top, crop_left, crop_height, crop_width, flip``: whatever :class:`cache.rows.Rows`
+carries).  Shard urls are recorded relative to the cache's folder when they lie in the workdir
+(:func:`pipeline.fsutil.recorded_path`) and dictionary-encoded, like ``split``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.fsutil import recorded_path, resolve_recorded
+
+from .rows import Rows, Samples
+
+# the columns that are not view parameters
+ROW_COLUMNS = ("row", "split", "view", "key", "label", "url", "offset", "size", "shard")
+
+
+def manifest_table(rows: Rows, blocks: list[dict], rows_per_shard: int, cache_dir: Path, workdir: Path) -> pa.Table:
+    """The manifest: one row per cache row, as typed columns.  Shard urls are recorded relative to
+    ``cache_dir`` when they lie in ``workdir`` (:func:`pipeline.fsutil.recorded_path`)."""
+    n = len(rows)
+    split = np.zeros(n, dtype=np.int32)
+    view = np.zeros(n, dtype=np.int32)
+    for b in blocks:
+        split[b["start"] : b["stop"]] = 0 if b["split"] == "train" else 1
+        view[b["start"] : b["stop"]] = b["view"]
+    s = rows.samples
+    recorded = pa.array([recorded_path(u, cache_dir, workdir) for u in s.urls], pa.string())
+    cols = {
+        "row": np.arange(n, dtype=np.int64),
+        "split": pa.DictionaryArray.from_arrays(split, ["train", "val"]),
+        "view": view,
+        "key": s.key.take(pa.array(rows.sample)),
+        "label": s.label[rows.sample],
+        "url": pa.DictionaryArray.from_arrays(s.url[rows.sample], recorded),
+        "offset": s.offset[rows.sample],
+        "size": s.size[rows.sample],
+        **rows.params,
+        "shard": (np.arange(n) // rows_per_shard).astype(np.int32),
+    }
+    return pa.table(cols)
+
+
+def rows_of_manifest(m: pa.Table, base: Path) -> Rows:
+    """The rows of a manifest, columnar: recorded urls resolved against ``base`` (the cache's
+    folder), each sample stored once however many views it has."""
+    url = m.column("url").combine_chunks()
+    if not isinstance(url, pa.DictionaryArray):
+        url = url.dictionary_encode()
+    urls = [resolve_recorded(u, base) for u in url.dictionary.to_pylist()]
+    url_idx = url.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def col(name: str) -> np.ndarray:
+        return m.column(name).to_numpy()
+
+    offset = col("offset").astype(np.int64)
+    _, first, sample = np.unique((url_idx << 40) | offset, return_index=True, return_inverse=True)
+    samples = Samples(urls, url_idx[first].astype(np.int32), m.column("key").combine_chunks().take(pa.array(first)),
+                      col("label")[first].astype(np.int64), offset[first], col("size")[first].astype(np.int64))
+    params = [c for c in m.column_names if c not in ROW_COLUMNS]
+    return Rows(samples, sample.reshape(-1), {f: col(f) for f in params})
