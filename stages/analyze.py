@@ -30,7 +30,7 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write, atomic_write_text
 
 from . import models
-from .data import ViewDataset
+from .data import ViewDataset, sequential_batches, view_loader
 from .dynamics import SNAPSHOTS, plot_dynamics, plot_entropy, read_snapshots, report_section, student_dynamics
 from .spectral import (channel_entropy_sum, channel_spectrum_sum, inverse_spectrum, profile_distance,  # noqa: F401
                        radial_energy_sum)
@@ -104,14 +104,12 @@ def write_model_features(store: FeatureStore, label: str, model, indices: list[i
     for s in tqdm(range(0, n, rps), desc=f"features {label}", leave=False, disable=None):
         e = min(n, s + rps)
         bufs = [np.zeros((e - s, *a.shape[1:]), np.float16) for a in arrays]
-        for i in range(s, e, batch):
-            j = min(e, i + batch)
-            x, _, ok, _ = views.batch(range(a0 + i, a0 + j))
-            views.require_readable(range(a0 + i, a0 + j), ok.numpy(), valid[a0 + i : a0 + j])
-            x = views.normalize(x.to(device))
-            _, feats = models.intermediates(model, x, indices)
+        for x, _, ok, idx in view_loader(views, sequential_batches(range(a0 + s, a0 + e), batch)):
+            rows_here = idx.numpy()
+            views.require_readable(rows_here, ok.numpy(), valid[rows_here])
+            _, feats = models.intermediates(model, views.normalize(x.to(device)), indices)
             for buf, f in zip(bufs, feats):
-                buf[i - s : j - s] = f.float().cpu().numpy().astype(np.float16)
+                buf[rows_here - a0 - s] = f.float().cpu().numpy().astype(np.float16)
         for arr, buf in zip(arrays, bufs):
             arr[s:e] = buf
 

@@ -266,11 +266,33 @@ class ViewDataset(torch.utils.data.Dataset):
 
 
 class BatchViews(torch.utils.data.Dataset):
-    """A :class:`ViewDataset` indexed by lists of rows, for ``DataLoader(batch_size=None, sampler=...)``
-    with a sampler that yields batches of row indices."""
+    """A :class:`ViewDataset` indexed by lists of rows (what :func:`view_loader` loads)."""
 
     def __init__(self, views: ViewDataset):
         self.views = views
 
     def __getitem__(self, indices):
         return self.views.batch(indices)
+
+
+def view_loader(ds: ViewDataset, batches, workers: int = 0, pin_memory: bool = False, prefetch: int = 2,
+                generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+    """The one loader of views: ``batches`` (any iterable of lists of row indices) sets the order:
+    :func:`sequential_batches`, :func:`shuffled_batches`, shard by shard (extract), chunk-aligned
+    units (distill).  Yields (uint8 pixels (B, 3, size, size), labels, ok, row indices), built in
+    ``workers`` processes (0: in this one)."""
+    return torch.utils.data.DataLoader(
+        BatchViews(ds), sampler=batches, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+        prefetch_factor=prefetch if workers > 0 else None, persistent_workers=False, generator=generator,
+    )
+
+
+def sequential_batches(rows: range, batch_size: int) -> list[list[int]]:
+    """``rows`` in order, ``batch_size`` at a time."""
+    return [list(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> torch.utils.data.BatchSampler:
+    """Rows 0..n-1 in a random order drawn from ``generator`` when iterated, ``batch_size`` at a time."""
+    order = torch.utils.data.RandomSampler(range(n), generator=generator)
+    return torch.utils.data.BatchSampler(order, batch_size, drop_last=False)

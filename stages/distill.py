@@ -36,7 +36,7 @@ from pipeline.fsutil import (atomic_torch_save, atomic_write, atomic_write_json,
                             read_json, replace_dir)
 
 from . import models
-from .data import ViewDataset
+from .data import ViewDataset, view_loader
 from .dynamics import SNAPSHOTS
 from .spectral import check_pair, layer_sums, spectralkd_loss, spectrum
 from .train import adamw, evaluate, warmup_cosine
@@ -62,21 +62,6 @@ def units_of(start: int, stop: int, unit: int) -> list[tuple[int, int]]:
         out.append((a, b))
         a = b
     return out
-
-
-class _UnitImages(torch.utils.data.Dataset):
-    """uint8 pixels (rebuilt views) and labels of one read unit of rows."""
-
-    def __init__(self, views: ViewDataset, units: list[tuple[int, int]]):
-        self.views, self.units = views, units
-
-    def __len__(self) -> int:
-        return len(self.units)
-
-    def __getitem__(self, u: int):
-        a, b = self.units[u]
-        x, y, ok, _ = self.views.batch(range(a, b))
-        return u, x, y, ok
 
 
 class CachedBatches:
@@ -148,10 +133,7 @@ class CachedBatches:
 
     def __iter__(self):
         order = self.order()
-        loader = torch.utils.data.DataLoader(
-            _UnitImages(self.views, self.units), batch_size=None, sampler=order, num_workers=self.num_workers,
-            prefetch_factor=2 if self.num_workers else None,
-        )
+        loader = view_loader(self.views, [list(range(*self.units[u])) for u in order], self.num_workers)
         need_targets = self.want_logits or bool(self.layers)
         q: queue.Queue = queue.Queue(maxsize=3)
         stop = threading.Event()
@@ -172,7 +154,7 @@ class CachedBatches:
         limit = self._rank_steps(order)
         yielded = 0
         try:
-            for u, x, y, ok in loader:
+            for u, (x, y, ok, _) in zip(order, loader):
                 item = q.get()
                 if isinstance(item, BaseException):
                     raise item

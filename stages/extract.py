@@ -37,7 +37,7 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 
 from . import models
-from .data import ORDER_STREAM, BatchViews, Rows, ViewDataset, layout_order, plain_views, sample_views
+from .data import ORDER_STREAM, Rows, ViewDataset, layout_order, plain_views, sample_views, view_loader
 from .shards import Samples, check_labels, load_index
 from .spectral import spectrum
 
@@ -299,11 +299,8 @@ def teacher_targets(logits: torch.Tensor, feats: list[torch.Tensor], spec: Cache
 
 def _view_loader(ds: ViewDataset, spec: CacheSpec, todo: list[int], e, device) -> torch.utils.data.DataLoader:
     """Batches of uint8 views of ``todo``'s rows, shard by shard, built in worker processes."""
-    workers = models.resolve_workers(e.num_workers, device)
-    return torch.utils.data.DataLoader(
-        BatchViews(ds), sampler=ShardBatches(spec, todo, e.batch_size), batch_size=None, num_workers=workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
-    )
+    return view_loader(ds, ShardBatches(spec, todo, e.batch_size), models.resolve_workers(e.num_workers, device),
+                       pin_memory=device.type == "cuda", prefetch=4)
 
 
 def _bad_rows(cfg: PipelineConfig, rows: Rows, idx: torch.Tensor, ok: np.ndarray) -> list[dict]:

@@ -19,7 +19,8 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_torch_save
 
 from . import models
-from .data import FIT_STREAM, ORDER_STREAM, BatchViews, Rows, ViewDataset, layout_order, plain_views, sample_views
+from .data import (FIT_STREAM, ORDER_STREAM, Rows, ViewDataset, layout_order, plain_views, sample_views,
+                   sequential_batches, shuffled_batches, view_loader)
 from .shards import Samples, check_labels, load_index
 from .train import adamw, evaluate, warmup_cosine
 
@@ -38,11 +39,8 @@ def plain_rows(samples: Samples) -> Rows:
 
 def _loader(ds: ViewDataset, batch_size, shuffle, workers, seed=0):
     g = torch.Generator().manual_seed(seed)
-    order = torch.utils.data.RandomSampler(ds, generator=g) if shuffle else torch.utils.data.SequentialSampler(ds)
-    return torch.utils.data.DataLoader(
-        BatchViews(ds), sampler=torch.utils.data.BatchSampler(order, batch_size, drop_last=False), batch_size=None,
-        num_workers=workers, generator=g, persistent_workers=False,
-    )
+    batches = shuffled_batches(len(ds), batch_size, g) if shuffle else sequential_batches(range(len(ds)), batch_size)
+    return view_loader(ds, batches, workers, generator=g)
 
 
 def _xy(loader, bad: set):
