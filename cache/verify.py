@@ -129,8 +129,8 @@ def verify_stage(runner, stage: str) -> list[str]:
         return [f"{stage}: no complete output for the current config ({fp[:12]}) under {runner.out_dir(stage)}; "
                 f"run `python -m pipeline run {stage}`"]
     if stage == "extract":
-        trec = runner.record("teacher")
-        digest = trec.summary.get("weights_sha256") if trec else None
+        teacher_rec = runner.record("teacher")
+        digest = teacher_rec.summary.get("weights_sha256") if teacher_rec else None
         return verify_cache(cache_path(rec), fp, digest)
     if stage == "distill":
         problems = []

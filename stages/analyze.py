@@ -80,9 +80,10 @@ def dask_channel_spectra(arrays: dict, bands: int, progress: bool = True, client
     out = {}
     for (k, (_, positions)), sums in zip(lazy.items(), values):
         c = arrays[k].shape[1]
-        spec = np.asarray(sums[:c]) / positions
+        channel_spectrum = np.asarray(sums[:c]) / positions
         energy = np.asarray(sums[c:-1])
-        out[k] = (spec, float(spec.mean()), energy / max(energy.sum(), 1e-30), float(sums[-1]) / positions)
+        out[k] = (channel_spectrum, float(channel_spectrum.mean()), energy / max(energy.sum(), 1e-30),
+                  float(sums[-1]) / positions)
     return out
 
 
@@ -91,7 +92,7 @@ def dask_channel_spectra(arrays: dict, bands: int, progress: bool = True, client
 
 @torch.inference_mode()
 def write_model_features(store: FeatureStore, label: str, model, indices: list[int], names: list[str],
-                         views: ViewDataset, rows: tuple[int, int], rps: int, batch: int, device,
+                         views: ViewDataset, rows: tuple[int, int], rows_per_shard: int, batch: int, device,
                          valid: np.ndarray) -> None:
     """Run ``model`` on val rows and write its layers, one shard of rows at a time (a row whose
     image extract read, ``valid``, must still be readable)."""
@@ -100,9 +101,9 @@ def write_model_features(store: FeatureStore, label: str, model, indices: list[i
     n = b0 - a0
     x0 = views.normalize(views[a0][0][None].to(device))
     _, f0 = models.intermediates(model, x0, indices)
-    arrays = [store.new_array(label, nm, n, tuple(f.shape[1:]), rps) for nm, f in zip(names, f0)]
-    for s in tqdm(range(0, n, rps), desc=f"features {label}", leave=False, disable=None):
-        e = min(n, s + rps)
+    arrays = [store.new_array(label, nm, n, tuple(f.shape[1:]), rows_per_shard) for nm, f in zip(names, f0)]
+    for s in tqdm(range(0, n, rows_per_shard), desc=f"features {label}", leave=False, disable=None):
+        e = min(n, s + rows_per_shard)
         bufs = [np.zeros((e - s, *a.shape[1:]), np.float16) for a in arrays]
         for x, _, ok, idx in view_loader(views, sequential_batches(range(a0 + s, a0 + e), batch)):
             rows_here = idx.numpy()
@@ -114,20 +115,20 @@ def write_model_features(store: FeatureStore, label: str, model, indices: list[i
             arr[s:e] = buf
 
 
-def write_cached_teacher_layers(store: FeatureStore, cache, rows: tuple[int, int], rps: int) -> list[int]:
+def write_cached_teacher_layers(store: FeatureStore, cache, rows: tuple[int, int], rows_per_shard: int) -> list[int]:
     """The teacher's cached layers on val rows: stored features, else irfft2 of the stored spectra."""
     a0, b0 = rows
     n = b0 - a0
     done = []
     for layer in cache.spec.layers:
-        arr = store.new_array(TEACHER, layer.name, n, layer.feature_shape(), rps)
-        for s in range(0, n, rps):
-            e = min(n, s + rps)
+        arr = store.new_array(TEACHER, layer.name, n, layer.feature_shape(), rows_per_shard)
+        for s in range(0, n, rows_per_shard):
+            e = min(n, s + rows_per_shard)
             if "features" in cache.spec.store:
                 block = cache.read_layer("features", layer.index, a0 + s, a0 + e)
             else:
-                spec = torch.from_numpy(cache.read_layer("spectra", layer.index, a0 + s, a0 + e))
-                block = inverse_spectrum(spec, layer.width).numpy().astype(np.float16)
+                spectra = torch.from_numpy(cache.read_layer("spectra", layer.index, a0 + s, a0 + e))
+                block = inverse_spectrum(spectra, layer.width).numpy().astype(np.float16)
             arr[s:e] = block
         done.append(layer.index)
     return done
@@ -287,21 +288,21 @@ def write_features(ctx, cache, rows: tuple[int, int]) -> ModelsSeen:
     other layers (``analyze.teacher_all_layers``) and every student's from a forward pass."""
     cfg = ctx.cfg
     a = cfg.analyze
-    rps = cache.spec.rows_per_shard
+    rows_per_shard = cache.spec.rows_per_shard
     views = ViewDataset.for_config(cache.rows(), cfg.data)
     device = models.resolve_device(cfg.teacher.device)
     store = FeatureStore.create(Path(ctx.out) / "features.zarr")
     seen = ModelsSeen()
     teacher = models.load_teacher(ctx.upstream["teacher"], cfg)
     tdepth = models.depth(teacher)
-    cached = write_cached_teacher_layers(store, cache, rows, rps)
+    cached = write_cached_teacher_layers(store, cache, rows, rows_per_shard)
     seen.layer_index[TEACHER] = {layer.name: layer.index for layer in cache.spec.layers}
     if a.teacher_all_layers:
         rest = [i for i in range(tdepth) if i not in cached]
         if rest:
             names = models.layer_names(teacher, rest)
-            write_model_features(store, TEACHER, teacher, rest, names, views, rows, rps, a.batch_size, device,
-                                 cache.valid)
+            write_model_features(store, TEACHER, teacher, rest, names, views, rows, rows_per_shard, a.batch_size,
+                                 device, cache.valid)
             seen.layer_index[TEACHER].update(dict(zip(names, rest)))
     seen.depths[TEACHER], seen.kinds[TEACHER] = tdepth, "teacher"
     for s in cfg.distill.students:
@@ -309,7 +310,7 @@ def write_features(ctx, cache, rows: tuple[int, int]) -> ModelsSeen:
         m = models.load_student(ctx.runner, cfg, s.name)
         d = models.depth(m)
         names = models.layer_names(m, list(range(d)))
-        write_model_features(store, s.name, m, list(range(d)), names, views, rows, rps, a.batch_size, device,
+        write_model_features(store, s.name, m, list(range(d)), names, views, rows, rows_per_shard, a.batch_size, device,
                              cache.valid)
         seen.layer_index[s.name] = dict(zip(names, range(d)))
         seen.depths[s.name], seen.kinds[s.name], seen.seeds[s.name] = d, st.loss.kind, st.seed
@@ -335,11 +336,12 @@ def metric_tables(cfg: PipelineConfig, metrics: dict, seen: ModelsSeen,
                   snapshots: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """Long-format rows of every table analyze writes (``snapshots``: each student's records)."""
     spectra_rows, int_rows, radial_rows = [], [], []
-    for (model, idx), (spec, inten, radial, entropy) in sorted(metrics.items()):
+    for (model, idx), (channel_spectrum, inten, radial, entropy) in sorted(metrics.items()):
         frac = idx / max(1, seen.depths[model] - 1)
         int_rows.append({"model": model, "kind": seen.kinds[model], "layer": idx, "depth_frac": frac,
                          "intensity": inten, "entropy": entropy})
-        spectra_rows += [{"model": model, "layer": idx, "frequency": f, "value": float(v)} for f, v in enumerate(spec)]
+        spectra_rows += [{"model": model, "layer": idx, "frequency": f, "value": float(v)}
+                         for f, v in enumerate(channel_spectrum)]
         radial_rows += [{"model": model, "layer": idx, "band": b, "value": float(v)} for b, v in enumerate(radial)]
     t_rows = sorted((r for r in int_rows if r["model"] == TEACHER), key=lambda r: r["layer"])
     teacher = (np.array([r["depth_frac"] for r in t_rows]), np.array([r["intensity"] for r in t_rows]))

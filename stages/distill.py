@@ -158,13 +158,13 @@ class CachedBatches:
                 item = q.get()
                 if isinstance(item, BaseException):
                     raise item
-                tu, tg = item
-                assert tu == u
+                unit, targets = item
+                assert unit == u
                 a, b = self.units[u]
                 self.views.require_readable(range(a, b), ok.numpy(), self.valid[a:b])
                 keep = ok.numpy() & self.valid[a:b]
                 rows = torch.arange(a, b)[torch.from_numpy(keep)]
-                part = {"x": x[keep], "y": y[keep], "rows": rows, **{k: v[keep] for k, v in tg.items()}}
+                part = {"x": x[keep], "y": y[keep], "rows": rows, **{k: v[keep] for k, v in targets.items()}}
                 pool.append(part)
                 if len(pool) >= self.pool_units:
                     for batch in self._drain(pool, rng, final=False):
@@ -367,27 +367,27 @@ class Trainer:
             out[t] = spectrum(f)
         return out
 
-    def loss(self, x, y, tg):
+    def loss(self, x, y, targets):
         st = self.st
         with models.autocast(self.device, st.amp):
             logits, feats = self.net(x)
         spectral = st.loss.kind == "spectral"
         return spectralkd_loss(
             logits.float(), y,
-            teacher_logits=tg.get("logits"),
+            teacher_logits=targets.get("logits"),
             student_feats=[f.float() for f in feats] if spectral else None,
-            teacher_specs=[tg[t] for t in self.t_layers] if spectral else None,
+            teacher_specs=[targets[t] for t in self.t_layers] if spectral else None,
             kind=st.loss.kind, alpha=st.loss.alpha, tau=st.loss.tau, beta=st.loss.beta,
             w_fft=st.loss.w_fft, label_smoothing=st.loss.label_smoothing,
         )
 
-    def step(self, x, y, tg: dict, opt: torch.optim.Optimizer):
+    def step(self, x, y, targets: dict, opt: torch.optim.Optimizer):
         """One optimizer step on a loader batch (targets from the cache, or the live teacher online)."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        tg = {k: v.to(self.device, non_blocking=True) for k, v in tg.items()}
+        targets = {k: v.to(self.device, non_blocking=True) for k, v in targets.items()}
         if self.st.mode == "online" and self.st.loss.kind != "none":
-            tg = self.targets_online(x)
-        terms = self.loss(x, y, tg)
+            targets = self.targets_online(x)
+        terms = self.loss(x, y, targets)
         values = terms.items()
         bad = [k for k, v in values.items() if not np.isfinite(v)]
         if bad:  # stop before the step: the weights stay those of the last finite step
@@ -464,11 +464,11 @@ class Trainer:
         mix = BatchMix(self.train_labels(epoch), st.batch_size)
         bar = tqdm(batches, total=len(batches), desc=f"{st.name} {epoch + 1}/{st.epochs}", leave=False,
                    disable=not dist.is_main() or None)
-        for i, (x, y, _, tg) in enumerate(bar):
+        for i, (x, y, _, targets) in enumerate(bar):
             mix.add(y)
             ts = time.perf_counter()
             try:
-                terms = self.step(x, y, tg, opt)
+                terms = self.step(x, y, targets, opt)
             except NonFiniteTraining as e:
                 raise NonFiniteTraining(f"{e} at epoch {epoch + 1} step {i + 1}; lower the lr or check the "
                                         f"loss weights") from None
@@ -575,8 +575,8 @@ def summary_table(teacher_summary: dict, cfg: PipelineConfig, rows: list[dict]) 
     return table, "\n".join(md) + "\n"
 
 
-def check_cache_teacher(cache: Cache, trec) -> None:
-    want = trec.summary.get("weights_sha256")
+def check_cache_teacher(cache: Cache, teacher_rec) -> None:
+    want = teacher_rec.summary.get("weights_sha256")
     got = cache.attrs.get("teacher", {}).get("weights_sha256")
     if want and got != want:
         raise PipelineError(
@@ -594,8 +594,8 @@ def run(ctx) -> dict:
     if not names:
         log.warning("distill: no students configured (distill.students is empty)")
     cache = open_cache(ctx.upstream["extract"])
-    trec = ctx.upstream["teacher"]
-    check_cache_teacher(cache, trec)
+    teacher_rec = ctx.upstream["teacher"]
+    check_cache_teacher(cache, teacher_rec)
     plan = ctx.runner.model_plan
     # fail before any training if any chosen student cannot use the cache
     for name in wanted:
@@ -605,7 +605,7 @@ def run(ctx) -> dict:
                 cache.layer(t)
     teacher = None
     if any(cfg.student(n).mode == "online" and cfg.student(n).loss.kind != "none" for n in wanted):
-        teacher = models.load_teacher(trec, cfg).to(models.resolve_device(cfg.distill.defaults.device))
+        teacher = models.load_teacher(teacher_rec, cfg).to(models.resolve_device(cfg.distill.defaults.device))
     results, failed = [], []
     for name in wanted:
         try:
@@ -620,7 +620,7 @@ def run(ctx) -> dict:
     summary = {"students": {r["student"]: {k: r[k] for k in ("val_top1", "val_top5", "kind", "mode")}
                             for r in results}, "complete": complete}
     if dist.is_main() and complete:
-        table, md = summary_table(trec.summary, cfg, results)
+        table, md = summary_table(teacher_rec.summary, cfg, results)
         atomic_write(ctx.out / "summary.parquet", lambda f: pq.write_table(table, f))
         atomic_write_text(ctx.out / "summary.md", md)
         print("\n" + md)

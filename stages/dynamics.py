@@ -35,10 +35,11 @@ SNAPSHOT_COLUMNS = {"epoch", "layer", "positions", "spectrum_sum", "entropy_sum"
 def snapshot_metrics(snap: dict, bands: int) -> dict:
     """Means of one snapshot record (a student layer at an epoch) from its sums."""
     n = max(1, snap["positions"])
-    spec = np.asarray(snap["spectrum_sum"], dtype=np.float64) / n
+    channel_spectrum = np.asarray(snap["spectrum_sum"], dtype=np.float64) / n
     grid = np.asarray(snap["grid_energy"], dtype=np.float64).reshape(snap["grid_height"], -1)
     energy = band_energy(grid, snap["grid_height"], snap["width"], bands)
-    return {"spectrum": spec, "intensity": float(spec.mean()), "entropy": snap["entropy_sum"] / n,
+    return {"spectrum": channel_spectrum, "intensity": float(channel_spectrum.mean()),
+            "entropy": snap["entropy_sum"] / n,
             "radial": energy / max(energy.sum(), 1e-30)}
 
 

@@ -138,7 +138,7 @@ class _Writers:
             raise self.error
 
 
-def _du(path: Path) -> int:
+def _disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
@@ -196,13 +196,14 @@ def _samples(cfg: PipelineConfig, prepare_record) -> tuple[Samples, Samples, lis
 
 def cache_attrs(ctx, spec: CacheSpec, blocks: list[dict], skipped: list[dict]) -> dict:
     """The cache's root attributes: identity, what decides the rows' meaning, provenance."""
-    cfg, trec = ctx.cfg, ctx.upstream["teacher"]
+    cfg, teacher_rec = ctx.cfg, ctx.upstream["teacher"]
     return {
         "fingerprint": ctx.fingerprint,
         "inputs": ctx.inputs,
         "config": cfg.model_dump(mode="json"),
         "teacher": {"model": cfg.teacher.model, "kwargs": cfg.teacher.kwargs,
-                    "weights_sha256": trec.summary.get("weights_sha256"), "fingerprint": trec.lock["fingerprint"]},
+                    "weights_sha256": teacher_rec.summary.get("weights_sha256"),
+                    "fingerprint": teacher_rec.lock["fingerprint"]},
         "layers": [{"index": l.index, "name": l.name, "shape": [l.channels, l.height, l.width]} for l in spec.layers],
         "views": cfg.extract.views,
         "blocks": blocks,
@@ -234,8 +235,8 @@ def _sizes(path: Path, spec: CacheSpec) -> dict:
     """The cache's bytes, and per layer array its bytes per view and compression against float32."""
     layer_arrays = {**spec.layer_arrays("spectra"), **spec.layer_arrays("features")}
     raw32 = {n: b * 2 for n, b in spec.bytes_per_row().items() if n in layer_arrays}
-    stored = {n: _du(path / n) for n in raw32}
-    return {"cache_bytes": _du(path),
+    stored = {n: _disk_bytes(path / n) for n in raw32}
+    return {"cache_bytes": _disk_bytes(path),
             "bytes_per_view": {n: round(stored[n] / spec.rows, 1) for n in stored},
             "compression_vs_float32": {n: round(raw32[n] * spec.rows / max(1, stored[n]), 2) for n in stored}}
 
@@ -252,13 +253,13 @@ def _teacher_pass(cfg, model, device, rows: Rows, spec: CacheSpec, todo: list[in
     shards = _ShardBuffers(spec, _Writers(writer, e.writers))
     indices = [layer.index for layer in spec.layers]
     bar = tqdm(total=n_todo, desc="extract", unit="row", disable=not dist.is_main() or None, smoothing=0.1)
-    tm = {"data": 0.0, "teacher": 0.0, "spectra": 0.0, "writer": 0.0}
+    seconds = {"data": 0.0, "teacher": 0.0, "spectra": 0.0, "writer": 0.0}
     t_all = t = time.perf_counter()
     try:
         for x, _, ok, idx in _view_loader(ds, spec, todo, e, device):
             now = time.perf_counter()
-            tm["data"] += now - t
-            tm["writer"] += shards.start(int(idx[0]) // spec.rows_per_shard)
+            seconds["data"] += now - t
+            seconds["writer"] += shards.start(int(idx[0]) // spec.rows_per_shard)
             okn = ok.numpy().astype(bool)
             bad = _bad_rows(cfg, rows, idx, okn)
             t_fwd = time.perf_counter()
@@ -267,18 +268,18 @@ def _teacher_pass(cfg, model, device, rows: Rows, spec: CacheSpec, todo: list[in
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            tm["teacher"] += t - t_fwd
+            seconds["teacher"] += t - t_fwd
             shards.add(idx.numpy(), teacher_targets(logits, feats, spec), okn, bad)
             bar.update(len(idx))
             t_done = time.perf_counter()
-            tm["spectra"] += t_done - t
+            seconds["spectra"] += t_done - t
             t = t_done
-        tm["writer"] += shards.start(-1)
+        seconds["writer"] += shards.start(-1)
     finally:
         bar.close()
         shards.close()
     total = time.perf_counter() - t_all
-    split = {k: round(v / max(total, 1e-9), 3) for k, v in tm.items()}
+    split = {k: round(v / max(total, 1e-9), 3) for k, v in seconds.items()}
     log.info(
         f"extract: teacher pass {n_todo / max(total, 1e-9):.0f} rows/s; time in "
         + ", ".join(f"{k} {100 * v:.0f}%" for k, v in split.items())

@@ -43,7 +43,7 @@ def _loader(ds: ViewDataset, batch_size, shuffle, workers, seed=0):
     return view_loader(ds, batches, workers, generator=g)
 
 
-def _xy(loader, bad: set):
+def _images_labels(loader, bad: set):
     """(normalized images, labels) of a ViewDataset loader, bad rows dropped and recorded."""
     for x, y, ok, idx in loader:
         x = loader.dataset.views.normalize(x)
@@ -79,7 +79,7 @@ def fit(model, cfg: PipelineConfig, train, val, device) -> dict:
         loader = _loader(train_views, f.batch_size, True, f.num_workers, seed=cfg.seed * 1000 + epoch)
         model.train()
         tot, n = 0.0, 0
-        for x, y in tqdm(_xy(loader, bad), total=steps_per_epoch, desc=f"teacher fit {epoch + 1}/{f.epochs}",
+        for x, y in tqdm(_images_labels(loader, bad), total=steps_per_epoch, desc=f"teacher fit {epoch + 1}/{f.epochs}",
                          leave=False, disable=None):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = crit(model(x), y)
@@ -89,7 +89,7 @@ def fit(model, cfg: PipelineConfig, train, val, device) -> dict:
             sched.step()
             tot += loss.item() * len(y)
             n += len(y)
-        ev = evaluate(model, _xy(val_loader, bad), device)
+        ev = evaluate(model, _images_labels(val_loader, bad), device)
         history.append({"epoch": epoch, "train_loss": tot / max(1, n), "val_top1": ev["top1"]})
         log.info(
             f"teacher fit epoch {epoch + 1}/{f.epochs}: loss {tot / max(1, n):.4f} "
@@ -122,7 +122,7 @@ def run(ctx) -> dict:
         info = fit(model, cfg, train, val, device)
     model.to(device)
     val_views = ViewDataset.for_config(plain_rows(val), cfg.data)
-    ev = evaluate(model, _xy(_loader(val_views, 256, False, 0), set()), device)
+    ev = evaluate(model, _images_labels(_loader(val_views, 256, False, 0), set()), device)
     model.cpu()
     atomic_torch_save(ctx.out / "model.pt", {"state_dict": model.state_dict(), "model": cfg.teacher.model,
                                              "kwargs": cfg.teacher.kwargs})
