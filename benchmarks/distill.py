@@ -76,7 +76,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"student {base.model} {base.kwargs}, batch {base.batch_size}, pairs {base.layers}; "
           f"teacher {cfg.teacher.model}; {n} steps per epoch, median of {args.repeat} epochs")
-    k_views = cache.views("train")
+    k_views = cache.view_count("train")
     for k, v in med.items():
         per = ", ".join(f"{1000 * x:.1f}" for x in times[k])
         print(f"  {k:<28}: {1000 * v:8.2f} ms/step  (per epoch: {per})")

@@ -119,6 +119,31 @@ def layer_array(kind: str, layer_name: str) -> str:
     return f"{kind}/{layer_name}"
 
 
+def root_attributes(fingerprint: str, inputs: dict, config: dict, teacher: dict, spec: CacheSpec, views: int,
+                    blocks: list[dict], data, skipped: list[dict], versions: dict) -> dict:
+    """The cache's root attributes: identity (fingerprint, inputs, config, teacher, versions), what
+    decides the rows' meaning (layers, views, row blocks, image size, normalization, the spectrum's
+    definition: see :data:`MEANING_KEYS`) and the samples extract skipped.  The writer adds the
+    spec, the format version and the integrity digests."""
+    return {
+        "fingerprint": fingerprint,
+        "inputs": inputs,
+        "config": config,
+        "teacher": teacher,
+        "layers": [{"index": la.index, "name": la.name, "shape": [la.channels, la.height, la.width]}
+                   for la in spec.layers],
+        "views": views,
+        "blocks": blocks,
+        "image_size": data.image_size,
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "spectrum": {"fft": "rfft2", "axes": ["H", "W"], "norm": "ortho", "compute_dtype": "float32",
+                     "last_axis": ["real", "imag"]},
+        "skipped_samples": skipped,
+        "versions": versions,
+    }
+
+
 def spec_to_attrs(spec: CacheSpec) -> dict:
     return {
         "rows": spec.rows,

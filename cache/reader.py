@@ -198,7 +198,7 @@ class Cache:
                 return b
         raise PipelineError(f"{self.path}: no rows for split {split!r} view {view}")
 
-    def views(self, split: str = "train") -> int:
+    def view_count(self, split: str = "train") -> int:
         return sum(1 for b in self.blocks if b.split == split)
 
     def chunk_rows(self) -> int:

@@ -92,23 +92,23 @@ def dask_channel_spectra(arrays: dict, bands: int, progress: bool = True, client
 
 @torch.inference_mode()
 def write_model_features(store: FeatureStore, label: str, model, indices: list[int], names: list[str],
-                         views: ViewDataset, rows: tuple[int, int], rows_per_shard: int, batch: int, device,
+                         dataset: ViewDataset, rows: tuple[int, int], rows_per_shard: int, batch: int, device,
                          valid: np.ndarray) -> None:
     """Run ``model`` on val rows and write its layers, one shard of rows at a time (a row whose
     image extract read, ``valid``, must still be readable)."""
     model = model.to(device).eval()
     a0, b0 = rows
     n = b0 - a0
-    x0 = views.normalize(views[a0][0][None].to(device))
+    x0 = dataset.normalize(dataset[a0][0][None].to(device))
     _, f0 = models.intermediates(model, x0, indices)
     arrays = [store.new_array(label, nm, n, tuple(f.shape[1:]), rows_per_shard) for nm, f in zip(names, f0)]
     for s in tqdm(range(0, n, rows_per_shard), desc=f"features {label}", leave=False, disable=None):
         e = min(n, s + rows_per_shard)
         bufs = [np.zeros((e - s, *a.shape[1:]), np.float16) for a in arrays]
-        for x, _, ok, idx in view_loader(views, sequential_batches(range(a0 + s, a0 + e), batch)):
+        for x, _, ok, idx in view_loader(dataset, sequential_batches(range(a0 + s, a0 + e), batch)):
             rows_here = idx.numpy()
-            views.require_readable(rows_here, ok.numpy(), valid[rows_here])
-            _, feats = models.intermediates(model, views.normalize(x.to(device)), indices)
+            dataset.require_readable(rows_here, ok.numpy(), valid[rows_here])
+            _, feats = models.intermediates(model, dataset.normalize(x.to(device)), indices)
             for buf, f in zip(bufs, feats):
                 buf[rows_here - a0 - s] = f.float().cpu().numpy().astype(np.float16)
         for arr, buf in zip(arrays, bufs):
@@ -289,7 +289,7 @@ def write_features(ctx, cache, rows: tuple[int, int]) -> ModelsSeen:
     cfg = ctx.cfg
     a = cfg.analyze
     rows_per_shard = cache.spec.rows_per_shard
-    views = ViewDataset.for_config(cache.rows(), cfg.data)
+    dataset = ViewDataset.for_config(cache.rows(), cfg.data)
     device = models.resolve_device(cfg.teacher.device)
     store = FeatureStore.create(Path(ctx.out) / "features.zarr")
     seen = ModelsSeen()
@@ -301,7 +301,7 @@ def write_features(ctx, cache, rows: tuple[int, int]) -> ModelsSeen:
         rest = [i for i in range(tdepth) if i not in cached]
         if rest:
             names = models.layer_names(teacher, rest)
-            write_model_features(store, TEACHER, teacher, rest, names, views, rows, rows_per_shard, a.batch_size,
+            write_model_features(store, TEACHER, teacher, rest, names, dataset, rows, rows_per_shard, a.batch_size,
                                  device, cache.valid)
             seen.layer_index[TEACHER].update(dict(zip(names, rest)))
     seen.depths[TEACHER], seen.kinds[TEACHER] = tdepth, "teacher"
@@ -310,8 +310,8 @@ def write_features(ctx, cache, rows: tuple[int, int]) -> ModelsSeen:
         m = models.load_student(ctx.runner, cfg, s.name)
         d = models.depth(m)
         names = models.layer_names(m, list(range(d)))
-        write_model_features(store, s.name, m, list(range(d)), names, views, rows, rows_per_shard, a.batch_size, device,
-                             cache.valid)
+        write_model_features(store, s.name, m, list(range(d)), names, dataset, rows, rows_per_shard, a.batch_size,
+                             device, cache.valid)
         seen.layer_index[s.name] = dict(zip(names, range(d)))
         seen.depths[s.name], seen.kinds[s.name], seen.seeds[s.name] = d, st.loss.kind, st.seed
         seen.pairs[s.name] = list(ctx.runner.model_plan.pairs[s.name])

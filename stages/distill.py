@@ -74,7 +74,7 @@ class CachedBatches:
     def __init__(
         self,
         cache: Cache,
-        views: ViewDataset,
+        dataset: ViewDataset,
         rows: tuple[int, int],
         batch_size: int,
         layers: list[int],
@@ -86,7 +86,7 @@ class CachedBatches:
         split_ranks: bool = True,
         memory: dict | None = None,
     ):
-        self.cache, self.views = cache, views
+        self.cache, self.dataset = cache, dataset
         self.unit = cache.chunk_rows()
         self.units = units_of(rows[0], rows[1], self.unit)
         self.batch_size, self.layers, self.want_logits = batch_size, layers, want_logits
@@ -133,7 +133,7 @@ class CachedBatches:
 
     def __iter__(self):
         order = self.order()
-        loader = view_loader(self.views, [list(range(*self.units[u])) for u in order], self.num_workers)
+        loader = view_loader(self.dataset, [list(range(*self.units[u])) for u in order], self.num_workers)
         need_targets = self.want_logits or bool(self.layers)
         q: queue.Queue = queue.Queue(maxsize=3)
         stop = threading.Event()
@@ -161,7 +161,7 @@ class CachedBatches:
                 unit, targets = item
                 assert unit == u
                 a, b = self.units[u]
-                self.views.require_readable(range(a, b), ok.numpy(), self.valid[a:b])
+                self.dataset.require_readable(range(a, b), ok.numpy(), self.valid[a:b])
                 keep = ok.numpy() & self.valid[a:b]
                 rows = torch.arange(a, b)[torch.from_numpy(keep)]
                 part = {"x": x[keep], "y": y[keep], "rows": rows, **{k: v[keep] for k, v in targets.items()}}
@@ -196,7 +196,7 @@ class CachedBatches:
         for i in range(0, full, bs):
             sel = perm[i : i + bs]
             batch = {k: v[sel] for k, v in merged.items()}
-            x = self.views.normalize(batch["x"])
+            x = self.dataset.normalize(batch["x"])
             yield x, batch["y"], batch["rows"], {k: v for k, v in batch.items() if k not in ("x", "y", "rows")}
         rest = perm[full:]
         pool.clear()
@@ -297,7 +297,7 @@ class Trainer:
         self.s_layers = [s for s, _ in self.pairs]
         self.t_layers = [t for _, t in self.pairs]
         self.teacher = teacher
-        self.views = ViewDataset.for_config(cache.rows(), cfg.data)
+        self.dataset = ViewDataset.for_config(cache.rows(), cfg.data)
         self.net: torch.nn.Module = _WithFeatures(self.model, self.s_layers)
         self.memory = {} if self.target_bytes() <= st.keep_targets_mb * 2**20 else None
         if dist.world_size() > 1:
@@ -313,11 +313,11 @@ class Trainer:
         return rows * self.cache.target_bytes_per_row(self.t_layers)
 
     def train_batches(self, epoch: int) -> CachedBatches:
-        k = self.cache.views("train")
+        k = self.cache.view_count("train")
         b = self.cache.block("train", epoch % k)
         cached = self.st.mode == "cached"
         return CachedBatches(
-            self.cache, self.views, (b.start, b.stop), self.st.batch_size,
+            self.cache, self.dataset, (b.start, b.stop), self.st.batch_size,
             layers=sorted(set(self.t_layers)) if cached else [],
             want_logits=cached and self.st.loss.kind != "none",
             seed=self.st.seed * 100003 + epoch, shuffle=True,
@@ -326,12 +326,12 @@ class Trainer:
 
     def train_labels(self, epoch: int) -> np.ndarray:
         """Labels of the rows epoch ``epoch`` trains on (its view's block, rows extract could read)."""
-        b = self.cache.block("train", epoch % self.cache.views("train"))
-        return self.views.rows.labels(np.arange(b.start, b.stop))[self.cache.valid[b.start : b.stop]]
+        b = self.cache.block("train", epoch % self.cache.view_count("train"))
+        return self.dataset.rows.labels(np.arange(b.start, b.stop))[self.cache.valid[b.start : b.stop]]
 
     def val_batches(self):
         b = self.cache.block("val", 0)
-        it = CachedBatches(self.cache, self.views, (b.start, b.stop), 256, [], False, 0, False, 0,
+        it = CachedBatches(self.cache, self.dataset, (b.start, b.stop), 256, [], False, 0, False, 0,
                            split_ranks=False)  # every rank evaluates the whole val split
         for x, y, _, _ in it:
             yield x, y

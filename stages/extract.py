@@ -28,7 +28,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from cache.layout import CacheSpec, LayerSpec
+from cache.layout import CacheSpec, LayerSpec, root_attributes
 from cache.manifest import manifest_table
 from cache.reader import CACHE_DIR
 from cache.writer import CacheWriter
@@ -195,26 +195,13 @@ def _samples(cfg: PipelineConfig, prepare_record) -> tuple[Samples, Samples, lis
 
 
 def cache_attrs(ctx, spec: CacheSpec, blocks: list[dict], skipped: list[dict]) -> dict:
-    """The cache's root attributes: identity, what decides the rows' meaning, provenance."""
+    """The cache's root attributes (:func:`cache.layout.root_attributes`) for this run."""
     cfg, teacher_rec = ctx.cfg, ctx.upstream["teacher"]
-    return {
-        "fingerprint": ctx.fingerprint,
-        "inputs": ctx.inputs,
-        "config": cfg.model_dump(mode="json"),
-        "teacher": {"model": cfg.teacher.model, "kwargs": cfg.teacher.kwargs,
-                    "weights_sha256": teacher_rec.summary.get("weights_sha256"),
-                    "fingerprint": teacher_rec.lock["fingerprint"]},
-        "layers": [{"index": l.index, "name": l.name, "shape": [l.channels, l.height, l.width]} for l in spec.layers],
-        "views": cfg.extract.views,
-        "blocks": blocks,
-        "image_size": cfg.data.image_size,
-        "mean": list(cfg.data.mean),
-        "std": list(cfg.data.std),
-        "spectrum": {"fft": "rfft2", "axes": ["H", "W"], "norm": "ortho", "compute_dtype": "float32",
-                     "last_axis": ["real", "imag"]},
-        "skipped_samples": skipped,
-        "versions": ctx.runner.versions,
-    }
+    teacher = {"model": cfg.teacher.model, "kwargs": cfg.teacher.kwargs,
+               "weights_sha256": teacher_rec.summary.get("weights_sha256"),
+               "fingerprint": teacher_rec.lock["fingerprint"]}
+    return root_attributes(ctx.fingerprint, ctx.inputs, cfg.model_dump(mode="json"), teacher, spec, cfg.extract.views,
+                           blocks, cfg.data, skipped, ctx.runner.versions)
 
 
 def _open_cache_shards(ctx, writer: CacheWriter, attrs: dict, manifest: pa.Table) -> list[int]:
