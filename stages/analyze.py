@@ -31,7 +31,7 @@ from pipeline.fsutil import atomic_write, atomic_write_text
 
 from . import models
 from .data import ViewDataset, sequential_batches, view_loader
-from .dynamics import SNAPSHOTS, plot_dynamics, plot_entropy, read_snapshots, report_section, student_dynamics
+from .dynamics import SNAPSHOTS, plot_dynamics, read_snapshots, report_section, student_dynamics
 from .spectral import (channel_entropy_sum, channel_spectrum_sum, inverse_spectrum, profile_distance,  # noqa: F401
                        radial_energy_sum)
 
@@ -137,8 +137,9 @@ def write_cached_teacher_layers(store: FeatureStore, cache, rows: tuple[int, int
 # ----------------------------------------------------------------------------- outputs
 
 
-def _plot_intensity(df_int: list[dict], path: Path) -> dict:
-    """Intensity against relative depth, one line per model; returns what the figure shows."""
+def plot_across_depth(int_rows: list[dict], quantity: str, ylabel: str, title: str, path: Path) -> dict:
+    """One of ``intensity.parquet``'s quantities against relative depth, one line per model (the
+    teacher in bold); returns what the figure shows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,15 +147,15 @@ def _plot_intensity(df_int: list[dict], path: Path) -> dict:
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     by_model: dict[str, list[dict]] = {}
-    for r in df_int:
+    for r in int_rows:
         by_model.setdefault(r["model"], []).append(r)
     for model, rs in by_model.items():
         rs = sorted(rs, key=lambda r: r["depth_frac"])
         style = dict(color="black", linewidth=2.5, marker="o") if model == TEACHER else dict(marker=".")
-        ax.plot([r["depth_frac"] for r in rs], [r["intensity"] for r in rs], label=model, **style)
+        ax.plot([r["depth_frac"] for r in rs], [r[quantity] for r in rs], label=model, **style)
     ax.set_xlabel("relative depth (layer / (depth - 1))")
-    ax.set_ylabel("intensity L(X) = mean_f |FFT_C(X)| / C")
-    ax.set_title("Channel-spectrum intensity across depth (val split)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     legend = ax.legend(fontsize=8)
     fig.tight_layout()
@@ -254,8 +255,11 @@ def run(ctx) -> dict:
     for name in ("intensity", "channel_spectra", "radial_energy", "profile_distance", "layer_pairs", "dynamics"):
         if tables[name]:
             _write_table(out / f"{name}.parquet", tables[name])
-    figure = _plot_intensity(tables["intensity"], out / "intensity.png")
-    plots = ["intensity.png", plot_entropy(tables["intensity"], out, TEACHER)]
+    figure = plot_across_depth(tables["intensity"], "intensity", "intensity L(X) = mean_f |FFT_C(X)| / C",
+                               "Channel-spectrum intensity across depth (val split)", out / "intensity.png")
+    plot_across_depth(tables["intensity"], "entropy", "channel entropy (nats, 100 bins)",
+                      "Channel entropy across depth (val split, final models)", out / "channel_entropy.png")
+    plots = ["intensity.png", "channel_entropy.png"]
     for model in models_seen.layer_index:
         _plot_spectra(tables["channel_spectra"], model, out / f"channel_spectra_{model}.png")
         plots.append(f"channel_spectra_{model}.png")

@@ -180,26 +180,3 @@ def plot_dynamics(rows: list[dict], out: Path) -> list[str]:
     fig.savefig(out / "dynamics_distance.png")
     plt.close(fig)
     return written + ["dynamics_distance.png"]
-
-
-def plot_entropy(int_rows: list[dict], out: Path, teacher: str) -> str:
-    """Channel entropy against relative depth: the teacher and every final student."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=120)
-    for model in dict.fromkeys(r["model"] for r in int_rows):
-        rs = sorted((r for r in int_rows if r["model"] == model), key=lambda r: r["depth_frac"])
-        style = dict(color="black", linewidth=2.5, marker="o") if model == teacher else dict(marker=".")
-        ax.plot([r["depth_frac"] for r in rs], [r["entropy"] for r in rs], label=model, **style)
-    ax.set_xlabel("relative depth")
-    ax.set_ylabel("channel entropy (nats, 100 bins)")
-    ax.set_title("Channel entropy across depth (val split, final models)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "channel_entropy.png")
-    plt.close(fig)
-    return "channel_entropy.png"
