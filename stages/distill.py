@@ -1,8 +1,8 @@
 """distill: train every stale student against the cached teacher with the SpectralKD loss.
 
 Cached mode never loads the teacher: each train row's exact view is rebuilt from the source shard
-and the view parameters stored in the manifest (:func:`stages.data.view_array`, as extract built it), and the
-teacher's logits and only the spectra the student needs are read from the cache.
+and the view parameters stored in the manifest (:func:`stages.data.view_array`, as extract built
+it), and the teacher's logits and only the spectra the student needs are read from the cache.
 
 View order: epoch ``e`` trains on view ``e mod K`` of every sample (K = extract.views).  The rows
 of one view are a contiguous block of the cache, so an epoch reads it in chunk-aligned units
