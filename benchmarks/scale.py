@@ -65,7 +65,7 @@ def synthetic(n: int, classes: int, shards: int, seed: int = 0):
 
 def nbytes_rows(rows) -> int:
     s = rows.samples
-    per_sample = s.url.nbytes + s.key.nbytes + s.label.nbytes + s.offset.nbytes + s.size.nbytes
+    per_sample = s.url.nbytes + s.key.nbytes + s.label.nbytes + s.offset.nbytes + s.size.nbytes + s.crc32.nbytes
     return per_sample + rows.sample.nbytes + sum(c.nbytes for c in rows.params.values())
 
 

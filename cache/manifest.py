@@ -18,7 +18,7 @@ from pipeline.fsutil import recorded_path, resolve_recorded
 from .rows import Rows, Samples
 
 # the columns that are not view parameters
-ROW_COLUMNS = ("row", "split", "view", "key", "label", "url", "offset", "size", "shard")
+ROW_COLUMNS = ("row", "split", "view", "key", "label", "url", "offset", "size", "crc32", "shard")
 
 
 def manifest_table(rows: Rows, blocks: list[dict], rows_per_shard: int, cache_dir: Path, workdir: Path) -> pa.Table:
@@ -41,6 +41,7 @@ def manifest_table(rows: Rows, blocks: list[dict], rows_per_shard: int, cache_di
         "url": pa.DictionaryArray.from_arrays(s.url[rows.sample], recorded),
         "offset": s.offset[rows.sample],
         "size": s.size[rows.sample],
+        "crc32": s.crc32[rows.sample],
         **rows.params,
         "shard": (np.arange(n) // rows_per_shard).astype(np.int32),
     }
@@ -62,6 +63,7 @@ def rows_of_manifest(m: pa.Table, base: Path) -> Rows:
     offset = col("offset").astype(np.int64)
     _, first, sample = np.unique((url_idx << 40) | offset, return_index=True, return_inverse=True)
     samples = Samples(urls, url_idx[first].astype(np.int32), m.column("key").combine_chunks().take(pa.array(first)),
-                      col("label")[first].astype(np.int64), offset[first], col("size")[first].astype(np.int64))
+                      col("label")[first].astype(np.int64), offset[first], col("size")[first].astype(np.int64),
+                      col("crc32")[first].astype(np.int64) if "crc32" in m.column_names else None)
     params = [c for c in m.column_names if c not in ROW_COLUMNS]
     return Rows(samples, sample.reshape(-1), {f: col(f) for f in params})

@@ -22,12 +22,14 @@ class Sample:
     url: str
     offset: int
     size: int
+    crc32: int = -1  # of the image bytes as indexed; -1: not recorded
 
 
 @dataclass
 class Samples:
     """Samples as columns: ``urls`` once, then per sample an index into them, the key (Arrow
-    strings), the label and the image member's byte offset and size in its tar."""
+    strings), the label, the image member's byte offset and size in its tar, and the crc32 of its
+    bytes when it was indexed (-1: not recorded), which readers check."""
 
     urls: list[str]
     url: np.ndarray  # int32 index into urls
@@ -35,6 +37,11 @@ class Samples:
     label: np.ndarray  # int64
     offset: np.ndarray  # int64
     size: np.ndarray  # int64
+    crc32: np.ndarray | None = None  # int64; None: not recorded for any sample
+
+    def __post_init__(self) -> None:
+        if self.crc32 is None:
+            self.crc32 = np.full(len(self.label), -1, dtype=np.int64)
 
     @classmethod
     def of(cls, samples: list[Sample]) -> Samples:
@@ -44,7 +51,8 @@ class Samples:
                    pa.array([s.key for s in samples], type=pa.string()),
                    np.array([s.label for s in samples], dtype=np.int64),
                    np.array([s.offset for s in samples], dtype=np.int64),
-                   np.array([s.size for s in samples], dtype=np.int64))
+                   np.array([s.size for s in samples], dtype=np.int64),
+                   np.array([s.crc32 for s in samples], dtype=np.int64))
 
     @classmethod
     def concat(cls, parts: list[Samples]) -> Samples:
@@ -54,7 +62,7 @@ class Samples:
         return cls(urls, np.concatenate([r[p.url] for r, p in zip(remap, parts)] or [np.zeros(0, np.int32)]),
                    pa.concat_arrays([p.key for p in parts]) if parts else pa.array([], pa.string()),
                    *(np.concatenate([getattr(p, c) for p in parts] or [np.zeros(0, np.int64)])
-                     for c in ("label", "offset", "size")))
+                     for c in ("label", "offset", "size", "crc32")))
 
     def __len__(self) -> int:
         return len(self.label)
@@ -62,12 +70,12 @@ class Samples:
     def take(self, idx: np.ndarray) -> Samples:
         idx = np.asarray(idx, dtype=np.int64)
         return Samples(self.urls, self.url[idx], self.key.take(pa.array(idx)), self.label[idx], self.offset[idx],
-                       self.size[idx])
+                       self.size[idx], self.crc32[idx])
 
     def sample(self, i: int) -> Sample:
         """Sample ``i`` as one object (for messages and tests, never on the hot path)."""
         return Sample(self.key[i].as_py(), int(self.label[i]), self.urls[self.url[i]], int(self.offset[i]),
-                      int(self.size[i]))
+                      int(self.size[i]), int(self.crc32[i]))
 
     def key_hashes(self) -> np.ndarray:
         """A 64-bit FNV-1a hash of each key's UTF-8 bytes (vectorized over the Arrow buffers): what

@@ -13,6 +13,7 @@ sample's views never depend on where the shards list it.
 from __future__ import annotations
 
 import io
+import zlib
 
 import fsspec
 import numpy as np
@@ -215,7 +216,10 @@ class ViewDataset(torch.utils.data.Dataset):
         k = (int(s.url[j]), int(s.offset[j]))
         img = self._images.get(k)
         if img is None:
-            img = decode_image(self.reader.read(s.urls[k[0]], k[1], int(s.size[j])))
+            data = self.reader.read(s.urls[k[0]], k[1], int(s.size[j]))
+            if s.crc32[j] >= 0 and zlib.crc32(data) != s.crc32[j]:
+                raise OSError(f"image bytes of {s.key[j]} changed since they were indexed (crc32 mismatch)")
+            img = decode_image(data)
             nbytes = img.width * img.height * 3 + 1024  # pixels + the object's own overhead
             if nbytes <= self._cache_left:
                 self._images[k] = img

@@ -185,13 +185,13 @@ def index_shards(train: list[str], val: list[str], out: Path, root: Path) -> tup
         parts.append((split, samples))
         skipped += [{"split": split, "key": b.key, "url": recorded_path(b.url, out, root), "error": b.error}
                     for b in bad]
-    cols = {"split": [], "key": [], "url": [], "label": [], "offset": [], "size": []}
+    cols = {"split": [], "key": [], "url": [], "label": [], "offset": [], "size": [], "crc32": []}
     for split, s in parts:
         recorded = [recorded_path(u, out, root) for u in s.urls]
         cols["split"].append(pa.DictionaryArray.from_arrays(np.zeros(len(s), np.int32), [split]))
         cols["key"].append(s.key)
         cols["url"].append(pa.DictionaryArray.from_arrays(s.url, pa.array(recorded, pa.string())))
-        for c in ("label", "offset", "size"):
+        for c in ("label", "offset", "size", "crc32"):
             cols[c].append(pa.array(getattr(s, c)))
     table = pa.table({k: pa.chunked_array(v) for k, v in cols.items()})
     buf = io.BytesIO()

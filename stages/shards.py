@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def scan_shard(url: str) -> tuple[list[Sample], list[BadSample]]:
-    """Index one tar: image member offsets and labels.  A truncated tar yields what precedes the cut."""
+    """Index one tar: image member offsets, sizes and crc32s, and labels.  A truncated tar yields what
+    precedes the cut."""
     samples: dict[str, dict] = {}
     bad: list[BadSample] = []
     try:
@@ -80,8 +82,8 @@ def scan_shard(url: str) -> tuple[list[Sample], list[BadSample]]:
                 key, ext = _split_name(m.name)
                 last_key = key
                 rec = samples.setdefault(key, {})
-                if ext in IMAGE_EXTS:
-                    rec["img"] = (m.offset_data, m.size)
+                if ext in IMAGE_EXTS:  # the bytes are read once, for the crc32 every later read checks
+                    rec["img"] = (m.offset_data, m.size, zlib.crc32(tf.extractfile(m).read()))
                 elif ext == "cls":
                     data = tf.extractfile(m).read()
                     try:
@@ -99,8 +101,8 @@ def scan_shard(url: str) -> tuple[list[Sample], list[BadSample]]:
             missing = "image" if "img" not in rec else "cls label"
             bad.append(BadSample(key, url, f"sample has no {missing}"))
         else:
-            off, size = rec["img"]
-            out.append(Sample(key, rec["cls"], url, off, size))
+            off, size, crc = rec["img"]
+            out.append(Sample(key, rec["cls"], url, off, size, crc))
     if bad and bad[-1].error.startswith("truncated") and out and out[-1].key == bad[-1].key:
         out.pop()
     return out, bad
@@ -151,8 +153,9 @@ def load_index(record) -> tuple[Samples, Samples, list[dict]]:
             pa.array([], pa.int32()), pa.array([], pa.string()))
         urls = [resolve_recorded(u, path) for u in url.dictionary.to_pylist()]
         key = t.column("key").chunk(0) if t.num_rows else pa.array([], pa.string())
+        crc = t.column("crc32").to_numpy() if "crc32" in t.column_names else None  # older indexes have none
         out.append(Samples(urls, url.indices.to_numpy(zero_copy_only=False).astype(np.int32), key,
-                           *(t.column(c).to_numpy() for c in ("label", "offset", "size"))))
+                           *(t.column(c).to_numpy() for c in ("label", "offset", "size")), crc))
     return out[0], out[1], skipped
 
 

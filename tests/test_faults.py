@@ -512,3 +512,28 @@ def test_unwritable_workdir_lock_says_what_to_do(tmp_path):
     with pytest.raises(LockedError, match=r"cannot take the workdir lock .* --upstream-workdir"):
         with WorkdirLock(tmp_path / "afile" / "w"):
             pass
+
+
+def test_an_image_replaced_by_another_valid_image_stops_distill(built, tmp_path):
+    """Same tar, same size, every image decodable: two equal-size images swapped in place. Only the
+    crc32 recorded when prepare indexed the shard tells; distill must refuse the row, naming it."""
+    cfg2, _ = _damaged_copy(built, tmp_path)
+    tar = next(Path(cfg2.workdir).glob("prepare/*/train-000002.tar"))
+    with tarfile.open(tar) as tf:
+        pngs = [m for m in tf.getmembers() if m.name.endswith(".png")]
+    by_size: dict[int, list] = {}
+    for m in pngs:
+        by_size.setdefault(m.size, []).append(m)
+    a, b = next(v for v in by_size.values() if len(v) >= 2)[:2]
+    data = tar.read_bytes()
+    pa_, pb = data[a.offset_data : a.offset_data + a.size], data[b.offset_data : b.offset_data + b.size]
+    assert pa_ != pb
+    with open(tar, "r+b") as f:
+        f.seek(a.offset_data)
+        f.write(pb)
+        f.seek(b.offset_data)
+        f.write(pa_)
+    assert Runner(cfg2).state("prepare").status == "up to date"  # sizes unchanged: status cannot see it
+    with pytest.raises(PipelineError, match=rf"{re.escape(str(tar))}: the image of sample "
+                                            rf"({re.escape(a.name[:-4])}|{re.escape(b.name[:-4])}) \(row \d+\)"):
+        Runner(cfg2).run("distill")
