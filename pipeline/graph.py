@@ -285,11 +285,11 @@ class Runner:
             self._model_plan = plan_models(self.cfg)
         return self._model_plan
 
-    def student_dir(self, name: str) -> Path:
+    def student_dir(self, name: str, own: bool = False) -> Path:
         """Where student ``name`` lives: this workdir's folder, unless only an upstream workdir holds
-        a finished one."""
+        a finished one (``own``: this workdir's folder, where a run writes)."""
         leaf = Path("distill") / "students" / f"{name}-{self.student_fingerprint(name)[0][:12]}"
-        for wd in self.upstream_workdirs:
+        for wd in [] if own else self.upstream_workdirs:
             if not (self.workdir / leaf / "lock.json").exists() and (wd / leaf / "lock.json").exists():
                 return wd / leaf
         return self.workdir / leaf

@@ -503,7 +503,7 @@ def train_student(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher=
     """Train one student unless its output is complete.  A rerun resumes from ``ckpt.pt``; under
     --force the student is trained beside its old output and replaces it only once complete.  A
     student whose training fails is recorded in ``failed.json`` and retried by the next run."""
-    final = student_dir(runner, name)
+    final = runner.student_dir(name, own=forced)  # --force retrains here, never in an upstream workdir
     fp, _ = runner.student_fingerprint(name)
     if not forced:
         try:

@@ -505,6 +505,14 @@ def test_own_workdir_builds_on_a_shared_read_only_one(built, tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(rf"extract +up to date +\w+ +in {re.escape(str(shared))}/extract/", out), out
     assert re.search(r"distill +up to date +\w+\n", out), out
+    # a shared workdir's finished student is used as it is; --force retrains in this workdir only
+    shutil.copytree(mine / "distill" / "students", shared / "distill" / "students")
+    shutil.rmtree(mine / "distill")
+    before = _snapshot(shared)
+    assert Runner(cfg2).student_dir("spectral").parent.parent.parent == shared
+    Runner(cfg2).run("distill", force=True)
+    assert _snapshot(shared) == before
+    assert Runner(cfg2).student_dir("spectral").parent.parent.parent == mine
 
 
 def test_unwritable_workdir_lock_says_what_to_do(tmp_path):
