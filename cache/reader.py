@@ -72,15 +72,29 @@ class Cache:
         self.spec: CacheSpec = spec_from_attrs(self.attrs["spec"])
         self._check_arrays()
         self._manifest_sha256 = integrity.get("manifest_sha256")
-        rows = self.manifest.num_rows  # read and checked at open: a damaged manifest refuses the cache at once
+        # checked at open (digest, then the footer's row count): a damaged manifest refuses the cache at once
+        rows = pq.read_metadata(pa.BufferReader(_checked_bytes(self.path / MANIFEST, self._manifest_sha256,
+                                                               "manifest"))).num_rows
         if rows != self.spec.rows:
             raise PipelineError(f"{self.path / MANIFEST}: {rows} rows, the arrays have {self.spec.rows}")
-        index = _read_table(self.path / SHARD_INDEX, integrity.get("shard_index_sha256"), "shard index")
-        self._shard_bytes = {(a, int(s)): int(n) for a, s, n in zip(
-            index.column("array").to_pylist(), index.column("shard").to_numpy(), index.column("nbytes").to_numpy())}
+        self._rows = None
+        self._shard_bytes = self._shard_sizes(integrity.get("shard_index_sha256"))
         self._checked: set[tuple[str, int]] = set()
         self.blocks = [Block(**b) for b in self.attrs["blocks"]]
         self._valid: np.ndarray | None = None
+
+    def _shard_sizes(self, sha256: str | None) -> dict[str, np.ndarray]:
+        """Array name -> the size extract wrote of each of its shard files (-1: not recorded)."""
+        index = _read_table(self.path / SHARD_INDEX, sha256, "shard index")
+        names = index.column("array").to_numpy(zero_copy_only=False)
+        shards, nbytes = index.column("shard").to_numpy(), index.column("nbytes").to_numpy()
+        out = {}
+        for name in self.spec.arrays():
+            sizes = np.full(self.spec.num_shards, -1, dtype=np.int64)
+            mine = (names == name) & (shards < self.spec.num_shards)
+            sizes[shards[mine]] = nbytes[mine]
+            out[name] = sizes
+        return out
 
     def _check_meaning(self) -> dict:
         """The recorded integrity digests, after checking the attributes that decide meaning."""
@@ -160,7 +174,8 @@ class Cache:
         if (name, s) in self._checked:
             return
         f = self.shard_file(name, s)
-        want = self._shard_bytes.get((name, s))
+        sizes = self._shard_bytes.get(name)
+        want = int(sizes[s]) if sizes is not None and 0 <= s < len(sizes) and sizes[s] >= 0 else None
         try:
             got = f.stat().st_size
         except FileNotFoundError:
@@ -206,10 +221,13 @@ class Cache:
         return min(self.array(n).chunks[0] for n in self.spec.arrays())
 
     def rows(self):
-        """The manifest's rows as columns (:func:`cache.manifest.rows_of_manifest`)."""
+        """The manifest's rows as columns (:func:`cache.manifest.rows_of_manifest`), read once and
+        shared by every reader of this cache (students train from the same rows)."""
         from .manifest import rows_of_manifest
 
-        return rows_of_manifest(self.manifest, self.path)
+        if self._rows is None:
+            self._rows = rows_of_manifest(self.manifest, self.path)
+        return self._rows
 
     def column(self, name: str) -> np.ndarray:
         """One manifest column (reads the manifest: take ``manifest`` once for several columns)."""
@@ -227,14 +245,20 @@ def _open_group(path: Path):
         raise PipelineError(f"{path / 'zarr.json'}: cannot read the cache's metadata ({why})") from None
 
 
-def _read_table(path: Path, sha256: str | None, what: str) -> pa.Table:
-    """A Parquet file of the cache, after checking its bytes against the recorded digest."""
+def _checked_bytes(path: Path, sha256: str | None, what: str) -> bytes:
+    """The bytes of a file of the cache, after checking them against the recorded digest."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise PipelineError(f"{path}: cannot read the {what} ({e.strerror})") from None
     if hashlib.sha256(data).hexdigest() != sha256:
         raise PipelineError(f"{path}: the {what} is not the one extract wrote (sha256 mismatch); refusing the cache")
+    return data
+
+
+def _read_table(path: Path, sha256: str | None, what: str) -> pa.Table:
+    """A Parquet file of the cache, its bytes checked against the recorded digest."""
+    data = _checked_bytes(path, sha256, what)
     try:
         return pq.read_table(pa.BufferReader(data))
     except (OSError, ValueError) as e:

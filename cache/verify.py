@@ -11,7 +11,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.fsutil import read_json
 
 from .layout import MANIFEST, marker_name
 from .reader import Cache, cache_path
@@ -123,27 +122,17 @@ def _manifest_problems(cache: Cache) -> list[str]:
 
 
 def verify_stage(runner, stage: str) -> list[str]:
-    rec = runner.record(stage)
+    """Problems of a stage's output: what makes it not up to date (the stage's own output check,
+    e.g. every student's files), then, for extract, every byte of the cache."""
+    rec, damage = runner.checked_record(stage)
     fp = runner.fingerprint_of(stage)[0]
     if rec is None:
-        return [f"{stage}: no complete output for the current config ({fp[:12]}) under {runner.out_dir(stage)}; "
-                f"run `python -m pipeline run {stage}`"]
+        return damage or [f"{stage}: no complete output for the current config ({fp[:12]}) under "
+                          f"{runner.out_dir(stage)}; run `python -m pipeline run {stage}`"]
     if stage == "extract":
         teacher_rec = runner.record("teacher")
         digest = teacher_rec.summary.get("weights_sha256") if teacher_rec else None
         return verify_cache(cache_path(rec), fp, digest)
     if stage == "distill":
-        problems = []
-        for s in runner.cfg.distill.students:
-            d = runner.student_dir(s.name)
-            lock = d / "lock.json"
-            if not lock.exists():
-                problems.append(f"{d}: student {s.name} has no lock.json")
-                continue
-            if read_json(lock).get("fingerprint") != runner.student_fingerprint(s.name)[0]:
-                problems.append(f"{d}: student {s.name} lock fingerprint does not match the config")
-            for f in ("final.pt", "metrics.parquet"):
-                if not (d / f).exists():
-                    problems.append(f"{d}/{f}: missing")
-        return problems
+        return []  # the record exists: every student's lock, final.pt and metrics were checked
     raise PipelineError(f"verify: no checks for stage {stage!r}")

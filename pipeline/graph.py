@@ -136,7 +136,7 @@ def _distill_problems(runner: "Runner", out: Path, lock: dict) -> list[str]:
         except (OSError, ValueError):
             done = {}
         ok = done.get("complete") and done.get("fingerprint") == runner.student_fingerprint(s.name)[0]
-        if not ok or not (d / "final.pt").exists():
+        if not ok or not (d / "final.pt").exists() or not (d / "metrics.parquet").exists():
             problems.append(f"student {s.name} has no complete output in {d}")
     return problems
 
@@ -296,9 +296,9 @@ class Runner:
 
     # ------------------------------------------------------------ state
     def record(self, name: str) -> Record | None:
-        return self._checked_record(name)[0]
+        return self.checked_record(name)[0]
 
-    def _checked_record(self, name: str) -> tuple[Record | None, list[str]]:
+    def checked_record(self, name: str) -> tuple[Record | None, list[str]]:
         """The completed output of ``name`` for the current config, in this workdir or else in an
         upstream workdir, or None and what is wrong with this workdir's (a damaged output is stale)."""
         rec, damage = self._checked_record_in(name, self.workdir)
@@ -326,7 +326,7 @@ class Runner:
 
     def state(self, name: str) -> State:
         fp, inputs = self.fingerprint_of(name)
-        rec, damage = self._checked_record(name)
+        rec, damage = self.checked_record(name)
         if rec is not None:
             elsewhere = [] if rec.path == self.out_dir(name) else [f"in {rec.path}"]
             return State(name, "up to date", fp, elsewhere)

@@ -4,7 +4,7 @@
 parameters (a crop box as fractions of the image, a flip) into a normalized tensor: the extract
 stage and the distill loader call the same function, which is what makes cached targets valid.
 
-Rows are columns (:class:`Rows`: a :class:`~stages.shards.Samples` table, a sample index per row
+Rows are columns (:class:`cache.rows.Rows`: a :class:`cache.rows.Samples` table, a sample index per row
 and one numpy column per view parameter); view parameters are drawn for whole columns at once by
 :func:`sample_views` from counter-based random numbers keyed by (seed, sample key, stream), so a
 sample's views never depend on where the shards list it.

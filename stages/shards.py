@@ -1,11 +1,12 @@
 """Webdataset shards as an indexed sample table (no torch: cheap to import).
 
 A webdataset shard is a tar of samples ``<key>.<ext>``; each sample here has an image member
-(png/jpg/jpeg/webp) and a ``cls`` label.  :func:`scan_shards` reads the tar headers once and
-returns, per sample, where its image bytes sit (url, offset, size), so any stage can rebuild any
-sample's view without scanning again.  The table is columnar (:class:`Samples`): numpy and Arrow
-columns, no Python object per sample, so millions of samples cost tens of bytes each and
-DataLoader workers share them without copy-on-read growth.
+(png/jpg/jpeg/webp) and a ``cls`` label.  :func:`scan_shards` reads each tar once (prepare does,
+into ``index.parquet``) and returns, per sample, where its image bytes sit (url, offset, size) and
+their crc32, so any stage can rebuild any sample's view, checked, without scanning again.  The
+table is columnar (:class:`cache.rows.Samples`): numpy and Arrow columns, no Python object per
+sample, so millions of samples cost tens of bytes each and DataLoader workers share them without
+copy-on-read growth.
 """
 
 from __future__ import annotations
