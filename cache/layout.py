@@ -3,7 +3,10 @@
 One Zarr v3 group per extract fingerprint::
 
     logits              (rows, num_classes)          float16
-    spectra/<layer>     (rows, C, H, W//2+1, 2)      float16   rfft2(norm="ortho"), real/imag last
+    spectra/<layer>     (rows, C, H*W)               float16   rfft2(norm="ortho"), Hermitian-packed
+                                                               (cache.codec); int8 with extract.compress.quantize,
+                                                               (rows, C, H, W//2+1, 2) with packed: false
+    spectra_scale/<layer> (rows, C)                  float16   int8 scales, with quantize: int8 only
     features/<layer>    (rows, C, H, W)              float16   when extract.store has 'features'
     valid               (rows,)                      uint8     1 = teacher saw the row's view
     manifest.parquet    row -> key, split, label, view, view parameters, source location, shard
@@ -14,7 +17,9 @@ One Zarr v3 group per extract fingerprint::
 
 A row is one (sample, view).  Arrays share one row sharding (``rows_per_shard``): a Zarr shard of
 rows is the unit of writing, resuming and verifying.  Inner chunks are sized near
-``chunk_bytes`` and carry a crc32c checksum after compression.
+``chunk_bytes`` and carry a crc32c checksum after compression.  C is the teacher layer's width, or
+the width ``extract.compress.pool`` declares for it.  Readers get dense spectra (``Cache.read_layer``)
+whatever the encoding.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .codec import encoded_shapes
+
 MANIFEST = "manifest.parquet"
 SHARD_INDEX = "shards.parquet"
 COMPLETE_DIR = "_complete"
-FORMAT_VERSION = 2  # 2: shard sizes, manifest and meaning digests recorded and checked by readers
+FORMAT_VERSION = 3  # 2: shard sizes and digests checked by readers; 3: encoded spectra (cache.codec)
 
 # root attributes that decide what a row's bytes mean; their digest is recorded and checked
 MEANING_KEYS = ("spec", "blocks", "layers", "views", "num_shards", "image_size", "mean", "std", "spectrum",
@@ -49,9 +56,15 @@ class LayerSpec:
     channels: int
     height: int
     width: int
+    pooled: int | None = None  # the width the cache stores this layer's spectra at (None: teacher width)
+
+    @property
+    def stored_channels(self) -> int:
+        return self.pooled or self.channels
 
     def spectrum_shape(self) -> tuple[int, ...]:
-        return (self.channels, self.height, self.width // 2 + 1, 2)
+        """The dense spectrum a reader gets per row (at the stored width)."""
+        return (self.stored_channels, self.height, self.width // 2 + 1, 2)
 
     def feature_shape(self) -> tuple[int, ...]:
         return (self.channels, self.height, self.width)
@@ -67,6 +80,8 @@ class CacheSpec:
     chunk_bytes: int = 1 << 20
     compressor: str = "zstd"
     clevel: int = 1
+    packed: bool = True
+    quantize: str = "none"
 
     @property
     def num_shards(self) -> int:
@@ -81,15 +96,29 @@ class CacheSpec:
         out: dict[str, tuple[tuple[int, ...], str]] = {"logits": ((self.num_classes,), "float16")}
         for layer in self.layers:
             if "spectra" in self.store:
-                out[layer_array("spectra", layer.name)] = (layer.spectrum_shape(), "float16")
+                for part, name in self.spectrum_parts(layer).items():
+                    out[name] = self.encoded_shapes(layer)[part]
             if "features" in self.store:
                 out[layer_array("features", layer.name)] = (layer.feature_shape(), "float16")
         out["valid"] = ((), "uint8")
         return out
 
+    def encoded_shapes(self, layer: LayerSpec) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Part ('values', 'scale') -> (per-row shape, dtype) of a layer's encoded spectrum."""
+        return encoded_shapes(layer.stored_channels, layer.height, layer.width, self.packed, self.quantize)
+
+    def spectrum_parts(self, layer: LayerSpec) -> dict[str, str]:
+        """Part -> array name of a layer's encoded spectrum."""
+        kinds = {"values": "spectra", "scale": "spectra_scale"}
+        return {part: layer_array(kinds[part], layer.name) for part in self.encoded_shapes(layer)}
+
+    def lossless(self, layer: LayerSpec) -> bool:
+        """Whether a reader gets the layer's spectra as extract computed them (up to float16)."""
+        return layer.pooled is None and self.quantize == "none"
+
     def layer_arrays(self, kind: str) -> dict[str, int]:
-        """Array name -> position in ``layers`` of every stored array of ``kind`` ('spectra' or
-        'features'); empty when the cache does not store that kind."""
+        """Array name -> position in ``layers`` of every stored array of ``kind`` ('spectra' (the
+        values array of each encoded spectrum) or 'features'); empty when the cache does not store that kind."""
         if kind not in self.store:
             return {}
         return {layer_array(kind, layer.name): i for i, layer in enumerate(self.layers)}
@@ -154,6 +183,8 @@ def spec_to_attrs(spec: CacheSpec) -> dict:
         "chunk_bytes": spec.chunk_bytes,
         "compressor": spec.compressor,
         "clevel": spec.clevel,
+        "packed": spec.packed,
+        "quantize": spec.quantize,
     }
 
 
@@ -167,6 +198,8 @@ def spec_from_attrs(a: dict) -> CacheSpec:
         chunk_bytes=a["chunk_bytes"],
         compressor=a["compressor"],
         clevel=a["clevel"],
+        packed=a["packed"],
+        quantize=a["quantize"],
     )
 
 

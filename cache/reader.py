@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 import zarr
 
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import diff
 
+from .codec import decode
 from .layout import (FORMAT_VERSION, MANIFEST, SHARD_INDEX, CacheSpec, layer_array, meaning_digest, shard_key,
                      spec_from_attrs)
 
@@ -141,15 +143,34 @@ class Cache:
         return layers[index]
 
     def read_layer(self, kind: str, index: int, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of the ``kind`` ('spectra' or 'features') of teacher layer ``index``."""
+        """Rows [start, stop) of the ``kind`` ('spectra' or 'features') of teacher layer ``index``:
+        spectra dense, (rows, C, H, W//2+1, 2) float16 at the stored width, whatever their encoding."""
         if kind not in self.spec.store:
             raise PipelineError(f"{self.path}: the cache stores no {kind} (extract.store = {list(self.spec.store)})")
-        return self.read(layer_array(kind, self.layer(index).name), start, stop)
+        layer = self.layer(index)
+        if kind == "features":
+            return self.read(layer_array(kind, layer.name), start, stop)
+        parts = {part: torch.from_numpy(self.read(name, start, stop))
+                 for part, name in self.spec.spectrum_parts(layer).items()}
+        return decode(parts, layer.height, layer.width, self.spec.packed, self.spec.quantize).numpy()
+
+    def require_width(self, index: int, channels: int, who: str) -> None:
+        """Refuse a student layer of ``channels`` channels that this cache's spectra of teacher
+        layer ``index`` cannot serve: more channels than stored, or another width than a pooled layer's."""
+        layer = self.layer(index)
+        if layer.pooled is not None and channels != layer.pooled:
+            raise PipelineError(
+                f"{who}: the cache stores teacher layer {index} pooled to {layer.pooled} channels "
+                f"(extract.compress.pool), so it serves students of exactly that width; this one has {channels}"
+            )
+        if channels > layer.stored_channels:
+            raise PipelineError(f"{who}: student has {channels} channels, more than the teacher layer {index}'s "
+                                f"{layer.stored_channels}: channel pooling only narrows")
 
     def target_bytes_per_row(self, layers: list[int]) -> int:
-        """Bytes per row of the logits and the spectra of teacher layers ``layers`` once decoded."""
-        per_row = self.spec.bytes_per_row()
-        return per_row["logits"] + sum(per_row[layer_array("spectra", self.layer(t).name)] for t in set(layers))
+        """Bytes per row of the logits and the dense spectra of teacher layers ``layers`` once decoded."""
+        dense = {t: int(np.prod(self.layer(t).spectrum_shape())) * 2 for t in set(layers)}
+        return self.spec.bytes_per_row()["logits"] + sum(dense.values())
 
     def array(self, name: str):
         try:

@@ -145,6 +145,28 @@ class TeacherConfig(_Model):
 # --------------------------------------------------------------------------- extract
 
 
+class CompressConfig(_Model):
+    """How the cache encodes the teacher's layer spectra (README "Compact cache"; ``cache.codec``).
+
+    packed: only the H*W free numbers of each channel's rfft2 half-spectrum (lossless).
+    pool: teacher channels average-pooled to this width at extract, one width for every cached
+        layer or one per layer; the cache then serves students of exactly that width.
+    quantize: 'int8' stores each (row, channel) as int8 with a float16 scale (absmax / 127).
+    """
+
+    packed: bool = True
+    pool: int | list[int] | None = None
+    quantize: Literal["none", "int8"] = "none"
+
+    @field_validator("pool")
+    @classmethod
+    def _pool(cls, v):
+        widths = [v] if isinstance(v, int) else (v or [])
+        if any(w < 1 for w in widths):
+            raise ValueError("channel widths must be at least 1")
+        return v
+
+
 class ExtractConfig(_Model):
     layers: list[int] = [0, 1, 6, 7]
     views: int = Field(2, ge=1)
@@ -158,6 +180,7 @@ class ExtractConfig(_Model):
     writers: int = operational(2, ge=0)
     device: Literal["auto", "cpu", "cuda"] = operational("auto")
     amp: Literal["bf16", "fp16", "none"] = "bf16"
+    compress: CompressConfig = CompressConfig()
 
     @field_validator("store")
     @classmethod
@@ -165,6 +188,19 @@ class ExtractConfig(_Model):
         if "logits" not in v:
             raise ValueError("extract.store must include 'logits'")
         return sorted(set(v), key=["logits", "spectra", "features"].index)
+
+    @model_validator(mode="after")
+    def _pool_per_layer(self):
+        pool = self.compress.pool
+        if isinstance(pool, list) and len(pool) != len(self.layers):
+            raise ValueError(f"compress.pool: {len(pool)} widths for {len(self.layers)} layers {self.layers}; "
+                             f"give one width, or one per layer")
+        return self
+
+    def pool_widths(self) -> list[int | None]:
+        """The channel width each cached layer is pooled to at extract (None: kept at teacher width)."""
+        pool = self.compress.pool
+        return list(pool) if isinstance(pool, list) else [pool] * len(self.layers)
 
 
 # --------------------------------------------------------------------------- distill

@@ -116,11 +116,14 @@ def write_model_features(store: FeatureStore, label: str, model, indices: list[i
 
 
 def write_cached_teacher_layers(store: FeatureStore, cache, rows: tuple[int, int], rows_per_shard: int) -> list[int]:
-    """The teacher's cached layers on val rows: stored features, else irfft2 of the stored spectra."""
+    """The teacher's cached layers on val rows: stored features, else irfft2 of the stored spectra
+    where they are lossless (a pooled or quantized layer is left to the teacher's forward pass)."""
     a0, b0 = rows
     n = b0 - a0
     done = []
     for layer in cache.spec.layers:
+        if "features" not in cache.spec.store and not cache.spec.lossless(layer):
+            continue
         arr = store.new_array(TEACHER, layer.name, n, layer.feature_shape(), rows_per_shard)
         for s in range(0, n, rows_per_shard):
             e = min(n, s + rows_per_shard)
@@ -301,13 +304,13 @@ def write_features(ctx, cache, rows: tuple[int, int]) -> ModelsSeen:
     tdepth = models.depth(teacher)
     cached = write_cached_teacher_layers(store, cache, rows, rows_per_shard)
     seen.layer_index[TEACHER] = {layer.name: layer.index for layer in cache.spec.layers}
-    if a.teacher_all_layers:
-        rest = [i for i in range(tdepth) if i not in cached]
-        if rest:
-            names = models.layer_names(teacher, rest)
-            write_model_features(store, TEACHER, teacher, rest, names, dataset, rows, rows_per_shard, a.batch_size,
-                                 device, cache.valid)
-            seen.layer_index[TEACHER].update(dict(zip(names, rest)))
+    wanted = range(tdepth) if a.teacher_all_layers else [layer.index for layer in cache.spec.layers]
+    rest = [i for i in wanted if i not in cached]
+    if rest:
+        names = models.layer_names(teacher, rest)
+        write_model_features(store, TEACHER, teacher, rest, names, dataset, rows, rows_per_shard, a.batch_size,
+                             device, cache.valid)
+        seen.layer_index[TEACHER].update(dict(zip(names, rest)))
     seen.depths[TEACHER], seen.kinds[TEACHER] = tdepth, "teacher"
     for s in cfg.distill.students:
         st = cfg.student(s.name)

@@ -67,7 +67,8 @@ def units_of(start: int, stop: int, unit: int) -> list[tuple[int, int]]:
 class CachedBatches:
     """Batches of (x, y, row ids, teacher targets) over a block of cache rows.
 
-    targets: {"logits": (B, K) float16, <teacher layer index>: (B, C, H, W//2+1, 2) float16}.
+    targets: {"logits": (B, K) float16, <teacher layer index>: (B, C, H, W//2+1, 2) float16}, the
+    spectra dense whatever the cache's encoding (:meth:`cache.reader.Cache.read_layer`).
     Images come from DataLoader workers; cache reads run in a prefetch thread of this process.
     """
 
@@ -268,7 +269,9 @@ def check_student(cache: Cache | None, model, st: ResolvedStudent, size: int,
         x = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
         _, feats = models.intermediates(model.eval(), x, [s for s, _ in pairs])
     for (sl, tl), f in zip(pairs, feats):
-        check_pair(f.shape, (1, *cache.layer(tl).spectrum_shape()), f"{st.name} [{sl}, {tl}]")
+        where = f"{st.name} [{sl}, {tl}]"
+        cache.require_width(tl, int(f.shape[1]), f"layer pair {where}")
+        check_pair(f.shape, (1, *cache.layer(tl).spectrum_shape()), where)
 
 
 class _WithFeatures(torch.nn.Module):

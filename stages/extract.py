@@ -8,8 +8,9 @@
    (:func:`stages.data.sample_views`) and stored explicitly in the manifest.  Everything is
    columnar: no Python object per row.
 2. Teacher pass: eval + inference mode; ``forward_intermediates`` gives the logits and the
-   selected layers (NCHW, prefix tokens dropped); spectra are rfft2(norm="ortho") in float32,
-   stored as float16 at teacher width.
+   selected layers (NCHW, prefix tokens dropped), average-pooled along channels where
+   ``extract.compress.pool`` asks; spectra are rfft2(norm="ortho") in float32, encoded by
+   :mod:`cache.codec` (Hermitian-packed float16 by default, int8 with ``quantize: int8``).
 3. Write: rows are grouped by Zarr shard; DataLoader workers decode and build views while the
    teacher runs, and ``extract.writers`` threads compress and write finished shards behind a
    bounded queue.  Under torchrun rank r owns the shards s with s % world == r.
@@ -28,6 +29,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from cache.codec import encode
 from cache.layout import CacheSpec, LayerSpec, root_attributes
 from cache.manifest import manifest_table
 from cache.reader import CACHE_DIR
@@ -39,7 +41,7 @@ from pipeline.errors import PipelineError
 from . import models
 from .data import ORDER_STREAM, Rows, ViewDataset, layout_order, plain_views, sample_views, view_loader
 from .shards import Samples, check_labels, load_index
-from .spectral import spectrum
+from .spectral import pool_channels, spectrum
 
 log = logging.getLogger("pipeline")
 
@@ -66,16 +68,21 @@ def plan_rows(cfg: PipelineConfig, train: Samples, val: Samples) -> tuple[Rows, 
 
 
 @torch.inference_mode()
-def layer_specs(model, layers: tuple[int, ...], size: int, device) -> list[LayerSpec]:
-    """The cached layers (normalized indices) with their names and feature shapes."""
+def layer_specs(model, layers: tuple[int, ...], size: int, device, pool: list[int | None]) -> list[LayerSpec]:
+    """The cached layers (normalized indices) with their names, feature shapes and the width each
+    is pooled to (``extract.compress.pool``, one entry per layer)."""
     x = torch.zeros(1, 3, size, size, device=device)
     _, feats = models.intermediates(model, x, list(layers))
     names = models.layer_names(model, list(layers))
     out = []
-    for idx, name, f in zip(layers, names, feats):
+    for idx, name, f, width in zip(layers, names, feats, pool):
         if f.ndim != 4:
             raise PipelineError(f"extract.layers: layer {idx} ({name}) is not a 2-D feature map: {tuple(f.shape)}")
-        out.append(LayerSpec(idx, name, int(f.shape[1]), int(f.shape[2]), int(f.shape[3])))
+        if width is not None and width > f.shape[1]:
+            raise PipelineError(f"extract.compress.pool: {width} channels for layer {idx} ({name}), which has only "
+                                f"{f.shape[1]}: pooling only narrows")
+        pooled = width if width is not None and width != f.shape[1] else None
+        out.append(LayerSpec(idx, name, int(f.shape[1]), int(f.shape[2]), int(f.shape[3]), pooled))
     return out
 
 
@@ -155,8 +162,10 @@ def run(ctx) -> dict:
     rows, blocks = plan_rows(cfg, train, val)
     spec = CacheSpec(
         rows=len(rows), rows_per_shard=e.rows_per_shard, num_classes=cfg.data.num_classes,
-        layers=layer_specs(model, ctx.runner.model_plan.teacher_layers, cfg.data.image_size, device),
+        layers=layer_specs(model, ctx.runner.model_plan.teacher_layers, cfg.data.image_size, device,
+                           e.pool_widths()),
         store=tuple(e.store), chunk_bytes=e.chunk_bytes, compressor=e.compressor, clevel=e.clevel,
+        packed=e.compress.packed, quantize=e.compress.quantize,
     )
     writer = CacheWriter(path, spec)
     todo = _open_cache_shards(ctx, writer, cache_attrs(ctx, spec, blocks, skipped),
@@ -219,10 +228,17 @@ def _open_cache_shards(ctx, writer: CacheWriter, attrs: dict, manifest: pa.Table
 
 
 def _sizes(path: Path, spec: CacheSpec) -> dict:
-    """The cache's bytes, and per layer array its bytes per view and compression against float32."""
-    layer_arrays = {**spec.layer_arrays("spectra"), **spec.layer_arrays("features")}
-    raw32 = {n: b * 2 for n, b in spec.bytes_per_row().items() if n in layer_arrays}
-    stored = {n: _disk_bytes(path / n) for n in raw32}
+    """The cache's bytes, and per cached layer array its bytes per view on disk (a spectrum's scales
+    included) and its compression against the float32 dense form at teacher width."""
+    raw32, stored = {}, {}
+    for name, i in spec.layer_arrays("spectra").items():
+        layer = spec.layers[i]
+        raw32[name] = 4 * layer.channels * layer.height * (layer.width // 2 + 1) * 2
+        stored[name] = sum(_disk_bytes(path / n) for n in spec.spectrum_parts(layer).values())
+    for name, i in spec.layer_arrays("features").items():
+        layer = spec.layers[i]
+        raw32[name] = 4 * layer.channels * layer.height * layer.width
+        stored[name] = _disk_bytes(path / name)
     return {"cache_bytes": _disk_bytes(path),
             "bytes_per_view": {n: round(stored[n] / spec.rows, 1) for n in stored},
             "compression_vs_float32": {n: round(raw32[n] * spec.rows / max(1, stored[n]), 2) for n in stored}}
@@ -276,10 +292,14 @@ def _teacher_pass(cfg, model, device, rows: Rows, spec: CacheSpec, todo: list[in
 
 def teacher_targets(logits: torch.Tensor, feats: list[torch.Tensor], spec: CacheSpec) -> dict[str, torch.Tensor]:
     """What the cache stores of one batch, by array name: the logits, the spectrum
-    rfft2(X, norm="ortho") of each cached layer's features (float32), the features when stored."""
+    rfft2(X, norm="ortho") of each cached layer's features (pooled to the layer's stored width
+    first), encoded by :mod:`cache.codec`, and the features when stored."""
     out = {"logits": logits.float()}
-    for name, i in spec.layer_arrays("spectra").items():
-        out[name] = spectrum(feats[i])
+    for i in spec.layer_arrays("spectra").values():
+        layer = spec.layers[i]
+        dense = spectrum(pool_channels(feats[i], layer.stored_channels))
+        parts = encode(dense, layer.width, spec.packed, spec.quantize)
+        out.update({spec.spectrum_parts(layer)[part]: t for part, t in parts.items()})
     for name, i in spec.layer_arrays("features").items():
         out[name] = feats[i].float()
     return out
@@ -330,17 +350,21 @@ class _ShardBuffers:
         return waited
 
     def add(self, idx: np.ndarray, out: dict[str, torch.Tensor], ok: np.ndarray, bad: list[dict]) -> None:
-        """Rows ``idx`` of the current shard: every array in one device-to-host copy, float16."""
+        """Rows ``idx`` of the current shard: the arrays of each dtype in one device-to-host copy."""
         local = idx - self.shard * self.spec.rows_per_shard
-        names = list(out)
-        flat = torch.cat([out[n].to(torch.float16).reshape(len(idx), -1) for n in names], dim=1).cpu().numpy()
-        flat[~ok] = 0
-        col = 0
-        for n in names:
-            shape = self.arrays[n][0]
-            width = int(np.prod(shape))
-            self.buf[n][local] = flat[:, col : col + width].reshape(len(idx), *shape)
-            col += width
+        by_dtype: dict[str, list[str]] = {}
+        for n in out:
+            by_dtype.setdefault(self.arrays[n][1], []).append(n)
+        for dtype, names in by_dtype.items():
+            torch_dtype = getattr(torch, dtype)
+            flat = torch.cat([out[n].to(torch_dtype).reshape(len(idx), -1) for n in names], dim=1).cpu().numpy()
+            flat[~ok] = 0
+            col = 0
+            for n in names:
+                shape = self.arrays[n][0]
+                width = int(np.prod(shape))
+                self.buf[n][local] = flat[:, col : col + width].reshape(len(idx), *shape)
+                col += width
         self.buf["valid"][local] = ok.astype(np.uint8)
         self.bad += bad
 

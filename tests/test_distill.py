@@ -160,7 +160,7 @@ def test_corrupt_chunk_fails_distill_naming_shard(built, tmp_path):
     wd = tmp_path / "w"
     copy_upstream(recs, wd)
     cdir = next(wd.glob("extract/*/cache.zarr"))
-    f = cdir / "spectra" / "blocks.3" / "c" / "1" / "0" / "0" / "0" / "0"
+    f = cdir / "spectra" / "blocks.3" / "c" / "1" / "0" / "0"
     b = bytearray(f.read_bytes())
     b[300] ^= 0xFF
     f.write_bytes(bytes(b))

@@ -17,6 +17,7 @@ import zarr
 
 from stages import models
 from stages.data import ImageReader, Rows, ViewDataset, build_view, decode_image, view_pixels
+from cache.codec import hermitian_maps
 from cache.reader import cache_path, open_cache
 from stages.shards import Sample, Samples
 from stages.spectral import spectrum
@@ -42,7 +43,7 @@ def test_replay_reproduces_cached_targets(built):
     got_logits = np.stack([cache.read("logits", r, r + 1)[0] for r in pick]).astype(np.float32)
     np.testing.assert_allclose(got_logits, logits.numpy(), rtol=2e-3, atol=2e-3)
     for layer, f in zip(cache.spec.layers, feats):
-        cached = np.stack([cache.read(f"spectra/{layer.name}", r, r + 1)[0] for r in pick]).astype(np.float32)
+        cached = np.stack([cache.read_layer("spectra", layer.index, r, r + 1)[0] for r in pick]).astype(np.float32)
         want = spectrum(f).numpy()
         np.testing.assert_allclose(cached, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
     # train views differ between views of a sample; val rows are the plain view
@@ -62,9 +63,14 @@ def test_cache_opens_with_plain_zarr_and_dask(built):
     assert g["logits"].shape == (rows, 10) and g["logits"].dtype == np.float16
     names = [l["name"] for l in g.attrs["layers"]]
     assert names == ["blocks.0", "blocks.3"]
-    for n in names:
-        a = g[f"spectra/{n}"]
-        assert a.shape == (rows, 32, 4, 3, 2) and a.dtype == np.float16
+    cache = open_cache(recs["extract"])
+    for n, layer in zip(names, cache.spec.layers):
+        a = g[f"spectra/{n}"]  # Hermitian-packed: the 16 free numbers of each 4 x 3 x 2 half-spectrum
+        assert a.shape == (rows, 32, 16) and a.dtype == np.float16
+        dense = cache.read_layer("spectra", layer.index, 0, 5)
+        assert dense.shape == (5, 32, 4, 3, 2)
+        keep, _, _ = hermitian_maps(4, 4)
+        np.testing.assert_array_equal(a[:5], dense.reshape(5, 32, -1)[..., keep])
         assert a.shards[0] == cfg.extract.rows_per_shard
         d = da.from_zarr(a, chunks=a.shards)
         assert d.chunks[0][0] == cfg.extract.rows_per_shard
