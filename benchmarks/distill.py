@@ -1,6 +1,7 @@
 """Step time of cached SpectralKD distillation against no KD and against online distillation.
 
-    python benchmarks/distill.py [--workdir DIR] [--epochs 1] [--repeat 3]
+    python benchmarks/distill.py [--workdir DIR] [--epochs 1] [--repeat 3] [--set KEY=VALUE ...]
+    python benchmarks/distill.py --set extract.compress.quantize=int8   # from an int8 cache
 
 Builds the default pipeline up to extract (teacher not fitted: its weights do not change step
 times), then trains the default student architecture as kind 'none', 'spectral' (cached) and
@@ -34,6 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--repeat", type=int, default=5, help="epochs per variant")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     wd = args.workdir or tempfile.mkdtemp(prefix="bench-distill-")
     import numpy as np
@@ -43,7 +45,7 @@ def main() -> None:
     from stages.distill import Trainer
     from cache.reader import open_cache
 
-    cfg, runner = default_runner(wd, ["teacher.fit=null"])
+    cfg, runner = default_runner(wd, ["teacher.fit=null", *args.overrides])
     recs = runner.run("extract")
     cache = open_cache(recs["extract"])
     teacher = models.load_teacher(recs["teacher"], cfg).to(models.resolve_device(cfg.distill.defaults.device))
