@@ -11,11 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cache.codec import decode, encode, encoded_shapes, hermitian_maps, pack, unpack
+from cache.features import FeatureStore
 from cache.reader import cache_path, open_cache
 from cache.verify import verify_cache
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.errors import PipelineError
 from pipeline.graph import Runner
+from stages.analyze import write_cached_teacher_layers
 from stages.spectral import pool_channels
 from tests.conftest import copy_upstream, tiny_tree
 
@@ -163,6 +165,11 @@ def test_pooled_int8_cache_trains_its_width_and_refuses_others(built, tmp_path):
     want = pool_channels(torch.from_numpy(exact.read_layer("spectra", t, 0, 256)).float(), 16)
     got = torch.from_numpy(cache.read_layer("spectra", t, 0, 256)).float()
     assert float((got - want).norm() / want.norm()) < 0.02
+    # analyze takes lossy teacher layers from a forward pass, lossless ones from the cache
+    val = cache.block("val")
+    rows = (val.start, val.start + 40)
+    assert write_cached_teacher_layers(FeatureStore.create(tmp_path / "f1.zarr"), cache, rows, 256) == []
+    assert write_cached_teacher_layers(FeatureStore.create(tmp_path / "f2.zarr"), exact, rows, 256) == [0, 3]
     # the width-16 student trains from it
     Runner(cfg, {"students": ["spectral"]}).run("distill")
     assert (runner.student_dir("spectral") / "final.pt").exists()
