@@ -124,6 +124,10 @@ def _manifest_problems(cache: Cache) -> list[str]:
 def verify_stage(runner, stage: str) -> list[str]:
     """Problems of a stage's output: what makes it not up to date (the stage's own output check,
     e.g. every student's files), then, for extract, every byte of the cache."""
+    if stage not in ("extract", "distill") and not stage.startswith("distill/"):
+        raise PipelineError(f"verify: no checks for stage {stage!r} (extract | distill | distill/<student>)")
+    if stage.startswith("distill/"):
+        runner.cfg.student(stage.split("/", 1)[1])  # an unknown student is named
     rec, damage = runner.checked_record(stage)
     fp = runner.fingerprint_of(stage)[0]
     if rec is None:
@@ -133,6 +137,4 @@ def verify_stage(runner, stage: str) -> list[str]:
         teacher_rec = runner.record("teacher")
         digest = teacher_rec.summary.get("weights_sha256") if teacher_rec else None
         return verify_cache(cache_path(rec), fp, digest)
-    if stage == "distill":
-        return []  # the record exists: every student's lock, final.pt and metrics were checked
-    raise PipelineError(f"verify: no checks for stage {stage!r}")
+    return []  # distill: the record exists, so the students' locks, final.pt and metrics were checked

@@ -11,8 +11,8 @@ import time
 from . import dist
 from .config import ConfigError, check_models, load_config
 from .errors import PipelineError
-from .graph import STAGES, Runner, upstream_closure
-from .locking import LockedError, WorkdirLock
+from .graph import STAGES, STUDENT, Runner, student_name
+from .locking import LockedError
 
 log = logging.getLogger("pipeline")
 
@@ -45,13 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", parents=[common], help="run a stage after its stale upstream stages")
-    r.add_argument("stage", choices=[*STAGES, "all"])
+    r.add_argument("stage", help=f"{' | '.join(STAGES)} | all | distill/<student>")
     r.add_argument("--force", action="store_true", help="rerun STAGE even if up to date")
     r.add_argument("--student", action="append", default=None, help="distill only this student (repeatable)")
-    r.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait for the workdir lock")
-    sub.add_parser("status", parents=[common], help="show each stage: up to date / stale / missing")
+    r.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N students at once as separate processes (CPU cores or GPUs split between them)")
+    r.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait for an output another run is building")
+    sub.add_parser("status", parents=[common], help="show each stage and student: up to date / stale / missing")
     v = sub.add_parser("verify", parents=[common], help="check a stage's output against the config")
-    v.add_argument("stage", nargs="?", default="extract", choices=["extract", "distill"])
+    v.add_argument("stage", nargs="?", default="extract", help="extract | distill | distill/<student>")
     s = sub.add_parser("select-layers", parents=[common], help="propose teacher layers from intensities")
     s.add_argument("--k", type=int, default=4, help="how many layers to propose")
     s.add_argument("--method", choices=["top", "ends"], default="top")
@@ -69,8 +72,10 @@ def setup_logging(debug: bool) -> None:
 
 
 def _print_status(runner: Runner) -> None:
-    for st in runner.status():
-        line = f"{st.stage:<8} {st.status:<11} {st.fingerprint[:12]}"
+    states = runner.status()
+    width = max(8, *(len(st.stage) for st in states))
+    for st in states:
+        line = f"{st.stage:<{width}} {st.status:<11} {st.fingerprint[:12]}"
         if st.reasons:
             shown = st.reasons[:8]
             more = f" (+{len(st.reasons) - 8} more)" if len(st.reasons) > 8 else ""
@@ -107,31 +112,65 @@ def cmd_status(cfg, args) -> int:
     return 0
 
 
+def _check_target(target: str, cfg) -> None:
+    if target in (*STAGES, "all"):
+        return
+    if target.startswith(STUDENT):
+        cfg.student(target[len(STUDENT):])
+        return
+    raise ConfigError(f"run: {target!r} is not a stage ({', '.join(STAGES)}, all) or distill/<student>")
+
+
 def cmd_run(cfg, args) -> int:
-    """Run a stage after its stale upstream stages, under the workdir lock when there is work."""
+    """Run a node after its stale upstream nodes; each output is built under its own lock."""
     t0 = time.time()
+    _check_target(args.stage, cfg)
     for name in args.student or []:
         cfg.student(name)  # an unknown name fails even when everything is up to date
-    runner = Runner(cfg, {"students": args.student})
-    stages = STAGES if args.stage == "all" else upstream_closure(args.stage)
-    # models are checked before any work; with nothing to do there is nothing to check or lock
+    if args.jobs < 1:
+        raise ConfigError(f"run --jobs: {args.jobs}; at least 1")
+    runner = Runner(cfg, {"students": args.student, "wait": args.wait})
+    # models are checked before any work; with nothing to do there is nothing to check
     # (so an up-to-date workdir that is read-only for this user still answers)
-    work = args.force or any(runner.state(s).status != "up to date" for s in stages)
+    work = args.force or any(runner.state(n).status != "up to date" for n in runner.plan(args.stage))
     if work:
         check_models(cfg)
     dist.init()
-    if not work:
-        runner.run(args.stage)
-    elif dist.is_main():
-        with WorkdirLock(cfg.workdir, f"run {args.stage}", wait=args.wait):
-            dist.barrier()
-            runner.run(args.stage, force=args.force)
-    else:
-        dist.barrier()
-        runner.run(args.stage, force=args.force)
+    forced = runner.forced_nodes(args.stage) if args.force else set()
+    if work and _fans_out(cfg, args):
+        forced -= _fan_out(cfg, args, runner, forced)
+    runner.run(args.stage, forced=forced)
     if dist.is_main():
         log.info(f"finished in {time.time() - t0:.1f}s")
     return 0
+
+
+def _fans_out(cfg, args) -> bool:
+    """Whether students train as separate processes (``--jobs`` > 1 or ``distill.scheduler``)."""
+    return (args.stage in ("distill", "analyze", "all") and dist.world_size() == 1
+            and (args.jobs > 1 or bool(cfg.distill.scheduler)))
+
+
+def _fan_out(cfg, args, runner: Runner, forced: set[str]) -> set[str]:
+    """Build what the students need here, then train the stale (or forced) students as separate
+    processes; returns the student nodes they built."""
+    from .fanout import check_outcomes, run_dask, run_local
+
+    runner.run("extract", forced=forced & set(runner.plan("extract")))
+    nodes = [STUDENT + n for n in runner.students()]
+    todo = [n for n in nodes if n in forced or runner.state(n).status != "up to date"]
+    if not todo:
+        return set()
+    names = [student_name(n) for n in todo]
+    force = {n: n in forced for n in names}
+    if cfg.distill.scheduler:
+        log.info(f"distill: {len(names)} student(s) to the Dask scheduler at {cfg.distill.scheduler}")
+        outcomes = run_dask(args, names, cfg.distill.scheduler, force)
+    else:
+        log.info(f"distill: {len(names)} student(s), {min(args.jobs, len(names))} at a time")
+        outcomes = run_local(args, names, min(args.jobs, len(names)), force)
+    check_outcomes(outcomes)
+    return set(todo)
 
 
 def cmd_verify(cfg, args) -> int:
@@ -156,8 +195,7 @@ def cmd_select_layers(cfg, args) -> int:
         raise ConfigError(f"select-layers --student-depth: {args.student_depth}; a depth is at least 1")
     from stages.analyze import select_layers_cli
 
-    with WorkdirLock(cfg.workdir, "select-layers"):  # it may run analyze first
-        print(select_layers_cli(Runner(cfg), args.k, args.method, args.student_depth))
+    print(select_layers_cli(Runner(cfg), args.k, args.method, args.student_depth))  # may run analyze first
     return 0
 
 

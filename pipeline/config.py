@@ -251,8 +251,8 @@ class StudentConfig(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", v):
-            raise ValueError(f"student names use letters, digits, '_', '-', '.', got {v!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_.=\-]+", v):
+            raise ValueError(f"student names use letters, digits, '_', '-', '.', '=', got {v!r}")
         return v
 
     @model_validator(mode="after")
@@ -262,9 +262,95 @@ class StudentConfig(_Model):
         return self
 
 
+class SweepConfig(_Model):
+    """A grid of students made from one base student (README "Many students").
+
+    base: a student entry; every run of the grid starts from it.
+    grid: student field by dotted path -> values, e.g. ``{loss.w_fft: [0.1, 0.2], seed: [0, 1, 2]}``.
+        Each combination is a student named ``<base>-<field>=<value>-...`` (the last part of each path).
+    reference: the grid values of the group the others are compared with, paired by seed.
+    """
+
+    base: dict[str, Any]
+    grid: dict[str, list[Any]]
+    reference: dict[str, Any] | None = None
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if not v:
+            raise ValueError("a sweep needs at least one field to vary")
+        for path, values in v.items():
+            top = path.split(".")[0]
+            if top == "name" or top not in StudentConfig.model_fields:
+                fields = ", ".join(f for f in StudentConfig.model_fields if f != "name")
+                raise ValueError(f"{path!r} is not a student field ({fields})")
+            if not values:
+                raise ValueError(f"{path}: no values")
+        return v
+
+    @model_validator(mode="after")
+    def _reference(self):
+        for path, value in (self.reference or {}).items():
+            if path not in self.grid or value not in self.grid[path]:
+                raise ValueError(f"reference: {path}={value!r} is not a value of the grid")
+        return self
+
+    def runs(self) -> list[tuple[str, dict[str, Any], dict]]:
+        """(name, grid values, student entry) of every combination, in grid order."""
+        import itertools
+
+        paths = list(self.grid)
+        out = []
+        for combo in itertools.product(*(self.grid[p] for p in paths)):
+            values = dict(zip(paths, combo))
+            entry = copy.deepcopy(self.base)
+            for path, value in values.items():
+                _set_path(entry, path, copy.deepcopy(value))
+            name = "-".join([str(self.base.get("name", "sweep"))]
+                            + [f"{p.split('.')[-1]}={_name_part(v)}" for p, v in values.items()])
+            entry["name"] = name
+            out.append((name, values, entry))
+        return out
+
+
+def _name_part(value: Any) -> str:
+    """A grid value as it appears in a student's name (letters, digits, '_', '-', '.', '=')."""
+    text = "x".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", text.replace(" ", ""))
+
+
 class DistillConfig(_Model):
     defaults: TrainDefaults = TrainDefaults()
     students: list[StudentConfig] = []
+    sweep: list[SweepConfig] = []
+    # train students as tasks of an existing Dask distributed scheduler (tcp://host:8786)
+    scheduler: str | None = operational(None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_sweeps(cls, data: Any) -> Any:
+        """Every sweep's runs become students (a student of that name already there, as in a
+        dumped config, is the same run and is kept)."""
+        if not isinstance(data, dict) or not data.get("sweep"):
+            return data
+        data = dict(data)
+        students = list(data.get("students") or [])
+        have = {s.get("name") if isinstance(s, dict) else getattr(s, "name", None) for s in students}
+        for i, sw in enumerate(data["sweep"]):
+            sweep = sw if isinstance(sw, SweepConfig) else SweepConfig.model_validate(sw)
+            if not isinstance(sweep.base.get("name"), str):
+                raise ValueError(f"sweep[{i}].base needs a name (it prefixes the names of its students)")
+            for name, _, entry in sweep.runs():
+                if name not in have:
+                    students.append(entry)
+                    have.add(name)
+        data["students"] = students
+        return data
+
+    def sweep_runs(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        """Student name -> (index of its sweep, its grid values), for every sweep student."""
+        return {name: (i, values) for i, sw in enumerate(self.sweep) for name, values, _ in sw.runs()}
 
     @field_validator("students")
     @classmethod

@@ -6,6 +6,12 @@ its identity inputs (a checkpoint's digest, an input shard list), its upstream f
 major versions of the libraries that write its output.  Outputs live in
 ``<workdir>/<stage>/<fingerprint[:12]>/`` with a ``lock.json`` recording what ran; an output whose
 lock matches the current fingerprint is reused, never recomputed.
+
+Each student is a node ``distill/<name>`` of the graph (upstream: extract), with its own
+fingerprint, folder ``<workdir>/distill/students/<name>-<fingerprint[:12]>/``, record, status,
+verify and ``--force``; the ``distill`` node is the summary over every student.  A run holds the
+lock of the output it builds (``pipeline.locking``) and shared locks on the outputs it reads, so
+different students train at once in one workdir while no output is ever written by two runs.
 """
 
 from __future__ import annotations
@@ -21,11 +27,25 @@ from typing import Callable
 from . import dist
 from .config import PipelineConfig, decisive
 from .fingerprint import diff, file_digest, fingerprint, library_versions
+from .errors import PipelineError
 from .fsutil import atomic_write_json, fresh_dir, read_json, replace_dir
+from .locking import OutputLock, describe_holder, held_by
 
 log = logging.getLogger("pipeline")
 
 STAGES = ("prepare", "teacher", "extract", "distill", "analyze")
+STUDENT = "distill/"  # student nodes are named distill/<student name>
+FAILED = "failed.json"
+SUMMARY_WAIT_S = 600.0  # how long a run waits for another writing the distill summary
+
+
+def student_node(name: str) -> str:
+    return STUDENT + name
+
+
+def student_name(node: str) -> str | None:
+    """The student a node ``distill/<name>`` trains, or None for a stage."""
+    return node[len(STUDENT):] if node.startswith(STUDENT) else None
 
 
 def _prepare_params(cfg: PipelineConfig) -> dict:
@@ -113,31 +133,30 @@ def _files_problems(*names: str) -> Callable[["Runner", Path, dict], list[str]]:
     return check
 
 
+def failure_of(runner: "Runner", name: str) -> str | None:
+    """Why student ``name``'s last training failed (its ``failed.json``), or None."""
+    f = runner.student_dir(name) / FAILED
+    if not f.exists():
+        return None
+    try:
+        return read_json(f).get("error", "") or "no reason recorded"
+    except (OSError, ValueError):
+        return "unreadable failed.json"
+
+
 def failed_students(runner: "Runner") -> list[str]:
-    """One line per student whose last training failed (its ``failed.json``)."""
-    out = []
-    for s in runner.cfg.distill.students:
-        f = runner.student_dir(s.name) / "failed.json"
-        if f.exists():
-            try:
-                why = read_json(f).get("error", "")
-            except (OSError, ValueError):
-                why = "unreadable failed.json"
-            out.append(f"student {s.name} failed ({why}); the next run retries it")
-    return out
+    """One line per student whose last training failed."""
+    return [f"student {s.name} failed ({why}); the next run retries it"
+            for s in runner.cfg.distill.students if (why := failure_of(runner, s.name)) is not None]
 
 
 def _distill_problems(runner: "Runner", out: Path, lock: dict) -> list[str]:
-    problems = failed_students(runner)
+    problems = _files_problems("summary.parquet", "summary.md")(runner, out, lock)
     for s in runner.cfg.distill.students:
-        d = runner.student_dir(s.name)
-        try:
-            done = read_json(d / "lock.json")
-        except (OSError, ValueError):
-            done = {}
-        ok = done.get("complete") and done.get("fingerprint") == runner.student_fingerprint(s.name)[0]
-        if not ok or not (d / "final.pt").exists() or not (d / "metrics.parquet").exists():
-            problems.append(f"student {s.name} has no complete output in {d}")
+        rec, damage = runner.checked_record(student_node(s.name))
+        if rec is None:
+            why = f" ({'; '.join(damage)})" if damage else ""
+            problems.append(f"student {s.name} has no complete output in {runner.student_dir(s.name)}{why}")
     return problems
 
 
@@ -148,6 +167,7 @@ class Stage:
     params: Callable[[PipelineConfig], dict]
     identity: Callable[[PipelineConfig], dict] = lambda cfg: {}
     module: str = ""
+    entry: str = "run"  # the module's function that builds the output
     distributed: bool = False  # every rank runs it (else rank 0 does, the others wait)
     # what is wrong with a completed output on disk now (a deleted file...): a damaged output is stale
     problems: Callable[["Runner", Path, dict], list[str]] = lambda runner, out, lock: []
@@ -168,12 +188,23 @@ GRAPH: dict[str, Stage] = {
 }
 
 
+def student_stage(node: str) -> Stage:
+    """The graph node of one student: upstream extract, parameters the student's own config."""
+    name = student_name(node)
+    return Stage(node, ("extract",), lambda cfg: {"student": student_params(cfg, name)}, module="stages.distill",
+                 entry="run_student", distributed=True, problems=_files_problems("final.pt", "metrics.parquet"))
+
+
+def stage_of(node: str) -> Stage:
+    return student_stage(node) if student_name(node) is not None else GRAPH[node]
+
+
 def upstream_closure(name: str) -> list[str]:
     """``name`` and every stage it depends on, in run order."""
     order: list[str] = []
 
     def visit(n: str) -> None:
-        for u in GRAPH[n].upstream:
+        for u in stage_of(n).upstream:
             visit(u)
         if n not in order:
             order.append(n)
@@ -217,7 +248,7 @@ class Context:
 @dataclass
 class State:
     stage: str
-    status: str  # "up to date" | "stale" | "missing"
+    status: str  # "up to date" | "stale" | "missing" | "running" | "failed"
     fingerprint: str
     reasons: list[str]
 
@@ -233,13 +264,36 @@ class Runner:
         self._model_plan = None
         self.versions = library_versions()
 
+    # ------------------------------------------------------------ nodes
+    def students(self) -> list[str]:
+        """The students this run is about: ``--student`` choices, else every configured one."""
+        chosen = self.options.get("students") or [s.name for s in self.cfg.distill.students]
+        for name in chosen:
+            self.cfg.student(name)  # an unknown name fails clearly
+        return list(chosen)
+
+    def nodes(self) -> list[str]:
+        """Every node of this config's graph in run order: the stages, each student before the summary."""
+        students = [student_node(s.name) for s in self.cfg.distill.students]
+        return [n for st in STAGES for n in ([*students, st] if st == "distill" else [st])]
+
+    def plan(self, target: str) -> list[str]:
+        """The nodes a run of ``target`` ('all', a stage or distill/<name>) visits, in order; distill
+        stands for the chosen students and then the summary."""
+        if student_name(target) is not None:
+            self.cfg.student(student_name(target))
+            return [*upstream_closure("extract"), target]
+        stages = list(STAGES) if target == "all" else upstream_closure(target)
+        students = [student_node(n) for n in self.students()] if "distill" in stages else []
+        return [n for st in stages for n in ([*students, st] if st == "distill" else [st])]
+
     # ------------------------------------------------------------ fingerprints
     def inputs(self, name: str) -> dict:
         return self.fingerprint_of(name)[1]
 
     def fingerprint_of(self, name: str) -> tuple[str, dict]:
         if name not in self._fp:
-            st = GRAPH[name]
+            st = stage_of(name)
             inputs = {
                 "stage": name,
                 "params": st.params(self.cfg),
@@ -261,20 +315,21 @@ class Runner:
         rec = self.record("teacher")
         return {"teacher_weights_sha256": rec.summary.get("weights_sha256") if rec else None}
 
-    def student_fingerprint(self, name: str) -> tuple[str, dict]:
-        inputs = {
-            "student": student_params(self.cfg, name),
-            "upstream": {
-                "teacher": self.fingerprint_of("teacher")[0],
-                "extract": self.fingerprint_of("extract")[0],
-            },
-            "versions": self.versions,
-        }
-        return fingerprint(inputs), inputs
-
-    def out_dir(self, name: str, fp: str | None = None) -> Path:
+    def out_dir(self, name: str, fp: str | None = None, workdir: Path | None = None) -> Path:
+        """The output folder of node ``name`` in ``workdir`` (default: this one)."""
         fp = fp or self.fingerprint_of(name)[0]
-        return self.workdir / name / fp[:12]
+        wd = workdir or self.workdir
+        student = student_name(name)
+        if student is not None:
+            return wd / "distill" / "students" / f"{student}-{fp[:12]}"
+        return wd / name / fp[:12]
+
+    def latest_path(self, name: str) -> Path:
+        """Where the lock of the last completed run of node ``name`` is copied (for 'stale because')."""
+        student = student_name(name)
+        if student is not None:
+            return self.workdir / "distill" / "students" / f"{student}.latest.json"
+        return self.workdir / name / "latest.json"
 
     @property
     def model_plan(self):
@@ -288,11 +343,13 @@ class Runner:
     def student_dir(self, name: str, own: bool = False) -> Path:
         """Where student ``name`` lives: this workdir's folder, unless only an upstream workdir holds
         a finished one (``own``: this workdir's folder, where a run writes)."""
-        leaf = Path("distill") / "students" / f"{name}-{self.student_fingerprint(name)[0][:12]}"
+        node = student_node(name)
+        mine = self.out_dir(node)
         for wd in [] if own else self.upstream_workdirs:
-            if not (self.workdir / leaf / "lock.json").exists() and (wd / leaf / "lock.json").exists():
-                return wd / leaf
-        return self.workdir / leaf
+            theirs = self.out_dir(node, workdir=wd)
+            if not (mine / "lock.json").exists() and (theirs / "lock.json").exists():
+                return theirs
+        return mine
 
     # ------------------------------------------------------------ state
     def record(self, name: str) -> Record | None:
@@ -309,7 +366,7 @@ class Runner:
         return rec, damage if rec is None else []
 
     def _checked_record_in(self, name: str, workdir: Path) -> tuple[Record | None, list[str]]:
-        out = workdir / name / self.fingerprint_of(name)[0][:12]
+        out = self.out_dir(name, workdir=workdir)
         lock = out / "lock.json"
         if not lock.exists():
             return None, []
@@ -319,7 +376,7 @@ class Runner:
             return None, [f"{lock} cannot be read"]
         if data.get("fingerprint") != self.fingerprint_of(name)[0] or not data.get("complete"):
             return None, []
-        problems = GRAPH[name].problems(self, out, data)
+        problems = stage_of(name).problems(self, out, data)
         if problems:
             return None, [f"output damaged: {p}" for p in problems]
         return Record(name, out, data), []
@@ -330,9 +387,17 @@ class Runner:
         if rec is not None:
             elsewhere = [] if rec.path == self.out_dir(name) else [f"in {rec.path}"]
             return State(name, "up to date", fp, elsewhere)
+        holder = held_by(self.out_dir(name))
+        if holder is not None:
+            return State(name, "running", fp, [describe_holder(holder)])
+        student = student_name(name)
+        why = failure_of(self, student) if student is not None else None
+        if why is not None:
+            return State(name, "failed", fp, [why, "the next run retries it"])
         if damage:
             return State(name, "stale", fp, damage)
-        latest = self.workdir / name / "latest.json"
+        notes = failed_students(self) if name == "distill" else []
+        latest = self.latest_path(name)
         if latest.exists():
             try:
                 old = read_json(latest)
@@ -342,39 +407,109 @@ class Runner:
             changed = [c for c in changed if not c.startswith("upstream.")] + [
                 f"upstream {c.split('.', 1)[1]} changed" for c in changed if c.startswith("upstream.")
             ]
-            notes = failed_students(self) if name == "distill" else []
             return State(name, "stale", fp, notes + (changed or ["output incomplete"]))
-        return State(name, "missing", fp, (failed_students(self) if name == "distill" else []) or ["never run"])
+        return State(name, "missing", fp, notes or ["never run"])
 
     def status(self) -> list[State]:
-        return [self.state(s) for s in STAGES]
+        return [self.state(n) for n in self.nodes()]
 
     # ------------------------------------------------------------ running
-    def run(self, target: str, force: bool = False) -> dict[str, Record]:
-        targets = list(STAGES) if target == "all" else upstream_closure(target)
-        last = STAGES[-1] if target == "all" else target
+    def run(self, target: str, force: bool = False, forced: set[str] | None = None) -> dict[str, Record]:
+        """Build ``target`` after whatever it needs that is not up to date.  ``force`` rebuilds the
+        target itself (:meth:`forced_nodes`), ``forced`` names the nodes to rebuild instead.  A
+        student whose training fails is recorded and the others still train; the run then fails
+        naming it."""
+        plan = self.plan(target)
+        forced = set(forced if forced is not None else self.forced_nodes(target) if force else ())
         done: dict[str, Record] = {}
-        for name in targets:
-            forced = force and name == last
-            rec = None if forced else self.record(name)
+        failed: list[str] = []
+        for name in plan:
+            if name == "distill" and (failed or not self._students_complete()):
+                if failed:
+                    raise PipelineError(f"distill: {len(failed)} student(s) failed and were recorded in {FAILED}; "
+                                        f"the next run retries them. First: {failed[0]}")
+                if target in ("distill",) or student_name(target) is not None:
+                    log.info(f"distill: summary waits for students {', '.join(self._incomplete_students())}")
+                    break
+                raise PipelineError(f"{target}: needs every student; not trained: "
+                                    f"{', '.join(self._incomplete_students())} (run distill without --student)")
+            rec = None if name in forced else self.record(name)
             if rec is not None:
                 if dist.is_main():
                     log.info(f"{name}: up to date ({rec.lock['fingerprint'][:12]}), skipped")
                 done[name] = rec
                 continue
-            done[name] = self._run_stage(name, done, forced)
-            for d in downstream_of(name):  # their fingerprints may include what this run produced
-                self._fp.pop(d, None)
+            try:
+                done[name] = self._run_stage(name, done, name in forced)
+            except PipelineError as e:
+                if student_name(name) is None or not getattr(e, "retryable", False):
+                    raise
+                log.error(f"{name}: failed: {e}")
+                failed.append(str(e))
+            self._forget_downstream(name)
+        if failed:
+            raise PipelineError(f"distill: {len(failed)} student(s) failed and were recorded in {FAILED}; "
+                                f"the next run retries them. First: {failed[0]}")
         return done
 
+    def forced_nodes(self, target: str) -> set[str]:
+        """What ``--force`` rebuilds: the target; for distill, the chosen students and the summary."""
+        plan = self.plan(target)
+        if target == "distill":
+            return {n for n in plan if student_name(n) is not None} | {"distill"}
+        return {plan[-1]}
+
+    def _students_complete(self) -> bool:
+        return not self._incomplete_students()
+
+    def _incomplete_students(self) -> list[str]:
+        return [s.name for s in self.cfg.distill.students if self.record(student_node(s.name)) is None]
+
+    def _forget_downstream(self, name: str) -> None:
+        """Drop cached fingerprints that may include what ``name``'s run produced (the teacher's weights)."""
+        for d in downstream_of(name) if student_name(name) is None else []:
+            self._fp.pop(d, None)
+        if name in upstream_closure("extract"):
+            for k in [k for k in self._fp if student_name(k) is not None]:
+                self._fp.pop(k)
+
+    def _read_locks(self, upstream: dict[str, Record]) -> list[OutputLock]:
+        """Shared locks on the outputs a node reads, so no --force rebuild swaps them meanwhile."""
+        return [OutputLock(rec.path, shared=True, wait=self.options.get("wait", 0.0),
+                           create=rec.path.is_relative_to(self.workdir))
+                for rec in upstream.values() if rec is not None]
+
     def _run_stage(self, name: str, done: dict[str, Record], forced: bool = False) -> Record:
-        """Run one stage into its output folder.  Under --force the new output is built beside the
-        old one (``<fp>.force``) and replaces it only once complete (:func:`fsutil.replace_dir`)."""
-        st = GRAPH[name]
+        """Build one node into its output folder, holding that folder's lock (and shared locks on
+        what it reads).  A node that another run built while this one waited is not built again.
+        Under --force the new output is built beside the old one (``<fp>.force``) and replaces it
+        only once complete (:func:`fsutil.replace_dir`)."""
+        fp, _ = self.fingerprint_of(name)
+        final = self.out_dir(name, fp)
+        upstream = {u: done[u] if u in done else self.record(u) for u in upstream_closure(name)[:-1]}
+        wait = self.options.get("wait", 0.0)
+        if name == "distill":  # the summary: students finishing at once each try to write it; it is quick
+            wait = max(wait, SUMMARY_WAIT_S)
+        locks = [OutputLock(final, f"run {name}", wait=wait), *self._read_locks(upstream)] if dist.is_main() else []
+        entered = []
+        try:
+            for lk in locks:
+                entered.append(lk.__enter__())
+            built = None if forced or not dist.is_main() else self.record(name)
+            if dist.all_reduce_min(0 if built is not None else 1) == 0:
+                rec = built or self.record(name)
+                log.info(f"{name}: built by another run meanwhile ({fp[:12]}), skipped")
+                return rec
+            return self._build(name, upstream, forced)
+        finally:
+            for lk in reversed(entered):
+                lk.__exit__(None, None, None)
+
+    def _build(self, name: str, upstream: dict[str, Record], forced: bool) -> Record:
+        st = stage_of(name)
         fp, inputs = self.fingerprint_of(name)
         final = self.out_dir(name, fp)
         out = final.with_name(final.name + ".force") if forced else final
-        upstream = {u: done[u] if u in done else self.record(u) for u in upstream_closure(name)[:-1]}
         ctx = Context(self.cfg, name, fp, inputs, out, upstream, self, self.options, forced)
         mod = importlib.import_module(st.module)
         if dist.is_main():
@@ -384,7 +519,7 @@ class Runner:
             if dist.is_main():
                 fresh_dir(out) if forced else out.mkdir(parents=True, exist_ok=True)
             dist.barrier()
-            summary = mod.run(ctx) or {}
+            summary = getattr(mod, st.entry)(ctx) or {}
         else:
             summary = {}
         dist.barrier()
@@ -405,7 +540,7 @@ class Runner:
             if out != final:
                 replace_dir(out, final)
             if lock["complete"]:
-                atomic_write_json(self.workdir / name / "latest.json", lock)
+                atomic_write_json(self.latest_path(name), lock)
             log.info(f"{name}: done in {wall:.1f}s")
         dist.barrier()
         if not dist.is_main():

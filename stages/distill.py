@@ -32,8 +32,8 @@ from cache.reader import Cache, open_cache
 from pipeline import dist
 from pipeline.config import PipelineConfig, ResolvedStudent
 from pipeline.errors import PipelineError
-from pipeline.fsutil import (atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text, fresh_dir,
-                            read_json, replace_dir)
+from pipeline.fsutil import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
+from pipeline.graph import FAILED, student_name, student_node
 
 from . import models
 from .data import ViewDataset, view_loader
@@ -43,11 +43,11 @@ from .train import adamw, evaluate, warmup_cosine
 
 log = logging.getLogger("pipeline")
 
-FAILED = "failed.json"
-
-
 class NonFiniteTraining(PipelineError):
-    """A student's loss or weights became inf or nan: training stops, the student is recorded failed."""
+    """A student's loss or weights became inf or nan: training stops, the student is recorded failed,
+    the other students still train (``retryable``)."""
+
+    retryable = True
 
 
 # ----------------------------------------------------------------------------- data
@@ -442,6 +442,10 @@ class Trainer:
                 if snapshots:
                     write_metrics(out / SNAPSHOTS, snapshots)
             dist.barrier()
+        if start >= st.epochs and dist.is_main():  # resumed after the last epoch: the records come back whole
+            write_metrics(out / "metrics.parquet", metrics)
+            if snapshots:
+                write_metrics(out / SNAPSHOTS, snapshots)
         return metrics
 
     def _resume(self, ck: Path, opt, sched) -> tuple[int, list[dict], list[dict]]:
@@ -501,43 +505,33 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
     atomic_write(path, lambda f: pq.write_table(table, f))
 
 
-def train_student(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher=None,
-                  max_steps: int | None = None, forced: bool = False) -> dict:
-    """Train one student unless its output is complete.  A rerun resumes from ``ckpt.pt``; under
-    --force the student is trained beside its old output and replaces it only once complete.  A
-    student whose training fails is recorded in ``failed.json`` and retried by the next run."""
-    final = runner.student_dir(name, own=forced)  # --force retrains here, never in an upstream workdir
-    fp, _ = runner.student_fingerprint(name)
-    if not forced:
-        try:
-            done = read_json(final / "lock.json")
-        except (OSError, ValueError):
-            done = {}
-        if done.get("fingerprint") == fp and done.get("complete") and (final / "final.pt").exists():
-            if dist.is_main():
-                log.info(f"{name}: up to date ({fp[:12]}), skipped")
-            return done["summary"]
-    out = final.with_name(final.name + ".force") if forced else final
+def run_student(ctx) -> dict:
+    """Build node ``distill/<name>``: train one student into ``ctx.out`` (the runner holds its lock,
+    prepares the folder and records it).  A rerun resumes from ``ckpt.pt``; a training that fails
+    is recorded in ``failed.json`` beside its checkpoint, and the next run retries it."""
+    cfg: PipelineConfig = ctx.cfg
+    name = student_name(ctx.stage)
+    final = ctx.runner.out_dir(ctx.stage, ctx.fingerprint)
     if dist.is_main():
-        fresh_dir(out) if forced else out.mkdir(parents=True, exist_ok=True)
-        (out / FAILED).unlink(missing_ok=True)
-    dist.barrier()
+        (final / FAILED).unlink(missing_ok=True)
+    st = cfg.student(name)
+    cache = open_cache(ctx.upstream["extract"])
+    check_cache_teacher(cache, ctx.upstream["teacher"])
+    teacher = None
+    if st.mode == "online" and st.loss.kind != "none":
+        teacher = models.load_teacher(ctx.upstream["teacher"], cfg).to(models.resolve_device(st.device))
     try:
-        summary = _train_into(runner, cfg, name, cache, teacher, max_steps, out)
+        return _train_into(ctx.runner, cfg, name, cache, teacher, ctx.options.get("max_steps"), ctx.out)
     except PipelineError as e:
         if dist.is_main():
-            atomic_write_json(out / FAILED, {"student": name, "fingerprint": fp, "error": str(e)})
+            final.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(final / FAILED, {"student": name, "fingerprint": ctx.fingerprint, "error": str(e)})
         raise
-    if dist.is_main() and out != final:
-        replace_dir(out, final)
-    dist.barrier()
-    return summary
 
 
 def _train_into(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher,
                 max_steps: int | None, out: Path) -> dict:
     st = cfg.student(name)
-    fp, inputs = runner.student_fingerprint(name)
     t0 = time.time()
     tr = Trainer(cfg, st, cache, out, runner.model_plan, teacher=teacher)
     if dist.is_main():
@@ -556,26 +550,35 @@ def _train_into(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher,
     if dist.is_main():
         atomic_torch_save(out / "final.pt", {"state_dict": tr.model.state_dict(), "model": st.model,
                                              "kwargs": st.kwargs})
-        atomic_write_json(out / "lock.json", {"fingerprint": fp, "inputs": inputs, "summary": summary,
-                                              "complete": True})
     dist.barrier()
     return summary
 
 
 def summary_table(teacher_summary: dict, cfg: PipelineConfig, rows: list[dict]) -> tuple[pa.Table, str]:
-    all_rows = [{"model": f"teacher ({cfg.teacher.model})", "kind": "teacher", "mode": "-",
-                 "val_top1": teacher_summary.get("val_top1"), "val_top5": teacher_summary.get("val_top5"),
-                 "params": teacher_summary.get("params")}]
+    """Every run (teacher first) as a table with its seed group, and the markdown summary: the runs,
+    then, when some runs differ only by seed, their groups with mean, sd, n and paired differences."""
+    from .groups import group_rows, groups_markdown, student_groups
+
+    label = {name: g.label for g in student_groups(cfg) for name in g.members.values()}
+    all_rows = [{"model": f"teacher ({cfg.teacher.model})", "kind": "teacher", "mode": "-", "group": "teacher",
+                 "seed": None, "val_top1": teacher_summary.get("val_top1"),
+                 "val_top5": teacher_summary.get("val_top5"), "params": teacher_summary.get("params")}]
     for r in rows:
-        all_rows.append({"model": r["student"], "kind": r["kind"], "mode": r["mode"], "val_top1": r["val_top1"],
-                         "val_top5": r["val_top5"], "params": r["params"]})
+        all_rows.append({"model": r["student"], "kind": r["kind"], "mode": r["mode"], "group": label[r["student"]],
+                         "seed": r["seed"], "val_top1": r["val_top1"], "val_top5": r["val_top5"],
+                         "params": r["params"]})
     table = pa.Table.from_pylist(all_rows)
-    md = ["| model | kind | mode | val top-1 | val top-5 | params |", "|---|---|---|---|---|---|"]
+    md = ["| model | kind | mode | seed | val top-1 | val top-5 | params |", "|---|---|---|---|---|---|---|"]
     for r in all_rows:
         t1 = f"{r['val_top1']:.2f}" if r["val_top1"] is not None else "-"
         t5 = f"{r['val_top5']:.2f}" if r["val_top5"] is not None else "-"
-        md.append(f"| {r['model']} | {r['kind']} | {r['mode']} | {t1} | {t5} | {r['params'] or '-'} |")
-    return table, "\n".join(md) + "\n"
+        seed = r["seed"] if r["seed"] is not None else "-"
+        md.append(f"| {r['model']} | {r['kind']} | {r['mode']} | {seed} | {t1} | {t5} | {r['params'] or '-'} |")
+    text = "\n".join(md) + "\n"
+    groups = group_rows(cfg, {r["student"]: r["val_top1"] for r in rows})
+    if cfg.distill.sweep or any(g["n"] > 1 for g in groups):
+        text += "\nRuns that differ only by seed, grouped:\n\n" + groups_markdown(groups)
+    return table, text
 
 
 def check_cache_teacher(cache: Cache, teacher_rec) -> None:
@@ -589,41 +592,21 @@ def check_cache_teacher(cache: Cache, teacher_rec) -> None:
 
 
 def run(ctx) -> dict:
+    """Build the ``distill`` node: the summary over every student (each already built as its own
+    node ``distill/<name>``), with seed groups and paired differences (:mod:`stages.sweep`)."""
     cfg: PipelineConfig = ctx.cfg
-    names = [s.name for s in cfg.distill.students]
-    wanted = ctx.options.get("students") or names
-    for w in wanted:
-        cfg.student(w)  # names an unknown student clearly
-    if not names:
+    if not cfg.distill.students:
         log.warning("distill: no students configured (distill.students is empty)")
-    cache = open_cache(ctx.upstream["extract"])
-    teacher_rec = ctx.upstream["teacher"]
-    check_cache_teacher(cache, teacher_rec)
-    plan = ctx.runner.model_plan
-    # fail before any training if any chosen student cannot use the cache
-    for name in wanted:
-        st = cfg.student(name)
-        if st.mode == "cached" and st.loss.kind == "spectral":
-            for _, t in plan.pairs[name]:
-                cache.layer(t)
-    teacher = None
-    if any(cfg.student(n).mode == "online" and cfg.student(n).loss.kind != "none" for n in wanted):
-        teacher = models.load_teacher(teacher_rec, cfg).to(models.resolve_device(cfg.distill.defaults.device))
-    results, failed = [], []
-    for name in wanted:
-        try:
-            results.append(train_student(ctx.runner, cfg, name, cache, teacher=teacher, forced=ctx.forced))
-        except NonFiniteTraining as e:  # the other students still train; this one is retried by the next run
-            log.error(f"{name}: failed: {e}")
-            failed.append(str(e))
-    if failed:
-        raise PipelineError(f"distill: {len(failed)} student(s) failed and were recorded in {FAILED}; "
-                            f"the next run retries them. First: {failed[0]}")
-    complete = set(wanted) == set(names)
+    results = []
+    for s in cfg.distill.students:
+        rec = ctx.runner.record(student_node(s.name))
+        if rec is None:
+            raise PipelineError(f"distill: student {s.name} has no complete output; run distill")
+        results.append(rec.summary)
     summary = {"students": {r["student"]: {k: r[k] for k in ("val_top1", "val_top5", "kind", "mode")}
-                            for r in results}, "complete": complete}
-    if dist.is_main() and complete:
-        table, md = summary_table(teacher_rec.summary, cfg, results)
+                            for r in results}}
+    if dist.is_main():
+        table, md = summary_table(ctx.upstream["teacher"].summary, cfg, results)
         atomic_write(ctx.out / "summary.parquet", lambda f: pq.write_table(table, f))
         atomic_write_text(ctx.out / "summary.md", md)
         print("\n" + md)

@@ -36,7 +36,7 @@ def resolve_workers(value, device: torch.device) -> int:
     pass for a core slows it more than decoding in the main process does."""
     if value != "auto":
         return int(value)
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if device.type == "cuda":
         return max(0, min(8, cores - 1))
     return max(0, min(8, cores - torch.get_num_threads()))

@@ -1,0 +1,163 @@
+"""Many students: students as graph nodes, per-output locks, concurrent runs, --jobs, sweeps, Dask."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import config_from_dict
+from pipeline.graph import Runner, student_node
+from pipeline.locking import held_by
+from stages.groups import paired_difference, t975
+from tests.conftest import ROOT, TINY, cli, copy_upstream, tiny_tree, write_config
+
+
+def _metrics(runner: Runner, name: str) -> list[dict]:
+    return pq.read_table(runner.student_dir(name) / "metrics.parquet").to_pylist()
+
+
+def _popen(*args, env=None) -> subprocess.Popen:
+    import os
+
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT)
+    e.update(env or {})
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_two_students_train_at_once_and_one_student_is_built_once(built, tmp_path):
+    cfg, runner, recs = built
+    wd = copy_upstream(recs, tmp_path / "w")
+    conf = write_config(tmp_path / "p.yaml", tiny_tree(**{"distill.defaults.epochs": 6}))
+    common = ["-c", str(conf), "--workdir", str(wd)]
+    a = _popen("run", "distill", "--student", "none", *common)
+    b = _popen("run", "distill/spectral", *common)
+    r2 = Runner(config_from_dict(tiny_tree(**{"distill.defaults.epochs": 6}), workdir=str(wd)))
+    # while 'spectral' trains, a second run of it fails naming the holder, and status shows it running
+    deadline = time.time() + 120
+    while held_by(r2.out_dir(student_node("spectral"))) is None and b.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    running = r2.state("distill/spectral")
+    dup = cli("run", "distill", "--student", "spectral", *common)
+    outs = [p.communicate(timeout=300) for p in (a, b)]
+    assert a.returncode == 0 and b.returncode == 0, [o[1][-1500:] for o in outs]
+    assert running.status == "running" and re.match(rf"pid {b.pid} on .*\(run distill/spectral\)", running.reasons[0])
+    assert dup.returncode == 2
+    assert re.search(rf"error: .*spectral-\w+: pid {b.pid} on .*\(run distill/spectral\) is building it",
+                     dup.stderr), dup.stderr
+    # both trained in one workdir; the summary lists both
+    assert r2.state("distill/none").status == r2.state("distill/spectral").status == "up to date"
+    assert r2.state("distill").status == "up to date"
+    summary = pq.read_table(r2.record("distill").path / "summary.parquet").to_pylist()
+    assert {r["model"] for r in summary} >= {"none", "spectral"}
+    # each output was built once: one metrics row per epoch
+    assert [m["epoch"] for m in _metrics(r2, "spectral")] == list(range(6))
+    st = cli("status", *common)
+    assert re.search(r"^distill/none +up to date", st.stdout, re.M) and re.search(r"^distill +up to date", st.stdout,
+                                                                                 re.M), st.stdout
+    assert cli("verify", "distill/spectral", *common).returncode == 0
+
+
+def test_force_one_student_through_the_graph(built, tmp_path):
+    cfg, runner, recs = built
+    wd = copy_upstream(recs, tmp_path / "w")
+    conf = write_config(tmp_path / "p.yaml", TINY)
+    common = ["-c", str(conf), "--workdir", str(wd)]
+    assert cli("run", "distill", *common).returncode == 0
+    r = Runner(config_from_dict(TINY, workdir=str(wd)))
+    mtime = {n: (r.student_dir(n) / "final.pt").stat().st_mtime_ns for n in ("none", "spectral")}
+    res = cli("run", "distill", "--force", "--student", "spectral", *common)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (r.student_dir("none") / "final.pt").stat().st_mtime_ns == mtime["none"]
+    assert (r.student_dir("spectral") / "final.pt").stat().st_mtime_ns != mtime["spectral"]
+    # a damaged student is named by verify and status, and rebuilt by the next run
+    (r.student_dir("none") / "metrics.parquet").unlink()
+    v = cli("verify", "distill/none", *common)
+    assert v.returncode == 1 and "metrics.parquet is missing" in v.stdout
+    st = cli("status", *common)
+    assert re.search(r"^distill/none +stale .*metrics.parquet is missing", st.stdout, re.M), st.stdout
+    assert re.search(r"^distill +stale .*student none", st.stdout, re.M), st.stdout
+    assert cli("run", "distill", *common).returncode == 0
+    assert Runner(config_from_dict(TINY, workdir=str(wd))).state("distill").status == "up to date"
+    bad = cli("run", "distill/nobody", *common)
+    assert bad.returncode == 2 and "'nobody' is not a student" in bad.stderr
+
+
+def _sweep_tree(**changes) -> dict:
+    tree = tiny_tree(**changes)
+    base = dict(TINY["distill"]["students"][1], name="sw")
+    tree["distill"]["students"] = TINY["distill"]["students"][:1]
+    tree["distill"]["sweep"] = [{"base": base, "grid": {"loss.w_fft": [0.05, 0.4], "seed": [0, 1]},
+                                 "reference": {"loss.w_fft": 0.05}}]
+    return tree
+
+
+def test_sweep_expands_trains_with_jobs_and_summarizes_groups(built, tmp_path):
+    cfg, runner, recs = built
+    wd = copy_upstream(recs, tmp_path / "w")
+    tree = _sweep_tree()
+    conf = write_config(tmp_path / "p.yaml", tree)
+    names = [s.name for s in config_from_dict(tree, workdir=str(wd)).distill.students]
+    assert names == ["none", "sw-w_fft=0.05-seed=0", "sw-w_fft=0.05-seed=1", "sw-w_fft=0.4-seed=0",
+                     "sw-w_fft=0.4-seed=1"]
+    res = cli("run", "distill", "--jobs", "2", "-c", str(conf), "--workdir", str(wd))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert re.search(r"^\[sw-w_fft=0.4-seed=1\] ", res.stdout, re.M)  # each process's lines carry its name
+    r = Runner(config_from_dict(tree, workdir=str(wd)))
+    top1 = {n: r.record(student_node(n)).summary["val_top1"] for n in names}
+    assert len({str(r.record(student_node(n)).lock["inputs"]["upstream"]) for n in names}) == 1  # one cache
+    md = (r.record("distill").path / "summary.md").read_text()
+    # every run, and the groups: mean +- sd per value, the paired difference to the reference
+    lo = [top1["sw-w_fft=0.05-seed=0"], top1["sw-w_fft=0.05-seed=1"]]
+    hi = [top1["sw-w_fft=0.4-seed=0"], top1["sw-w_fft=0.4-seed=1"]]
+    assert f"| sw-w_fft=0.05 | 2 | {np.mean(lo):.2f} +- {np.std(lo, ddof=1):.2f} | - | - |" in md, md
+    d = np.array(hi) - np.array(lo)
+    half = t975(1) * d.std(ddof=1) / math.sqrt(2)
+    want = f"| sw-w_fft=0.4 | 2 | {np.mean(hi):.2f} +- {np.std(hi, ddof=1):.2f} | {d.mean():+.2f} " \
+           f"[{d.mean() - half:+.2f}, {d.mean() + half:+.2f}] (n=2) | sw-w_fft=0.05 |"
+    assert want in md, md
+    rows = pq.read_table(r.record("distill").path / "summary.parquet").to_pylist()
+    assert {(x["model"], x["group"], x["seed"]) for x in rows if x["kind"] != "teacher"} >= {
+        ("sw-w_fft=0.4-seed=1", "sw-w_fft=0.4", 1), ("none", "none", 0)}
+
+
+def test_paired_difference_against_numpy():
+    rng = np.random.default_rng(3)
+    a = {s: float(v) for s, v in enumerate(rng.normal(90, 1, 6))}
+    b = {s: float(v) for s, v in enumerate(rng.normal(89, 1, 5))}  # seed 5 has no partner
+    got = paired_difference(a, b)
+    d = np.array([a[s] - b[s] for s in range(5)])
+    assert got["n"] == 5 and got["mean"] == pytest.approx(d.mean()) and got["sd"] == pytest.approx(d.std(ddof=1))
+    assert got["high"] - got["mean"] == pytest.approx(2.7764451 * d.std(ddof=1) / math.sqrt(5), rel=1e-6)
+
+
+def test_dask_students_equal_serial_runs(built, tmp_path):
+    from distributed import LocalCluster
+
+    cfg, runner, recs = built
+    tree = tiny_tree(**{"distill.defaults.epochs": 2})
+    conf = write_config(tmp_path / "p.yaml", tree)
+    serial, fanned = copy_upstream(recs, tmp_path / "serial"), copy_upstream(recs, tmp_path / "dask")
+    res = cli("run", "distill", "-c", str(conf), "--workdir", str(serial), env={"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        res = cli("run", "distill", "-c", str(conf), "--workdir", str(fanned), "--set",
+                  f"distill.scheduler={cluster.scheduler_address}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "to the Dask scheduler" in res.stderr
+    a = Runner(config_from_dict(tree, workdir=str(serial)))
+    b = Runner(config_from_dict(tree, workdir=str(fanned)))
+    for name in ("none", "spectral"):
+        ma, mb = _metrics(a, name), _metrics(b, name)
+        for ra, rb in zip(ma, mb, strict=True):
+            for k in ("loss_total", "loss_spec", "val_top1", "val_loss"):
+                assert ra[k] == rb[k], (name, ra["epoch"], k)
+    assert b.state("distill").status == "up to date"
