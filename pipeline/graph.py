@@ -113,7 +113,9 @@ def student_params(cfg: PipelineConfig, name: str) -> dict:
 
 
 def _distill_params(cfg: PipelineConfig) -> dict:
-    return {"students": {s.name: student_params(cfg, s.name) for s in cfg.distill.students}}
+    """The summary's: every student, and the sweeps (their references decide the comparisons)."""
+    return {"students": {s.name: student_params(cfg, s.name) for s in cfg.distill.students},
+            "sweep": [decisive(sw) for sw in cfg.distill.sweep]}
 
 
 def _analyze_params(cfg: PipelineConfig) -> dict:
