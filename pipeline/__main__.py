@@ -167,7 +167,6 @@ def _fan_out(cfg, args, runner: Runner, forced: set[str]) -> set[str]:
         log.info(f"distill: {len(names)} student(s) to the Dask scheduler at {cfg.distill.scheduler}")
         outcomes = run_dask(args, names, cfg.distill.scheduler, force)
     else:
-        log.info(f"distill: {len(names)} student(s), {min(args.jobs, len(names))} at a time")
         outcomes = run_local(args, names, min(args.jobs, len(names)), force)
     check_outcomes(outcomes)
     return set(todo)

@@ -320,6 +320,15 @@ def _name_part(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", text.replace(" ", ""))
 
 
+def _entry_name(entry: Any) -> Any:
+    return entry.get("name") if isinstance(entry, dict) else getattr(entry, "name", None)
+
+
+def _as_student(entry: Any) -> dict:
+    """A student entry (raw or validated) as its validated dump, to tell equal runs from clashes."""
+    return (entry if isinstance(entry, StudentConfig) else StudentConfig.model_validate(entry)).model_dump()
+
+
 class DistillConfig(_Model):
     defaults: TrainDefaults = TrainDefaults()
     students: list[StudentConfig] = []
@@ -336,7 +345,7 @@ class DistillConfig(_Model):
             return data
         data = dict(data)
         students = list(data.get("students") or [])
-        have = {s.get("name") if isinstance(s, dict) else getattr(s, "name", None) for s in students}
+        have = {_entry_name(s): s for s in students}
         for i, sw in enumerate(data["sweep"]):
             sweep = sw if isinstance(sw, SweepConfig) else SweepConfig.model_validate(sw)
             if not isinstance(sweep.base.get("name"), str):
@@ -344,7 +353,10 @@ class DistillConfig(_Model):
             for name, _, entry in sweep.runs():
                 if name not in have:
                     students.append(entry)
-                    have.add(name)
+                    have[name] = entry
+                elif _as_student(have[name]) != _as_student(entry):
+                    raise ValueError(f"sweep[{i}] makes a student named {name!r}, but another student has that "
+                                     f"name; give the sweep's base another name")
         data["students"] = students
         return data
 

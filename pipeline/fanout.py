@@ -88,6 +88,7 @@ def run_process(name: str, argv: list[str], env: dict, cores: list[int] | None =
 def run_local(args, names: list[str], jobs: int, force: dict[str, bool]) -> list[Outcome]:
     """Train ``names`` as separate processes, ``jobs`` at a time (``force[name]``: rebuild it)."""
     sets = core_sets(jobs) if not _gpu_count() else [None] * jobs
+    log.info(f"distill: {len(names)} student(s), {len(sets)} at a time")
     todo = list(names)
     lock = threading.Lock()
     outcomes: list[Outcome] = []

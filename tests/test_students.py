@@ -175,3 +175,29 @@ def test_dask_students_equal_serial_runs(built, tmp_path):
             for k in ("loss_total", "loss_spec", "val_top1", "val_loss"):
                 assert ra[k] == rb[k], (name, ra["epoch"], k)
     assert b.state("distill").status == "up to date"
+
+
+def test_sweep_config_errors(tmp_path):
+    from pipeline.config import ConfigError
+
+    base = dict(TINY["distill"]["students"][1], name="sw")
+    cases = [
+        ([{"base": base, "grid": {"seed": [0, 1]}}, {"base": dict(base, lr=0.1), "grid": {"seed": [0]}}],
+         r"sweep\[1\] makes a student named 'sw-seed=0', but another student has that name"),
+        ([{"base": base, "grid": {"loss.w_fft": [0.1], "seed": [0]}, "reference": {"loss.w_fft": 0.2}}],
+         r"reference: loss.w_fft=0.2 is not a value of the grid"),
+        ([{"base": base, "grid": {"lossx.w_fft": [0.1]}}], r"'lossx.w_fft' is not a student field"),
+        ([{"base": base, "grid": {"loss.w_fft": [-1.0]}}], r"distill.students\[2\].loss.w_fft"),
+    ]
+    for sweep, msg in cases:
+        tree = tiny_tree()
+        tree["distill"]["sweep"] = sweep
+        with pytest.raises(ConfigError, match=msg):
+            config_from_dict(tree, workdir=str(tmp_path))
+    # a dumped config (its sweep students already listed) loads to the same students
+    tree = tiny_tree()
+    tree["distill"]["sweep"] = [{"base": base, "grid": {"seed": [0, 1]}}]
+    cfg = config_from_dict(tree, workdir=str(tmp_path))
+    again = config_from_dict(cfg.model_dump(mode="json"), workdir=str(tmp_path))
+    assert [s.name for s in again.distill.students] == [s.name for s in cfg.distill.students] == [
+        "none", "spectral", "sw-seed=0", "sw-seed=1"]
