@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 import zarr
 
 from pipeline.errors import PipelineError
@@ -150,9 +149,8 @@ class Cache:
         layer = self.layer(index)
         if kind == "features":
             return self.read(layer_array(kind, layer.name), start, stop)
-        parts = {part: torch.from_numpy(self.read(name, start, stop))
-                 for part, name in self.spec.spectrum_parts(layer).items()}
-        return decode(parts, layer.height, layer.width, self.spec.packed, self.spec.quantize).numpy()
+        parts = {part: self.read(name, start, stop) for part, name in self.spec.spectrum_parts(layer).items()}
+        return decode(parts, layer.height, layer.width, self.spec.packed, self.spec.quantize)
 
     def require_width(self, index: int, channels: int, who: str) -> None:
         """Refuse a student layer of ``channels`` channels that this cache's spectra of teacher

@@ -24,6 +24,13 @@ from tests.conftest import copy_upstream, tiny_tree
 F16_EPS = 2.0 ** -11  # float16 unit roundoff
 
 
+def _decoded(parts: dict, h: int, w: int, quantize: str) -> torch.Tensor:
+    """What a reader gets back from encoded parts (as numpy arrays, as read from disk)."""
+    out = decode({k: v.numpy() for k, v in parts.items()}, h, w, packed=True, quantize=quantize)
+    assert out.dtype == np.float16
+    return torch.from_numpy(out)
+
+
 def _rfft2_f64(x: np.ndarray) -> np.ndarray:
     """Independent reference: numpy's float64 rfft2 (ortho) as (..., H, W//2+1, 2)."""
     s = np.fft.rfft2(x, norm="ortho")
@@ -63,7 +70,7 @@ def test_packing_float16_spectra_within_rounding():
 
     x = torch.randn(64, 32, 4, 4) * 3
     d16 = spectrum(x).half()
-    back = decode(encode(d16.float(), 4, packed=True, quantize="none"), 4, 4, packed=True, quantize="none")
+    back = _decoded(encode(d16.float(), 4, packed=True, quantize="none"), 4, 4, "none")
     keep, _, _ = hermitian_maps(4, 4)
     flat_b, flat_d = back.reshape(64, 32, -1), d16.reshape(64, 32, -1)
     assert torch.equal(flat_b[..., keep], flat_d[..., keep])
@@ -82,7 +89,7 @@ def test_int8_error_within_declared_bound_on_random_maps(seed, tail, h, w):
     dense = torch.from_numpy(_rfft2_f64(x)).float()
     parts = encode(dense, w, packed=True, quantize="int8")
     assert parts["values"].dtype == torch.int8 and parts["scale"].dtype == torch.float16
-    got = decode(parts, h, w, packed=True, quantize="int8").float()
+    got = _decoded(parts, h, w, "int8").float()
     want = pack(dense, w)
     err = (pack(got, w) - want).abs()
     bound = parts["scale"].float().unsqueeze(-1) / 2 + want.abs() * F16_EPS * 1.01 + 1e-30
@@ -96,7 +103,7 @@ def test_int8_error_within_bound_on_teacher_features(built):
     for layer in cache.spec.layers:
         dense = torch.from_numpy(cache.read_layer("spectra", layer.index, 0, 256)).float()
         parts = encode(dense, layer.width, packed=True, quantize="int8")
-        got = pack(decode(parts, layer.height, layer.width, packed=True, quantize="int8").float(), layer.width)
+        got = pack(_decoded(parts, layer.height, layer.width, "int8").float(), layer.width)
         want = pack(dense, layer.width)
         bound = parts["scale"].float().unsqueeze(-1) / 2 + want.abs() * F16_EPS * 1.01
         assert bool(((got - want).abs() <= bound).all())
