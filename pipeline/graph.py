@@ -282,9 +282,9 @@ class Runner:
     def plan(self, target: str) -> list[str]:
         """The nodes a run of ``target`` ('all', a stage or distill/<name>) visits, in order; distill
         stands for the chosen students and then the summary."""
-        if student_name(target) is not None:
+        if student_name(target) is not None:  # then the summary, once every student is complete
             self.cfg.student(student_name(target))
-            return [*upstream_closure("extract"), target]
+            return [*upstream_closure("extract"), target, "distill"]
         stages = list(STAGES) if target == "all" else upstream_closure(target)
         students = [student_node(n) for n in self.students()] if "distill" in stages else []
         return [n for st in stages for n in ([*students, st] if st == "distill" else [st])]
@@ -430,7 +430,7 @@ class Runner:
                 if failed:
                     raise PipelineError(f"distill: {len(failed)} student(s) failed and were recorded in {FAILED}; "
                                         f"the next run retries them. First: {failed[0]}")
-                if target in ("distill",) or student_name(target) is not None:
+                if target == "distill" or student_name(target) is not None:
                     log.info(f"distill: summary waits for students {', '.join(self._incomplete_students())}")
                     break
                 raise PipelineError(f"{target}: needs every student; not trained: "
@@ -457,7 +457,7 @@ class Runner:
     def forced_nodes(self, target: str) -> set[str]:
         """What ``--force`` rebuilds: the target; for distill, the chosen students and the summary."""
         plan = self.plan(target)
-        if target == "distill":
+        if target == "distill" or student_name(target) is not None:
             return {n for n in plan if student_name(n) is not None} | {"distill"}
         return {plan[-1]}
 
