@@ -38,6 +38,9 @@ def pipeline(*args: str) -> float:
     r = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"python -m pipeline {' '.join(args)} failed:\n{r.stderr[-3000:]}")
+    for line in r.stderr.splitlines():
+        if "finished" in line and "distill:" in line:
+            print("   ", line.split(" INFO ")[-1])
     return time.perf_counter() - t
 
 

@@ -1,13 +1,14 @@
 """Many students at once: each stale student trains as its own process, ``python -m pipeline run
-distill --student <name>`` with the same config arguments, so it is built, locked and recorded as
-the node ``distill/<name>`` exactly as a serial run would.
+distill/<name>`` with the same config arguments, so it is built, locked and recorded as the node
+``distill/<name>`` exactly as a serial run would.
 
 * ``--jobs N``: N local processes at a time.  On CUDA each takes one GPU in turn
   (``CUDA_VISIBLE_DEVICES``); on CPU the cores are split into N disjoint sets, each process pinned
-  to one set with as many torch threads.  Each output line is prefixed with the student's name.
+  to one set with as many torch threads (``PIPELINE_CPUS`` tells it how many cores are its own, so
+  it starts no data-loading workers beyond them).  Each output line is prefixed with the student's name.
 * ``distill.scheduler``: an existing Dask distributed scheduler (``tcp://host:8786``, e.g. a
   dask-jobqueue SLURMCluster's); each student is one task whose worker runs the process with as
-  many threads as the worker has.  Results land in the shared workdir.
+  many threads (and ``PIPELINE_CPUS``) as the worker has.  Results land in the shared workdir.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 from .errors import PipelineError
@@ -24,12 +26,16 @@ from .graph import STUDENT as STUDENT_NODE
 
 log = logging.getLogger("pipeline")
 
+CPUS_ENV = "PIPELINE_CPUS"  # read by stages.models.usable_cores: the cores a student process may use
+
 
 @dataclass
 class Outcome:
     student: str
     returncode: int
     tail: str  # the last lines of its output
+    seconds: float = 0.0
+    where: str = ""  # the Dask worker that ran it
 
 
 def student_argv(args, name: str, force: bool = False) -> list[str]:
@@ -65,7 +71,7 @@ def slot_env(slot: int, jobs: int, cores: list[int] | None) -> dict:
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
     if cores:
-        env["OMP_NUM_THREADS"] = str(len(cores))
+        env["OMP_NUM_THREADS"] = env[CPUS_ENV] = str(len(cores))
     return env
 
 
@@ -75,6 +81,7 @@ def run_process(name: str, argv: list[str], env: dict, cores: list[int] | None =
         if cores and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, cores)
 
+    t0 = time.time()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=pin)
     tail: list[str] = []
@@ -82,7 +89,7 @@ def run_process(name: str, argv: list[str], env: dict, cores: list[int] | None =
         tail = (tail + [line.rstrip()])[-20:]
         if echo:
             print(f"[{name}] {line}", end="", flush=True)
-    return Outcome(name, proc.wait(), "\n".join(tail))
+    return Outcome(name, proc.wait(), "\n".join(tail), time.time() - t0)
 
 
 def run_local(args, names: list[str], jobs: int, force: dict[str, bool]) -> list[Outcome]:
@@ -102,6 +109,7 @@ def run_local(args, names: list[str], jobs: int, force: dict[str, bool]) -> list
             log.info(f"distill: {name} starts in slot {slot}" + (f" (cores {sets[slot]})" if sets[slot] else ""))
             out = run_process(name, student_argv(args, name, force[name]), slot_env(slot, jobs, sets[slot]),
                               sets[slot])
+            log.info(f"distill: {name} finished in slot {slot} (exit {out.returncode}, {out.seconds:.1f}s)")
             with lock:
                 outcomes.append(out)
 
@@ -115,32 +123,57 @@ def run_local(args, names: list[str], jobs: int, force: dict[str, bool]) -> list
 
 def dask_task(name: str, argv: list[str], env: dict) -> Outcome:
     """One student as a Dask task: the worker runs its process with the worker's thread count."""
+    where = ""
     try:
         from distributed import get_worker
 
-        env = {**env, "OMP_NUM_THREADS": str(get_worker().state.nthreads)}
+        worker = get_worker()
+        env = {**env, "OMP_NUM_THREADS": str(worker.state.nthreads), CPUS_ENV: str(worker.state.nthreads)}
+        where = worker.address
     except (ImportError, ValueError):
         pass
-    return run_process(name, argv, env, echo=False)
+    out = run_process(name, argv, env, echo=False)
+    out.where = where
+    return out
 
 
-def run_dask(args, names: list[str], scheduler: str, force: dict[str, bool]) -> list[Outcome]:
-    """Submit each student to the Dask scheduler at ``scheduler``; collect the outcomes."""
-    from distributed import Client, as_completed
+def run_dask(args, names: list[str], scheduler: str, force: dict[str, bool],
+             wait_for_workers_s: float = 600.0) -> list[Outcome]:
+    """Train ``names`` on the Dask cluster at ``scheduler``, one student per worker at a time, so
+    each gets all of its worker's threads (and GPU); workers that join later (a dask-jobqueue
+    cluster scaling up) are used as they come."""
+    from distributed import Client, wait
 
     try:
         client = Client(scheduler, timeout="20s")
     except OSError as e:
         raise PipelineError(f"distill.scheduler: cannot reach the Dask scheduler at {scheduler} ({e})") from None
-    outcomes = []
+    outcomes: list[Outcome] = []
     with client:
+        try:
+            client.wait_for_workers(1, timeout=wait_for_workers_s)
+        except TimeoutError:
+            raise PipelineError(f"distill.scheduler: no worker joined {scheduler} "
+                                f"in {wait_for_workers_s:.0f}s") from None
         env = {k: v for k, v in slot_env(0, 1, None).items() if k != "CUDA_VISIBLE_DEVICES"}
-        futures = [client.submit(dask_task, n, student_argv(args, n, force[n]), env, key=f"student-{n}", pure=False)
-                   for n in names]
-        for fut in as_completed(futures):
-            out = fut.result()
-            log.info(f"distill: {out.student} finished on the cluster (exit {out.returncode})")
-            outcomes.append(out)
+        todo, running = list(names), {}  # future -> worker address
+        while todo or running:
+            idle = [w for w in client.scheduler_info()["workers"] if w not in running.values()]
+            for w in idle[: len(todo)]:
+                n = todo.pop(0)
+                fut = client.submit(dask_task, n, student_argv(args, n, force[n]), env, key=f"student-{n}",
+                                    pure=False, workers=[w], allow_other_workers=True)
+                running[fut] = w
+            try:  # a few seconds at most, to take in workers that joined meanwhile
+                done = wait(list(running), return_when="FIRST_COMPLETED", timeout=5).done
+            except TimeoutError:
+                done = set()
+            for fut in done:
+                running.pop(fut)
+                out = fut.result()
+                log.info(f"distill: {out.student} finished on {out.where or 'the cluster'} "
+                         f"(exit {out.returncode}, {out.seconds:.1f}s)")
+                outcomes.append(out)
     return outcomes
 
 

@@ -30,13 +30,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+CPUS_ENV = "PIPELINE_CPUS"  # the cores a process may use, when it shares a machine (set by pipeline.fanout)
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by ``PIPELINE_CPUS`` when set."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    budget = os.environ.get(CPUS_ENV, "")
+    return max(1, min(cores, int(budget))) if budget.isdigit() and int(budget) > 0 else cores
+
+
 def resolve_workers(value, device: torch.device) -> int:
     """'auto' data-loading workers: on CUDA up to 8 (one core stays with the main process); on
     CPU only the cores the model's threads leave free, since a worker competing with the forward
     pass for a core slows it more than decoding in the main process does."""
     if value != "auto":
         return int(value)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     if device.type == "cuda":
         return max(0, min(8, cores - 1))
     return max(0, min(8, cores - torch.get_num_threads()))
