@@ -31,9 +31,12 @@ import yaml
 from _common import ROOT, machine
 
 
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))  # taken before a LocalCluster adds Dask's worker settings
+
+
 def pipeline(*args: str) -> float:
     """Run ``python -m pipeline ARGS``; its wall time (fails loudly)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = ENV
     t = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     if r.returncode != 0:
@@ -67,6 +70,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     args = ap.parse_args()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-students-"))
+    where = machine()  # before a LocalCluster changes this process's thread settings
     conf = config(root / "pipeline.yaml", args.epochs)
     base = root / "base"
     pipeline("run", "extract", "-c", str(conf), "--workdir", str(base))
@@ -79,7 +83,7 @@ def main() -> None:
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         ways["dask 2x1"] = pipeline("run", "distill", "--workdir", str(root / "dask"), "--set",
                                     f"distill.scheduler={cluster.scheduler_address}", *common)
-    print(f"machine: {machine()}")
+    print(f"machine: {where}")
     print(f"4 students x {args.epochs} epochs (default config, teacher not fitted), distill wall time:")
     for k, v in ways.items():
         print(f"  {k:<10} {v:7.1f} s   / serial {v / ways['serial']:.3f}   (goal <= 0.85 for the parallel ways)")

@@ -27,6 +27,10 @@ from .graph import STUDENT as STUDENT_NODE
 log = logging.getLogger("pipeline")
 
 CPUS_ENV = "PIPELINE_CPUS"  # read by stages.models.usable_cores: the cores a student process may use
+# A process that starts a Dask LocalCluster gets the nanny's MALLOC_TRIM_THRESHOLD_=65536 in its own
+# environment; a student inheriting it trains 1.5x slower on CPU (glibc then maps and unmaps every
+# large tensor), so the Dask path drops exactly that value.
+DASK_MALLOC_TRIM = "65536"
 
 
 @dataclass
@@ -121,27 +125,13 @@ def run_local(args, names: list[str], jobs: int, force: dict[str, bool]) -> list
     return outcomes
 
 
-def dask_task(name: str, argv: list[str], env: dict) -> Outcome:
-    """One student as a Dask task: the worker runs its process with the worker's thread count."""
-    where = ""
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()
-        env = {**env, "OMP_NUM_THREADS": str(worker.state.nthreads), CPUS_ENV: str(worker.state.nthreads)}
-        where = worker.address
-    except (ImportError, ValueError):
-        pass
-    out = run_process(name, argv, env, echo=False)
-    out.where = where
-    return out
-
-
 def run_dask(args, names: list[str], scheduler: str, force: dict[str, bool],
              wait_for_workers_s: float = 600.0) -> list[Outcome]:
     """Train ``names`` on the Dask cluster at ``scheduler``, one student per worker at a time, so
     each gets all of its worker's threads (and GPU); workers that join later (a dask-jobqueue
-    cluster scaling up) are used as they come."""
+    cluster scaling up) are used as they come.  A task is ``subprocess.run`` of the student's
+    command: the scheduler and workers need not import this package (the student's process finds
+    it through ``PYTHONPATH`` on the filesystem they share, or installed)."""
     from distributed import Client, wait
 
     try:
@@ -155,24 +145,30 @@ def run_dask(args, names: list[str], scheduler: str, force: dict[str, bool],
         except TimeoutError:
             raise PipelineError(f"distill.scheduler: no worker joined {scheduler} "
                                 f"in {wait_for_workers_s:.0f}s") from None
-        env = {k: v for k, v in slot_env(0, 1, None).items() if k != "CUDA_VISIBLE_DEVICES"}
-        todo, running = list(names), {}  # future -> worker address
+        base = {k: v for k, v in slot_env(0, 1, None).items() if k != "CUDA_VISIBLE_DEVICES"}
+        if base.get("MALLOC_TRIM_THRESHOLD_") == DASK_MALLOC_TRIM:
+            del base["MALLOC_TRIM_THRESHOLD_"]  # a Dask setting for its workers, not for training processes
+        todo, running = list(names), {}  # future -> (student, worker, start time)
         while todo or running:
-            idle = [w for w in client.scheduler_info()["workers"] if w not in running.values()]
-            for w in idle[: len(todo)]:
+            workers = client.scheduler_info()["workers"]
+            busy = {w for _, w, _ in running.values()}
+            for w in [w for w in workers if w not in busy][: len(todo)]:
                 n = todo.pop(0)
-                fut = client.submit(dask_task, n, student_argv(args, n, force[n]), env, key=f"student-{n}",
-                                    pure=False, workers=[w], allow_other_workers=True)
-                running[fut] = w
+                threads = str(workers[w].get("nthreads", 1))
+                env = {**base, "OMP_NUM_THREADS": threads, CPUS_ENV: threads}
+                fut = client.submit(subprocess.run, student_argv(args, n, force[n]), env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, key=f"student-{n}", pure=False,
+                                    workers=[w], allow_other_workers=True)
+                running[fut] = (n, w, time.time())
             try:  # a few seconds at most, to take in workers that joined meanwhile
                 done = wait(list(running), return_when="FIRST_COMPLETED", timeout=5).done
             except TimeoutError:
                 done = set()
             for fut in done:
-                running.pop(fut)
-                out = fut.result()
-                log.info(f"distill: {out.student} finished on {out.where or 'the cluster'} "
-                         f"(exit {out.returncode}, {out.seconds:.1f}s)")
+                n, w, t0 = running.pop(fut)
+                res = fut.result()
+                out = Outcome(n, res.returncode, "\n".join(res.stdout.splitlines()[-20:]), time.time() - t0, w)
+                log.info(f"distill: {n} finished on {w} (exit {out.returncode}, {out.seconds:.1f}s)")
                 outcomes.append(out)
     return outcomes
 
