@@ -162,7 +162,7 @@ def _fan_out(cfg, args, runner: Runner, forced: set[str]) -> set[str]:
     if not todo:
         return set()
     names = [student_name(n) for n in todo]
-    force = {n: n in forced for n in names}
+    force = {student_name(n): n in forced for n in todo}
     if cfg.distill.scheduler:
         log.info(f"distill: {len(names)} student(s) to the Dask scheduler at {cfg.distill.scheduler}")
         outcomes = run_dask(args, names, cfg.distill.scheduler, force)

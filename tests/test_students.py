@@ -141,6 +141,13 @@ def test_sweep_expands_trains_with_jobs_and_summarizes_groups(built, tmp_path):
     rows = pq.read_table(r.record("distill").path / "summary.parquet").to_pylist()
     assert {(x["model"], x["group"], x["seed"]) for x in rows if x["kind"] != "teacher"} >= {
         ("sw-w_fft=0.4-seed=1", "sw-w_fft=0.4", 1), ("none", "none", 0)}
+    # --force through the fan-out retrains exactly the chosen student
+    mtime = {n: (r.student_dir(n) / "final.pt").stat().st_mtime_ns for n in names}
+    res = cli("run", "distill", "--jobs", "2", "--force", "--student", "sw-w_fft=0.4-seed=1", "-c", str(conf),
+              "--workdir", str(wd))
+    assert res.returncode == 0, res.stderr[-2000:]
+    changed = {n for n in names if (r.student_dir(n) / "final.pt").stat().st_mtime_ns != mtime[n]}
+    assert changed == {"sw-w_fft=0.4-seed=1"}
 
 
 def test_paired_difference_against_numpy():
