@@ -39,7 +39,6 @@ def hermitian_maps(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     own_mirror_cols = {0} | ({w // 2} if w % 2 == 0 else set())
     keep: list[int] = []
     mirror: dict[int, tuple[int, float]] = {}  # dense position -> (dense position it mirrors, sign)
-    zero: list[int] = []
     for r in range(h):
         for k in range(wr):
             re, im = int(dense[r, k, 0]), int(dense[r, k, 1])
@@ -47,9 +46,8 @@ def hermitian_maps(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                 keep += [re, im]
                 continue
             m = (-r) % h
-            if m == r:  # a real bin
+            if m == r:  # a real bin: its imaginary part is zero, not stored
                 keep.append(re)
-                zero.append(im)
             elif r < m:
                 keep += [re, im]
             else:

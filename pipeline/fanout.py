@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .config import DEFAULT_CONFIG
 from .errors import PipelineError
 from .graph import STUDENT as STUDENT_NODE
 
@@ -45,8 +46,7 @@ class Outcome:
 def student_argv(args, name: str, force: bool = False) -> list[str]:
     """The command that trains student ``name`` with this invocation's config arguments."""
     argv = [sys.executable, "-m", "pipeline", "run", STUDENT_NODE + name]  # options after the command
-    if args.config:
-        argv += ["-c", os.path.abspath(args.config)]
+    argv += ["-c", os.path.abspath(args.config or DEFAULT_CONFIG)]
     if args.workdir:
         argv += ["--workdir", os.path.abspath(args.workdir)]
     for w in args.upstream_workdirs or []:
@@ -156,9 +156,10 @@ def run_dask(args, names: list[str], scheduler: str, force: dict[str, bool],
                 n = todo.pop(0)
                 threads = str(workers[w].get("nthreads", 1))
                 env = {**base, "OMP_NUM_THREADS": threads, CPUS_ENV: threads}
-                fut = client.submit(subprocess.run, student_argv(args, n, force[n]), env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, key=f"student-{n}", pure=False,
-                                    workers=[w], allow_other_workers=True)
+                # run in this directory, so relative paths of the config resolve as here (shared filesystem)
+                fut = client.submit(subprocess.run, student_argv(args, n, force[n]), env=env, cwd=os.getcwd(),
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, key=f"student-{n}",
+                                    pure=False, workers=[w], allow_other_workers=True)
                 running[fut] = (n, w, time.time())
             try:  # a few seconds at most, to take in workers that joined meanwhile
                 done = wait(list(running), return_when="FIRST_COMPLETED", timeout=5).done
@@ -166,8 +167,11 @@ def run_dask(args, names: list[str], scheduler: str, force: dict[str, bool],
                 done = set()
             for fut in done:
                 n, w, t0 = running.pop(fut)
-                res = fut.result()
-                out = Outcome(n, res.returncode, "\n".join(res.stdout.splitlines()[-20:]), time.time() - t0, w)
+                try:
+                    res = fut.result()
+                    out = Outcome(n, res.returncode, "\n".join(res.stdout.splitlines()[-20:]), time.time() - t0, w)
+                except Exception as e:  # noqa: BLE001 - the task itself failed on the worker (no such directory...)
+                    out = Outcome(n, -1, f"the task failed on {w}: {type(e).__name__}: {e}", time.time() - t0, w)
                 log.info(f"distill: {n} finished on {w} (exit {out.returncode}, {out.seconds:.1f}s)")
                 outcomes.append(out)
     return outcomes
