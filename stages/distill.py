@@ -1,4 +1,8 @@
-"""distill: train every stale student against the cached teacher with the SpectralKD loss.
+"""distill: train a student against the cached teacher with the SpectralKD loss, and summarize them.
+
+Each student is the graph node ``distill/<name>`` (:func:`run_student`, one per student, built by
+the runner under the student's own lock); the ``distill`` node (:func:`run`) is the summary over
+every student, with seed groups and paired differences (:mod:`stages.groups`).
 
 Cached mode never loads the teacher: each train row's exact view is rebuilt from the source shard
 and the view parameters stored in the manifest (:func:`stages.data.view_array`, as extract built

@@ -491,7 +491,7 @@ def test_own_workdir_builds_on_a_shared_read_only_one(built, tmp_path, capsys):
     before = _snapshot(shared)
     tree = tiny_tree(**{"distill.students": TINY["distill"]["students"][1:]})
     conf = write_config(tmp_path / "p.yaml", tree)
-    # up to date in the shared workdir: answered without the workdir lock or any write
+    # up to date in the shared workdir: answered without any lock or write
     assert main(["run", "extract", "-c", str(conf), "--workdir", str(shared)]) == 0
     assert _snapshot(shared) == before
     mine = tmp_path / "mine"
