@@ -123,7 +123,7 @@ def pca_targets(cache, exact: dict, rank_frac: float, fit_rows: int = 512) -> tu
         basis = torch.linalg.svd(rows, full_matrices=False)[2][:rank].T  # (C, r)
         p = pack(dense.double(), layer.width).movedim(1, -1)  # (B, HW, C)
         coef = (p @ basis).half().double()
-        out[t] = unpack((coef @ basis.T).movedim(-1, 1), layer.height, layer.width).float()
+        out[t] = torch.from_numpy(unpack((coef @ basis.T).movedim(-1, 1).numpy(), layer.height, layer.width)).float()
     return out, nbytes
 
 

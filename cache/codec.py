@@ -73,12 +73,14 @@ def pack(dense: torch.Tensor, width: int) -> torch.Tensor:
     return flat.index_select(-1, torch.from_numpy(keep).to(flat.device))
 
 
-def unpack(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(..., H*W) -> (..., H, W//2+1, 2): the dense half-spectrum, mirrored bins filled in."""
-    _, source, sign = hermitian_maps(height, width)
-    ext = torch.cat([packed, packed.new_zeros(*packed.shape[:-1], 1)], dim=-1)
-    dense = ext.index_select(-1, torch.from_numpy(source).to(packed.device))
-    dense = dense * torch.from_numpy(sign).to(device=packed.device, dtype=packed.dtype)
+def unpack(packed: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(..., H*W) -> (..., H, W//2+1, 2): the dense half-spectrum, mirrored bins filled in (same
+    dtype; on CPU a gather and a sign flip cost a third of torch's index_select)."""
+    source = hermitian_maps(height, width)[1]
+    ext = np.concatenate([packed, np.zeros((*packed.shape[:-1], 1), packed.dtype)], axis=-1)
+    dense = np.take(ext, source, axis=-1)
+    neg = _negated(height, width)
+    dense[..., neg] = -dense[..., neg]
     return dense.reshape(*packed.shape[:-1], height, width // 2 + 1, 2)
 
 
@@ -116,21 +118,13 @@ def encode(dense: torch.Tensor, width: int, packed: bool, quantize: str) -> dict
 
 
 def decode(parts: dict[str, np.ndarray], height: int, width: int, packed: bool, quantize: str) -> np.ndarray:
-    """The dense float16 spectra (B, C, H, W//2+1, 2) of a batch of encoded rows as read from disk
-    (numpy: on CPU a gather and a sign flip cost a third of torch's index_select)."""
+    """The dense float16 spectra (B, C, H, W//2+1, 2) of a batch of encoded rows as read from disk."""
     values = parts["values"]
     if quantize == "int8":
         values = (values.reshape(*values.shape[:2], -1).astype(np.float32)
                   * parts["scale"].astype(np.float32)[..., None]).reshape(values.shape)
     values = values.astype(np.float16, copy=False)
-    if not packed:
-        return values
-    _, source, sign = hermitian_maps(height, width)
-    ext = np.concatenate([values, np.zeros((*values.shape[:-1], 1), np.float16)], axis=-1)
-    dense = np.take(ext, source, axis=-1)
-    neg = _negated(height, width)
-    dense[..., neg] = -dense[..., neg]
-    return dense.reshape(*values.shape[:-1], height, width // 2 + 1, 2)
+    return unpack(values, height, width) if packed else values
 
 
 @functools.lru_cache(maxsize=32)

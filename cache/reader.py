@@ -153,17 +153,14 @@ class Cache:
         return decode(parts, layer.height, layer.width, self.spec.packed, self.spec.quantize)
 
     def require_width(self, index: int, channels: int, who: str) -> None:
-        """Refuse a student layer of ``channels`` channels that this cache's spectra of teacher
-        layer ``index`` cannot serve: more channels than stored, or another width than a pooled layer's."""
+        """Refuse a student layer of another width than a pooled layer's (a wider student than the
+        stored spectra is refused by :func:`stages.spectral.check_pair`)."""
         layer = self.layer(index)
         if layer.pooled is not None and channels != layer.pooled:
             raise PipelineError(
                 f"{who}: the cache stores teacher layer {index} pooled to {layer.pooled} channels "
                 f"(extract.compress.pool), so it serves students of exactly that width; this one has {channels}"
             )
-        if channels > layer.stored_channels:
-            raise PipelineError(f"{who}: student has {channels} channels, more than the teacher layer {index}'s "
-                                f"{layer.stored_channels}: channel pooling only narrows")
 
     def target_bytes_per_row(self, layers: list[int]) -> int:
         """Bytes per row of the logits and the dense spectra of teacher layers ``layers`` once decoded."""

@@ -426,15 +426,15 @@ class Runner:
         done: dict[str, Record] = {}
         failed: list[str] = []
         for name in plan:
-            if name == "distill" and (failed or not self._students_complete()):
-                if failed:
-                    raise PipelineError(f"distill: {len(failed)} student(s) failed and were recorded in {FAILED}; "
-                                        f"the next run retries them. First: {failed[0]}")
+            if name == "distill" and failed:
+                break
+            missing = self._incomplete_students() if name == "distill" else []
+            if missing:
                 if target == "distill" or student_name(target) is not None:
-                    log.info(f"distill: summary waits for students {', '.join(self._incomplete_students())}")
+                    log.info(f"distill: summary waits for students {', '.join(missing)}")
                     break
                 raise PipelineError(f"{target}: needs every student; not trained: "
-                                    f"{', '.join(self._incomplete_students())} (run distill without --student)")
+                                    f"{', '.join(missing)} (run distill without --student)")
             rec = None if name in forced else self.record(name)
             if rec is not None:
                 if dist.is_main():
@@ -460,9 +460,6 @@ class Runner:
         if target == "distill" or student_name(target) is not None:
             return {n for n in plan if student_name(n) is not None} | {"distill"}
         return {plan[-1]}
-
-    def _students_complete(self) -> bool:
-        return not self._incomplete_students()
 
     def _incomplete_students(self) -> list[str]:
         return [s.name for s in self.cfg.distill.students if self.record(student_node(s.name)) is None]

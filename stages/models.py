@@ -18,6 +18,7 @@ import torch
 
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.errors import PipelineError
+from pipeline.fanout import CPUS_ENV
 
 log = logging.getLogger("pipeline")
 
@@ -28,9 +29,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise PipelineError("device: 'cuda' requested but no CUDA device is available")
     return torch.device(name)
-
-
-CPUS_ENV = "PIPELINE_CPUS"  # the cores a process may use, when it shares a machine (set by pipeline.fanout)
 
 
 def usable_cores() -> int:

@@ -44,7 +44,7 @@ def test_packing_keeps_exactly_the_free_numbers(h, w, seed):
     dense = torch.from_numpy(_rfft2_f64(x))
     packed = pack(dense, w)
     assert packed.shape == (2, 3, h * w)  # H*W real degrees of freedom, no more
-    back = unpack(packed, h, w).numpy()
+    back = unpack(packed.numpy(), h, w)
     np.testing.assert_allclose(back, dense.numpy(), rtol=0, atol=1e-12)
     # the packed numbers alone determine the map
     recon = np.fft.irfft2(back[..., 0] + 1j * back[..., 1], s=(h, w), norm="ortho")
