@@ -17,31 +17,56 @@ from .locking import LockedError
 log = logging.getLogger("pipeline")
 
 
-def _common() -> argparse.ArgumentParser:
+_AFTER = "_after_command"  # repeatable options given after the command's name, appended in parse_args
+
+
+def _dest(name: str, defaults: bool) -> str:
+    return name if defaults else name + _AFTER
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, repeatable options collected from both sides of the command's name."""
+    args = build_parser().parse_args(argv)
+    for name in ("upstream_workdirs", "overrides"):
+        after = vars(args).pop(name + _AFTER, None)
+        if after:
+            setattr(args, name, (getattr(args, name) or []) + after)
+    return args
+
+
+def _common(defaults: bool) -> argparse.ArgumentParser:
+    """The options every command takes, before or after the command's name.  The top-level parser
+    holds the defaults; a command's parser sets only what is given after its name, so
+    ``-c F run`` and ``run -c F`` mean the same."""
+
+    def default(v):
+        return v if defaults else argparse.SUPPRESS
+
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("-c", "--config", default=None, help="pipeline file (default: ./pipeline.yaml)")
-    p.add_argument("--workdir", default=None, help="where outputs live (overrides workdir:)")
-    p.add_argument("--upstream-workdir", dest="upstream_workdirs", action="append", default=None, metavar="DIR",
-                   help="a read-only workdir whose up-to-date outputs serve this one (repeatable; overrides "
-                        "upstream_workdirs:)")
+    p.add_argument("-c", "--config", default=default(None), help="pipeline file (default: ./pipeline.yaml)")
+    p.add_argument("--workdir", default=default(None), help="where outputs live (overrides workdir:)")
+    p.add_argument("--upstream-workdir", dest=_dest("upstream_workdirs", defaults), action="append",
+                   default=default(None),
+                   metavar="DIR", help="a read-only workdir whose up-to-date outputs serve this one (repeatable; "
+                                       "overrides upstream_workdirs:)")
     p.add_argument(
         "--set",
-        dest="overrides",
+        dest=_dest("overrides", defaults),
         action="append",
-        default=[],
+        default=default([]),
         metavar="KEY.PATH=VALUE",
         help="override a config value, e.g. --set teacher.fit.epochs=5 (enters fingerprints)",
     )
-    p.add_argument("--debug", action="store_true", help="full tracebacks on error")
+    p.add_argument("--debug", action="store_true", default=default(False), help="full tracebacks on error")
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _common()
+    common = _common(defaults=False)
     p = argparse.ArgumentParser(
         prog="python -m pipeline",
         description="SpectralKD: run a teacher once, distill many students from its cache, analyze on Dask.",
-        parents=[common],
+        parents=[_common(defaults=True)],
     )
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", parents=[common], help="run a stage after its stale upstream stages")
@@ -85,7 +110,7 @@ def _print_status(runner: Runner) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; errors are one line on stderr (exit 2 for config and input problems)."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_logging(args.debug)
     try:
         cfg = load_config(args.config, args.overrides, args.workdir)
