@@ -128,6 +128,16 @@ class Rows:
     def labels(self, idx) -> np.ndarray:
         return self.samples.label[self.sample[np.asarray(idx, dtype=np.int64)]]
 
+    def with_views(self, start: int, params: dict[str, np.ndarray]) -> Rows:
+        """These rows with rows ``start .. start + n`` given the view parameters ``params`` (n per
+        column), the same samples: a student's fresh views of one block."""
+        cols = {}
+        for f, c in self.params.items():
+            c = c.copy()
+            c[start : start + len(params[f])] = params[f]
+            cols[f] = c
+        return Rows(self.samples, self.sample, cols)
+
     @classmethod
     def concat(cls, parts: list[Rows]) -> Rows:
         """Rows of several tables over one :class:`Samples` (``parts`` share ``samples`` and fields)."""

@@ -94,6 +94,8 @@ class AugmentConfig(_Model):
 
 # data-loading worker processes: a count, or 'auto' (see stages.models.resolve_workers)
 Workers = Union[Annotated[int, Field(ge=0)], Literal["auto"]]
+# a student's train views: the first K' of the cache's views, or 'fresh' ones drawn every epoch
+Views = Union[Annotated[int, Field(ge=1)], Literal["fresh"]]
 
 
 class DataConfig(_Model):
@@ -230,6 +232,11 @@ class TrainDefaults(_Model):
     amp: Literal["bf16", "fp16", "none"] = "bf16"
     # every N epochs (and the last), record the val-split layer statistics for analyze's dynamics; 0: off
     snapshot_every: int = Field(0, ge=0)
+    # train views: null = all the cache's K views (epoch e: view e mod K); K' = the first K' of them;
+    # 'fresh' = new view parameters every epoch (online or no-KD students: the cache has no targets for them)
+    views: Views | None = None
+    # train on this many images per class (a seeded subset, the same for every student); null: all
+    train_per_class: int | None = Field(None, ge=1)
 
 
 class StudentConfig(_Model):
@@ -247,6 +254,8 @@ class StudentConfig(_Model):
     mode: Literal["cached", "online"] | None = None
     seed: int | None = None
     snapshot_every: int | None = Field(None, ge=0)
+    views: Views | None = None
+    train_per_class: int | None = Field(None, ge=1)
 
     @field_validator("name")
     @classmethod
@@ -404,12 +413,16 @@ class PipelineConfig(_Model):
     @model_validator(mode="after")
     def _students_need_cache(self) -> "PipelineConfig":
         for i, s in enumerate(self.distill.students):
-            mode = s.mode or self.distill.defaults.mode
-            if mode == "cached" and s.loss.kind == "spectral" and "spectra" not in self.extract.store:
-                raise ValueError(
-                    f"distill.students[{i}] ({s.name}) is a cached spectral student but extract.store "
-                    f"has no 'spectra'"
-                )
+            st = resolve_student(s, self.distill.defaults)
+            where = f"distill.students[{i}] ({s.name})"
+            if st.mode == "cached" and st.loss.kind == "spectral" and "spectra" not in self.extract.store:
+                raise ValueError(f"{where} is a cached spectral student but extract.store has no 'spectra'")
+            if st.views == "fresh" and st.mode == "cached" and st.loss.kind != "none":
+                raise ValueError(f"{where}: views 'fresh' needs mode: online (the cache holds teacher targets "
+                                 f"for its {self.extract.views} stored views only)")
+            if isinstance(st.views, int) and st.views > self.extract.views:
+                raise ValueError(f"{where}: views {st.views} is more than the cache's extract.views "
+                                 f"{self.extract.views}")
         return self
 
     def student(self, name: str) -> "ResolvedStudent":
@@ -441,6 +454,8 @@ class ResolvedStudent(_Model):
     device: str = operational(...)
     amp: str
     snapshot_every: int
+    views: Views | None
+    train_per_class: int | None
 
 
 def resolve_student(s: StudentConfig, d: TrainDefaults) -> ResolvedStudent:

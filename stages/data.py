@@ -12,6 +12,7 @@ sample's views never depend on where the shards list it.
 
 from __future__ import annotations
 
+import copy
 import io
 import zlib
 
@@ -79,6 +80,8 @@ PLAIN_VIEW = {"crop_top": 0.0, "crop_left": 0.0, "crop_height": 1.0, "crop_width
 # teacher fit's epochs (FIT_STREAM + epoch) use streams of their own, far from any view count.
 ORDER_STREAM = 1 << 40
 FIT_STREAM = 1 << 41
+FRESH_STREAM = 1 << 42  # a student's fresh views of epoch e: stream FRESH_STREAM + e
+SUBSET_STREAM = ORDER_STREAM - 3  # which images a student with train_per_class keeps
 _ATTEMPTS = 10  # random-resized-crop tries before the centred fallback (as torchvision)
 
 
@@ -138,6 +141,19 @@ def sample_views(key_hash: np.ndarray, seed: int, stream: int, scale, ratio, hfl
 def layout_order(samples: Samples, seed: int, stream: int) -> np.ndarray:
     """A seeded permutation of ``samples`` that depends on their keys only (not their input order)."""
     return np.argsort(random_bits(samples.key_hashes(), seed, stream, 0), kind="stable")
+
+
+def per_class_subset(samples: Samples, candidates: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """A mask over ``samples``: ``per_class`` of the ``candidates`` (sample indices) of each label,
+    chosen by a seeded order of their keys (the same subset whatever order the shards list them in)."""
+    candidates = np.unique(np.asarray(candidates, dtype=np.int64))
+    bits = random_bits(samples.key_hashes()[candidates], seed, SUBSET_STREAM, 0)
+    order = candidates[np.lexsort((bits, samples.label[candidates]))]  # by label, then seeded order
+    labels = samples.label[order]
+    first = np.searchsorted(labels, labels, side="left")  # where each label's run starts
+    keep = np.zeros(len(samples), dtype=bool)
+    keep[order[np.arange(len(order)) - first < per_class]] = True
+    return keep
 
 
 def plain_views(n: int) -> dict[str, np.ndarray]:
@@ -244,6 +260,13 @@ class ViewDataset(torch.utils.data.Dataset):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return normalize(x, self.mean, self.std)
+
+    def with_rows(self, rows: Rows) -> ViewDataset:
+        """This dataset over other rows of the same samples (fresh views): file handles and decoded
+        images are shared with this one."""
+        other = copy.copy(self)
+        other.rows = rows
+        return other
 
     def __getitem__(self, i: int):
         x, y, ok, _ = self.batch([i])

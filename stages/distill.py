@@ -40,7 +40,7 @@ from pipeline.fsutil import atomic_torch_save, atomic_write, atomic_write_json, 
 from pipeline.graph import FAILED, student_name, student_node
 
 from . import models
-from .data import ViewDataset, view_loader
+from .data import FRESH_STREAM, ViewDataset, per_class_subset, sample_views, view_loader
 from .dynamics import SNAPSHOTS
 from .spectral import check_pair, layer_sums, spectralkd_loss, spectrum
 from .train import adamw, evaluate, warmup_cosine
@@ -90,6 +90,7 @@ class CachedBatches:
         pool_units: int = 2,
         split_ranks: bool = True,
         memory: dict | None = None,
+        use: np.ndarray | None = None,
     ):
         self.cache, self.dataset = cache, dataset
         self.unit = cache.chunk_rows()
@@ -97,7 +98,8 @@ class CachedBatches:
         self.batch_size, self.layers, self.want_logits = batch_size, layers, want_logits
         self.seed, self.shuffle, self.num_workers, self.pool_units = seed, shuffle, num_workers, pool_units
         self.split_ranks = split_ranks and dist.world_size() > 1
-        self.valid = cache.valid
+        # the rows trained on: those extract could read, and of them the ``use`` mask (a subset)
+        self.valid = cache.valid if use is None else cache.valid & use
         self.memory = memory  # unit -> decoded targets, kept across epochs when given
 
     def order(self) -> list[int]:
@@ -130,6 +132,11 @@ class CachedBatches:
             self.memory[(a, b)] = out
         return out
 
+    def unit_rows(self, u: int) -> np.ndarray:
+        """The rows of unit ``u`` that are trained on (read from the source; targets read whole)."""
+        a, b = self.units[u]
+        return a + np.flatnonzero(self.valid[a:b])
+
     def __len__(self) -> int:
         n = sum(int(self.valid[a:b].sum()) for a, b in self.units)
         if self.split_ranks:
@@ -138,7 +145,7 @@ class CachedBatches:
 
     def __iter__(self):
         order = self.order()
-        loader = view_loader(self.dataset, [list(range(*self.units[u])) for u in order], self.num_workers)
+        loader = view_loader(self.dataset, [self.unit_rows(u).tolist() for u in order], self.num_workers)
         need_targets = self.want_logits or bool(self.layers)
         q: queue.Queue = queue.Queue(maxsize=3)
         stop = threading.Event()
@@ -166,10 +173,10 @@ class CachedBatches:
                 unit, targets = item
                 assert unit == u
                 a, b = self.units[u]
-                self.dataset.require_readable(range(a, b), ok.numpy(), self.valid[a:b])
-                keep = ok.numpy() & self.valid[a:b]
-                rows = torch.arange(a, b)[torch.from_numpy(keep)]
-                part = {"x": x[keep], "y": y[keep], "rows": rows, **{k: v[keep] for k, v in targets.items()}}
+                rows = self.unit_rows(u)
+                self.dataset.require_readable(rows, ok.numpy(), np.ones(len(rows), dtype=bool))
+                sel = torch.from_numpy(self.valid[a:b])
+                part = {"x": x, "y": y, "rows": torch.from_numpy(rows), **{k: v[sel] for k, v in targets.items()}}
                 pool.append(part)
                 if len(pool) >= self.pool_units:
                     for batch in self._drain(pool, rng, final=False):
@@ -305,6 +312,8 @@ class Trainer:
         self.t_layers = [t for _, t in self.pairs]
         self.teacher = teacher
         self.dataset = ViewDataset.for_config(cache.rows(), cfg.data)
+        self.views = self.view_count()
+        self.use = self.train_subset()
         self.net: torch.nn.Module = _WithFeatures(self.model, self.s_layers)
         self.memory = {} if self.target_bytes() <= st.keep_targets_mb * 2**20 else None
         if dist.world_size() > 1:
@@ -316,25 +325,62 @@ class Trainer:
         """Bytes of the decoded teacher targets this student reads over all train views."""
         if self.st.mode != "cached" or self.st.loss.kind == "none":
             return 0
-        rows = sum(b.stop - b.start for b in self.cache.blocks if b.split == "train")
+        blocks = [self.cache.block("train", v) for v in range(self.views)]
+        rows = sum(b.stop - b.start for b in blocks)
         return rows * self.cache.target_bytes_per_row(self.t_layers)
 
-    def train_batches(self, epoch: int) -> CachedBatches:
+    def view_count(self) -> int:
+        """K': how many of the cache's train views this student cycles through (1 for fresh views,
+        which are drawn anew on the rows of view 0 every epoch)."""
         k = self.cache.view_count("train")
-        b = self.cache.block("train", epoch % k)
+        if self.st.views == "fresh":
+            return 1
+        if self.st.views is not None and self.st.views > k:
+            raise PipelineError(f"{self.st.name}: views {self.st.views}, but the cache {self.cache.path} holds "
+                                f"{k} train views per image (extract.views)")
+        return self.st.views or k
+
+    def train_subset(self) -> np.ndarray | None:
+        """The row mask of a student trained on ``train_per_class`` images per class (None: all)."""
+        n = self.st.train_per_class
+        if n is None:
+            return None
+        rows = self.dataset.rows
+        b = self.cache.block("train", 0)
+        keep = per_class_subset(rows.samples, rows.sample[b.start : b.stop], n, self.cfg.seed)
+        return keep[rows.sample]
+
+    def train_block(self, epoch: int):
+        return self.cache.block("train", epoch % self.views)
+
+    def train_dataset(self, epoch: int) -> ViewDataset:
+        """The views epoch ``epoch`` trains on: the cache's (replayed), or fresh ones of this epoch."""
+        if self.st.views != "fresh":
+            return self.dataset
+        rows, b, aug = self.dataset.rows, self.train_block(epoch), self.cfg.data.augment
+        hashes = rows.samples.key_hashes()[rows.sample[b.start : b.stop]]
+        fresh = sample_views(hashes, self.cfg.seed, FRESH_STREAM + epoch, aug.scale, aug.ratio, aug.hflip)
+        return self.dataset.with_rows(rows.with_views(b.start, fresh))
+
+    def train_batches(self, epoch: int) -> CachedBatches:
+        b = self.train_block(epoch)
         cached = self.st.mode == "cached"
         return CachedBatches(
-            self.cache, self.dataset, (b.start, b.stop), self.st.batch_size,
+            self.cache, self.train_dataset(epoch), (b.start, b.stop), self.st.batch_size,
             layers=sorted(set(self.t_layers)) if cached else [],
             want_logits=cached and self.st.loss.kind != "none",
             seed=self.st.seed * 100003 + epoch, shuffle=True,
             num_workers=models.resolve_workers(self.st.num_workers, self.device), memory=self.memory,
+            use=self.use,
         )
 
     def train_labels(self, epoch: int) -> np.ndarray:
         """Labels of the rows epoch ``epoch`` trains on (its view's block, rows extract could read)."""
-        b = self.cache.block("train", epoch % self.cache.view_count("train"))
-        return self.dataset.rows.labels(np.arange(b.start, b.stop))[self.cache.valid[b.start : b.stop]]
+        b = self.train_block(epoch)
+        use = self.cache.valid[b.start : b.stop]
+        if self.use is not None:
+            use = use & self.use[b.start : b.stop]
+        return self.dataset.rows.labels(np.arange(b.start, b.stop))[use]
 
     def val_batches(self):
         b = self.cache.block("val", 0)
@@ -540,7 +586,9 @@ def _train_into(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher,
     tr = Trainer(cfg, st, cache, out, runner.model_plan, teacher=teacher)
     if dist.is_main():
         ddp = f", DDP over {dist.world_size()} processes" if dist.world_size() > 1 else ""
-        log.info(f"{name}: {st.loss.kind} student {st.model}, {st.mode} teacher targets, {tr.device}{ddp}")
+        views = "fresh views every epoch" if st.views == "fresh" else f"{tr.views} cached views per image"
+        log.info(f"{name}: {st.loss.kind} student {st.model}, {st.mode} teacher targets, {views}, "
+                 f"{len(tr.train_labels(0))} train rows per epoch, {tr.device}{ddp}")
     check_student(cache if st.mode == "cached" else None, tr.model, st, cfg.data.image_size, tr.pairs)
     metrics = tr.fit(max_steps=max_steps)
     last = metrics[-1]
@@ -548,6 +596,8 @@ def _train_into(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher,
         "student": name, "model": st.model, "kind": st.loss.kind, "mode": st.mode, "seed": st.seed,
         "val_top1": last["val_top1"], "val_top5": last["val_top5"],
         "best_val_top1": max(m["val_top1"] for m in metrics), "epochs": st.epochs,
+        "views": "fresh" if st.views == "fresh" else tr.views, "train_per_class": st.train_per_class,
+        "train_rows": int(len(tr.train_labels(0))),
         "params": sum(p.numel() for p in tr.model.parameters()), "train_s": round(time.time() - t0, 1),
         "step_s": float(np.mean([m["step_s"] for m in metrics])),
     }

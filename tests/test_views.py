@@ -1,0 +1,156 @@
+"""A student's train views: the first K' of the cache's views, fresh views every epoch, a per-class
+subset of the images, and online students on the very views a cached one replays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from cache.reader import Cache, open_cache
+from cache.rows import Samples
+from pipeline.config import ConfigError, config_from_dict
+from stages import models
+from stages.data import per_class_subset
+from stages.distill import Trainer
+from tests.conftest import TINY, tiny_tree
+
+NOWHERE = Path("/nonexistent")
+
+
+def _student(cfg, name: str, **update):
+    return cfg.student(name).model_copy(update=update)
+
+
+def _rows_of(batches) -> np.ndarray:
+    return np.concatenate([rows.numpy() for _, _, rows, _ in batches])
+
+
+def test_views_k_reads_only_the_first_k_views(built, monkeypatch):
+    cfg, _, recs = built
+    cache = open_cache(recs["extract"])
+    assert cache.view_count("train") == 2
+    reads = []
+    real = Cache.read
+    monkeypatch.setattr(Cache, "read", lambda self, name, a, b: reads.append((name, a, b)) or real(self, name, a, b))
+    tr = Trainer(cfg, _student(cfg, "spectral", views=1, keep_targets_mb=0), cache, NOWHERE)
+    v0 = cache.block("train", 0)
+    for epoch in range(3):
+        seen = _rows_of(tr.train_batches(epoch))
+        assert seen.min() >= v0.start and seen.max() < v0.stop
+        assert len(seen) == int(cache.valid[v0.start : v0.stop].sum())
+    targets = [(name, a, b) for name, a, b in reads if name == "logits" or name.startswith("spectra/")]
+    assert {name for name, _, _ in targets} == {"logits", "spectra/blocks.0", "spectra/blocks.3"}
+    assert all(v0.start <= a < b <= v0.stop for _, a, b in targets)
+    # without views, epoch 1 reads view 1
+    full = Trainer(cfg, cfg.student("spectral"), cache, NOWHERE)
+    v1 = cache.block("train", 1)
+    assert _rows_of(full.train_batches(1)).min() >= v1.start
+
+
+def test_views_beyond_the_cache_or_fresh_cached_targets_are_config_errors():
+    with pytest.raises(ConfigError, match=r"views 3 is more than the cache's extract.views 2"):
+        config_from_dict(tiny_tree(**{"distill.defaults.views": 3}))
+    with pytest.raises(ConfigError, match=r"students\[1\] \(spectral\): views 'fresh' needs mode: online"):
+        config_from_dict(tiny_tree(**{"distill.defaults.views": "fresh"}))
+    cfg = config_from_dict(tiny_tree(**{"distill.defaults.views": "fresh", "distill.defaults.mode": "online"}))
+    assert cfg.student("spectral").views == "fresh"
+    with pytest.raises(ConfigError, match="views"):
+        config_from_dict(tiny_tree(**{"distill.defaults.views": 0}))
+
+
+def test_fresh_views_are_new_each_epoch_and_deterministic(built):
+    cfg, _, recs = built
+    cache = open_cache(recs["extract"])
+    st = _student(cfg, "none", views="fresh")
+    tr = Trainer(cfg, st, cache, NOWHERE)
+    b = cache.block("train", 0)
+    cached = tr.dataset.rows
+    d0, d1 = tr.train_dataset(0), tr.train_dataset(1)
+    i = np.arange(b.start, b.stop)
+    assert np.array_equal(d0.rows.sample[i], cached.sample[i])  # the same images as view 0
+    for f in ("crop_top", "crop_left", "crop_height"):
+        assert not np.array_equal(d0.rows.params[f][i], cached.params[f][i])  # not the stored view
+        assert not np.array_equal(d0.rows.params[f][i], d1.rows.params[f][i])  # another view every epoch
+    again = Trainer(cfg, st, cache, NOWHERE).train_dataset(1)
+    assert all(np.array_equal(again.rows.params[f], d1.rows.params[f]) for f in d1.rows.params)
+    # the stored rows of the cache are untouched, and the batches hold the fresh pixels with their labels
+    assert tr.dataset.rows is cached
+    x, y, rows, tg = next(iter(tr.train_batches(1)))
+    r = int(rows[0])
+    want = tr.dataset.normalize(d1.batch([r])[0])[0]
+    assert torch.equal(x[0], want) and not torch.equal(x[0], tr.dataset.normalize(tr.dataset.batch([r])[0])[0])
+    assert np.array_equal(y.numpy(), cache.column("label")[rows.numpy()])
+    assert tg == {}
+
+
+def test_per_class_subset_takes_n_per_class_whatever_the_order():
+    rng = np.random.default_rng(0)
+    n = 300
+    labels = rng.integers(0, 4, n)
+    keys = [f"s{i:04d}" for i in range(n)]
+
+    def samples(order):
+        return Samples(["u"], np.zeros(n, np.int32), pa.array([keys[i] for i in order]), labels[order],
+                       np.zeros(n, np.int64), np.zeros(n, np.int64))
+
+    ident = np.arange(n)
+    cand = ident[ident % 3 != 0]  # only these may be chosen
+    keep = per_class_subset(samples(ident), cand, 7, seed=0)
+    for c in range(4):
+        assert keep[labels == c].sum() == min(7, int(np.sum(labels[cand] == c)))
+    assert not keep[ident % 3 == 0].any()
+    perm = rng.permutation(n)
+    keep_p = per_class_subset(samples(perm), np.argsort(perm)[cand], 7, seed=0)
+    assert {keys[i] for i in perm[keep_p]} == {keys[i] for i in np.flatnonzero(keep)}  # keys, not positions
+    assert not np.array_equal(per_class_subset(samples(ident), cand, 7, seed=1), keep)
+    assert per_class_subset(samples(ident), cand, 1000, seed=0).sum() == len(cand)
+
+
+def test_train_per_class_trains_on_the_same_images_every_view(built):
+    cfg, _, recs = built
+    cache = open_cache(recs["extract"])
+    tr = Trainer(cfg, _student(cfg, "spectral", train_per_class=5), cache, NOWHERE)
+    rows = tr.dataset.rows
+    per_epoch = []
+    for epoch in (0, 1):
+        seen = _rows_of(tr.train_batches(epoch))
+        assert np.array_equal(np.bincount(rows.labels(seen), minlength=10), np.full(10, 5))
+        assert np.array_equal(np.sort(tr.train_labels(epoch)), np.sort(rows.labels(seen)))
+        per_epoch.append(set(rows.samples.key.take(pa.array(rows.sample[seen])).to_pylist()))
+    assert per_epoch[0] == per_epoch[1]  # the same 50 images, in view 0 and view 1
+
+
+def test_online_on_replayed_views_matches_cached_first_steps(built):
+    """An online student on the cache's views and a cached one of the same seed take the same first
+    steps: same rows, same pixels, targets that agree within float16 storage."""
+    cfg, _, recs = built
+    cache = open_cache(recs["extract"])
+    teacher = models.load_teacher(recs["teacher"], cfg)
+    cached = Trainer(cfg, _student(cfg, "spectral"), cache, NOWHERE)
+    online = Trainer(cfg, _student(cfg, "spectral", mode="online"), cache, NOWHERE, teacher=teacher)
+    opts = [torch.optim.SGD(t.model.parameters(), lr=0.05) for t in (cached, online)]
+    terms = [[], []]
+    for k, tr in enumerate((cached, online)):
+        for step, (x, y, rows, tg) in enumerate(tr.train_batches(0)):
+            torch.manual_seed(step)
+            terms[k].append((rows.clone(), tr.step(x, y, tg, opts[k]).items()))
+            if step == 2:
+                break
+    for (rc, tc), (ro, to) in zip(*terms):
+        assert torch.equal(rc, ro)
+        for name in ("total", "ce", "kd", "spec"):
+            assert tc[name] == pytest.approx(to[name], rel=3e-3, abs=1e-5), name
+        assert tc["kd"] > 0 and tc["spec"] > 0
+
+
+def test_views_and_subset_enter_the_student_fingerprint():
+    from pipeline.config import decisive
+
+    cfg = config_from_dict(TINY)
+    base = decisive(cfg.student("none"))
+    assert decisive(_student(cfg, "none", views=1)) != base
+    assert decisive(_student(cfg, "none", train_per_class=3)) != base
