@@ -115,3 +115,15 @@ def test_random_configs_never_traceback(path, value):
 
 def test_yaml_roundtrip_of_tiny():
     assert config_from_dict(yaml.safe_load(yaml.safe_dump(TINY))).model_dump() == config_from_dict(TINY).model_dump()
+
+
+def test_common_options_mean_the_same_before_or_after_the_command():
+    from pipeline.__main__ import parse_args
+
+    a = parse_args(["-c", "X.yaml", "--set", "a=1", "--upstream-workdir", "u", "run", "all", "--set", "b=2"])
+    assert (a.config, a.overrides, a.upstream_workdirs) == ("X.yaml", ["a=1", "b=2"], ["u"])
+    b = parse_args(["run", "all", "-c", "X.yaml", "--workdir", "w", "--debug"])
+    assert (b.config, b.workdir, b.debug, b.overrides) == ("X.yaml", "w", True, [])
+    c = parse_args(["status"])
+    assert (c.config, c.workdir, c.upstream_workdirs, c.overrides, c.debug) == (None, None, None, [], False)
+    assert not any(k.endswith("_after_command") for k in vars(a))
