@@ -237,6 +237,9 @@ class TrainDefaults(_Model):
     views: Views | None = None
     # train on this many images per class (a seeded subset, the same for every student); null: all
     train_per_class: int | None = Field(None, ge=1)
+    # evaluate on val, log and checkpoint every N epochs and at the last (other epochs' metrics rows
+    # carry their losses, and nan for the val numbers)
+    eval_every: int = Field(1, ge=1)
 
 
 class StudentConfig(_Model):
@@ -256,6 +259,7 @@ class StudentConfig(_Model):
     snapshot_every: int | None = Field(None, ge=0)
     views: Views | None = None
     train_per_class: int | None = Field(None, ge=1)
+    eval_every: int | None = Field(None, ge=1)
 
     @field_validator("name")
     @classmethod
@@ -456,6 +460,7 @@ class ResolvedStudent(_Model):
     snapshot_every: int
     views: Views | None
     train_per_class: int | None
+    eval_every: int
 
 
 def resolve_student(s: StudentConfig, d: TrainDefaults) -> ResolvedStudent:

@@ -47,6 +47,9 @@ from .train import adamw, evaluate, warmup_cosine
 
 log = logging.getLogger("pipeline")
 
+NOT_EVALUATED = {"top1": math.nan, "top5": math.nan, "loss": math.nan}  # val numbers of an epoch not evaluated
+
+
 class NonFiniteTraining(PipelineError):
     """A student's loss or weights became inf or nan: training stops, the student is recorded failed,
     the other students still train (``retryable``)."""
@@ -389,6 +392,11 @@ class Trainer:
         for x, y, _, _ in it:
             yield x, y
 
+    def record_due(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` is evaluated, logged and checkpointed (``eval_every``, the last
+        epoch, snapshot epochs)."""
+        return (epoch + 1) % self.st.eval_every == 0 or epoch + 1 == self.st.epochs or self.snapshot_due(epoch)
+
     def snapshot_due(self, epoch: int) -> bool:
         n = self.st.snapshot_every
         return n > 0 and ((epoch + 1) % n == 0 or epoch + 1 == self.st.epochs)
@@ -469,7 +477,8 @@ class Trainer:
         for epoch in range(start, st.epochs):
             t0 = time.time()
             terms, step_s, mix = self._train_epoch(epoch, opt, sched, max_steps)
-            ev, snap = self.evaluate(epoch)
+            due = self.record_due(epoch)
+            ev, snap = self.evaluate(epoch) if due else (NOT_EVALUATED, [])
             row = {
                 "student": st.name, "epoch": epoch, "lr": float(sched.get_last_lr()[0]), **terms,
                 "val_top1": ev["top1"], "val_top5": ev["top5"], "val_loss": ev["loss"],
@@ -477,9 +486,9 @@ class Trainer:
             }
             metrics.append(row)
             snapshots += snap
-            if dist.is_main():
-                if epoch == start:
-                    mix.check(st.name)
+            if dist.is_main() and epoch == start:
+                mix.check(st.name)
+            if dist.is_main() and due:
                 log.info(
                     f"{st.name} epoch {epoch + 1}/{st.epochs}: loss {row['loss_total']:.4f} (ce {row['loss_ce']:.3f} "
                     f"kd {row['loss_kd']:.3f} spec {row['loss_spec']:.4f}) val top-1 {ev['top1']:.2f}% "
@@ -595,7 +604,7 @@ def _train_into(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher,
     summary = {
         "student": name, "model": st.model, "kind": st.loss.kind, "mode": st.mode, "seed": st.seed,
         "val_top1": last["val_top1"], "val_top5": last["val_top5"],
-        "best_val_top1": max(m["val_top1"] for m in metrics), "epochs": st.epochs,
+        "best_val_top1": float(np.nanmax([m["val_top1"] for m in metrics])), "epochs": st.epochs,
         "views": "fresh" if st.views == "fresh" else tr.views, "train_per_class": st.train_per_class,
         "train_rows": int(len(tr.train_labels(0))),
         "params": sum(p.numel() for p in tr.model.parameters()), "train_s": round(time.time() - t0, 1),

@@ -154,3 +154,15 @@ def test_views_and_subset_enter_the_student_fingerprint():
     base = decisive(cfg.student("none"))
     assert decisive(_student(cfg, "none", views=1)) != base
     assert decisive(_student(cfg, "none", train_per_class=3)) != base
+
+
+def test_eval_every_evaluates_and_checkpoints_every_n_epochs(built, tmp_path):
+    cfg, _, recs = built
+    cache = open_cache(recs["extract"])
+    st = _student(cfg, "none", epochs=5, eval_every=2, snapshot_every=0)
+    tr = Trainer(cfg, st, cache, tmp_path)
+    metrics = tr.fit(max_steps=1)
+    evaluated = [m["epoch"] for m in metrics if not np.isnan(m["val_top1"])]
+    assert evaluated == [1, 3, 4]  # every 2nd epoch and the last
+    assert all(np.isfinite(m["loss_total"]) for m in metrics)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["epoch"] == 4

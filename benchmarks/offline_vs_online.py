@@ -1,0 +1,272 @@
+"""Does the cache cost accuracy?  Cached against online students, views per image, a compact cache.
+
+    python benchmarks/offline_vs_online.py [--workdir work/study] [--jobs 2] [--seeds 5]
+
+Runs ``configs/study_offline_vs_online.yaml`` (the embedded digits; its header says which setting
+and why) and a compact-cache variant of it, then prints and writes, under the workdir:
+
+* ``offline_vs_online.md``: per group of seeds, val top-1 mean +- sd (n), the paired difference to
+  the online student of the same loss with its 95% t interval, the intensity-profile distance to
+  the teacher (analyze), and the seconds each student trained; then the wall time of a whole sweep
+  of seeds cached (extract + students) and online, and the cache's bytes;
+* ``offline_vs_online.png``: val top-1 against cached views per image, one line per loss, the
+  online students as bands (mean +- sd);
+* ``offline_vs_online.json``: every student's numbers.
+
+Every stage is the pipeline's own (``python -m pipeline``): a rerun reuses what is up to date, so
+an interrupted study resumes.  ``--reuse DIR`` (default ``work`` when it exists) lends the default
+run's teacher, which the study's config shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from _common import ROOT, machine
+
+CONFIG = ROOT / "configs" / "study_offline_vs_online.yaml"
+COMPACT = {"pool": 16, "quantize": "int8"}  # the cheapest setting of benchmarks/cache_size.py within noise
+KINDS = ("none", "logits", "spectral")
+LABEL = {"none": "no KD", "logits": "logits KD", "spectral": "SpectralKD"}
+
+
+OVERRIDES: list[str] = []  # --set values, passed to every pipeline run
+
+
+def pipeline(conf: Path, workdir: Path, upstream: list[Path], *args: str) -> float:
+    """Run ``python -m pipeline`` on ``conf`` in ``workdir``; its wall seconds (fails loudly)."""
+    cmd = [sys.executable, "-m", "pipeline", "-c", str(conf), "--workdir", str(workdir)]
+    for u in upstream:
+        cmd += ["--upstream-workdir", str(u)]
+    for o in OVERRIDES:
+        cmd += ["--set", o]
+    cmd += list(args)
+    print("$", " ".join(cmd[1:]), flush=True)
+    t = time.perf_counter()
+    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    return time.perf_counter() - t
+
+
+def study_configs(root: Path, seeds: int) -> tuple[Path, Path]:
+    """The study config with ``seeds`` seeds, and its compact-cache variant (one group: cached
+    SpectralKD on every view of a pooled, int8 cache), written under ``root``."""
+    tree = yaml.safe_load(CONFIG.read_text())
+    for sw in tree["distill"]["sweep"]:
+        sw["grid"]["seed"] = list(range(seeds))
+    main = root / "study.yaml"
+    main.write_text(yaml.safe_dump(tree, sort_keys=False))
+    compact = copy.deepcopy(tree)
+    compact["extract"]["compress"] = dict(compact["extract"].get("compress") or {}, **COMPACT)
+    base = next(sw["base"] for sw in tree["distill"]["sweep"] if sw["base"]["name"] == "cached")
+    compact["distill"]["sweep"] = [{"base": dict(copy.deepcopy(base), name="compact", loss=dict(base["loss"],
+                                                                                              kind="spectral")),
+                                    "grid": {"seed": list(range(seeds))}}]
+    path = root / "study_compact.yaml"
+    path.write_text(yaml.safe_dump(compact, sort_keys=False))
+    return main, path
+
+
+def runner_of(conf: Path, workdir: Path, upstream: list[Path]):
+    from pipeline.config import load_config
+    from pipeline.graph import Runner
+
+    cfg = load_config(conf, OVERRIDES, workdir=str(workdir))
+    cfg.upstream_workdirs = [str(u) for u in upstream]
+    return cfg, Runner(cfg)
+
+
+def students(conf: Path, workdir: Path, upstream: list[Path], source: str) -> list[dict]:
+    """One dict per student of ``conf``: its group (kind, source, views), seed, top-1, seconds, and
+    the intensity-profile distance analyze measured."""
+    from pipeline.graph import student_node
+
+    cfg, runner = runner_of(conf, workdir, upstream)
+    analyze = runner.record("analyze")
+    distance = analyze.summary.get("profile_distance", {}) if analyze else {}
+    out = []
+    for s in cfg.distill.students:
+        st = cfg.student(s.name)
+        rec = runner.record(student_node(s.name))
+        if rec is None:
+            raise SystemExit(f"{s.name}: no finished output in {workdir}")
+        fresh = st.views == "fresh"
+        k = rec.summary.get("views")
+        group_source = "online" if st.mode == "online" and st.loss.kind != "none" else source
+        if st.loss.kind == "none":
+            group_source = "fresh" if fresh else source
+        out.append({"student": s.name, "kind": st.loss.kind, "source": group_source,
+                    "views": "fresh" if fresh else int(k), "seed": st.seed, "val_top1": rec.summary["val_top1"],
+                    "train_s": rec.summary["train_s"], "profile_distance": distance.get(s.name, math.nan)})
+    return out
+
+
+def cache_bytes(conf: Path, workdir: Path, upstream: list[Path]) -> dict:
+    cfg, runner = runner_of(conf, workdir, upstream)
+    rec = runner.record("extract")
+    from cache.reader import open_cache
+
+    rows = len(open_cache(rec).valid)
+    return {"bytes": int(rec.summary["cache_bytes"]), "views": cfg.extract.views, "rows": rows,
+            "wall_s": float(rec.lock.get("wall_s") or 0.0),
+            "spectra_bytes_per_view": sum(rec.summary.get("bytes_per_view", {}).values())}
+
+
+def groups(rows: list[dict]) -> list[dict]:
+    """Students grouped by (kind, source, views), with the paired difference (by seed) to the
+    online student of the same kind (no KD: to no KD on fresh views)."""
+    from stages.groups import paired_difference
+
+    keyed: dict[tuple, list[dict]] = {}
+    for r in rows:
+        keyed.setdefault((r["kind"], r["source"], r["views"]), []).append(r)
+    ref_of = {k: ("online" if k != "none" else "fresh") for k in KINDS}
+    out = []
+    for (kind, source, views), rs in keyed.items():
+        acc = {r["seed"]: r["val_top1"] for r in rs}
+        ref = keyed.get((kind, ref_of[kind], "fresh"))
+        g = {"kind": kind, "source": source, "views": views, "n": len(rs), "seeds": sorted(acc),
+             "mean": float(np.mean(list(acc.values()))), "sd": float(np.std(list(acc.values()), ddof=1)),
+             "profile_distance": float(np.nanmean([r["profile_distance"] for r in rs])),
+             "profile_distance_sd": float(np.nanstd([r["profile_distance"] for r in rs], ddof=1)),
+             "train_s": float(np.mean([r["train_s"] for r in rs])), "train_s_sum": float(sum(r["train_s"] for r in rs))}
+        if ref is not None and ref is not rs:
+            g["diff"] = paired_difference(acc, {r["seed"]: r["val_top1"] for r in ref})
+        out.append(g)
+    order = {"fresh": 0, "online": 1, "cached": 2, "compact": 3}
+    return sorted(out, key=lambda g: (KINDS.index(g["kind"]), order[g["source"]],
+                                      0 if g["views"] == "fresh" else g["views"]))
+
+
+def name_of(g: dict) -> str:
+    if g["source"] in ("fresh", "online"):
+        return f"{LABEL[g['kind']]}, {'online teacher, ' if g['source'] == 'online' else ''}fresh views"
+    where = "compact cache" if g["source"] == "compact" else "cache"
+    return f"{LABEL[g['kind']]}, {where}, K'={g['views']}"
+
+
+def table(gs: list[dict]) -> str:
+    lines = ["| student | views per image | n | val top-1 mean +- sd | paired difference to online (95% interval) "
+             "| profile distance to teacher | s per student |", "|---|---|---|---|---|---|---|"]
+    for g in gs:
+        d = g.get("diff")
+        diff = f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]" if d else "reference"
+        lines.append(f"| {name_of(g)} | {g['views']} | {g['n']} | {g['mean']:.2f} +- {g['sd']:.2f} | {diff} | "
+                     f"{g['profile_distance']:.4f} +- {g['profile_distance_sd']:.4f} | {g['train_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def kd_margin(gs: list[dict]) -> str:
+    """Online SpectralKD against no KD on fresh views, in pooled standard deviations."""
+    on = next(g for g in gs if g["kind"] == "spectral" and g["source"] == "online")
+    base = next(g for g in gs if g["kind"] == "none" and g["source"] == "fresh")
+    pooled = math.sqrt((on["sd"] ** 2 + base["sd"] ** 2) / 2)
+    return (f"online SpectralKD - no KD (fresh views): {on['mean'] - base['mean']:+.2f} points = "
+            f"{(on['mean'] - base['mean']) / pooled:.1f} pooled sd (pooled sd {pooled:.2f})")
+
+
+def plot(gs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {"none": "tab:gray", "logits": "tab:blue", "spectral": "tab:red"}
+    ks = sorted({g["views"] for g in gs if g["source"] == "cached"})
+    for kind in KINDS:
+        line = [g for g in gs if g["kind"] == kind and g["source"] == "cached"]
+        if line:
+            x = [g["views"] for g in line]
+            ax.errorbar(x, [g["mean"] for g in line], yerr=[g["sd"] for g in line], marker="o", capsize=3,
+                        color=colors[kind], label=f"{LABEL[kind]}, cached")
+        for g in gs:
+            if g["kind"] == kind and g["source"] in ("online", "fresh"):
+                what = "online teacher" if g["source"] == "online" else "fresh views"
+                ax.axhspan(g["mean"] - g["sd"], g["mean"] + g["sd"], color=colors[kind], alpha=0.15)
+                ax.axhline(g["mean"], color=colors[kind], ls="--", lw=1, label=f"{LABEL[kind]}, {what} (mean +- sd)")
+            if g["kind"] == kind and g["source"] == "compact":
+                ax.errorbar([g["views"] * 1.08], [g["mean"]], yerr=[g["sd"]], marker="s", capsize=3, ls="none",
+                            color="black", label=f"{LABEL[kind]}, compact cache (pool 16 + int8)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("cached views per image (K')")
+    ax.set_ylabel("val top-1 (%)")
+    n = max(g["n"] for g in gs)
+    ax.set_title(f"Cached vs online students (digits, n={n} seeds)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", default="work/study")
+    ap.add_argument("--jobs", type=int, default=2, help="students trained at once (one core each)")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--reuse", default=None, help="a workdir whose teacher the study may use (default: work)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="a config override for every run (e.g. distill.defaults.epochs=2 for a quick check)")
+    args = ap.parse_args()
+    OVERRIDES.extend(args.overrides)
+    root = Path(args.workdir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    reuse = Path(args.reuse or ROOT / "work").resolve()
+    lend = [reuse] if reuse.is_dir() else []
+    conf, conf_c = study_configs(root, args.seeds)
+    wd, wd_c = root / "main", root / "compact"
+    t0 = time.perf_counter()
+    walls = {"extract": pipeline(conf, wd, lend, "run", "extract"),
+             "distill": pipeline(conf, wd, lend, "run", "distill", "--jobs", str(args.jobs)),
+             "analyze": pipeline(conf, wd, lend, "run", "analyze")}
+    walls["compact"] = pipeline(conf_c, wd_c, [wd, *lend], "run", "analyze", "--jobs", str(args.jobs))
+    total = time.perf_counter() - t0
+    rows = students(conf, wd, lend, "cached") + students(conf_c, wd_c, [wd, *lend], "compact")
+    gs = groups(rows)
+    cache, cache_c = cache_bytes(conf, wd, lend), cache_bytes(conf_c, wd_c, [wd, *lend])
+    text = [f"Machine: {machine()}", f"Study: {conf} (+ compact variant {conf_c.name}), {args.seeds} seeds", "",
+            table(gs), kd_margin(gs), "", sweep_walls(gs, cache), "",
+            f"Cache: {cache['bytes'] / 2**20:.1f} MiB for {cache['views']} views per train image "
+            f"({cache['bytes'] / cache['rows']:.0f} B per row, {cache['rows']} rows with val); "
+            f"compact (pool 16 + int8): {cache_c['bytes'] / 2**20:.1f} MiB ({cache_c['bytes'] / cache_c['rows']:.0f} "
+            f"B per row)",
+            f"Wall: study {total:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in walls.items())})"]
+    report = "\n".join(text) + "\n"
+    print("\n" + report)
+    (root / "offline_vs_online.md").write_text(report)
+    (root / "offline_vs_online.json").write_text(json.dumps({"students": rows, "groups": gs, "cache": cache,
+                                                             "cache_compact": cache_c, "walls": walls}, indent=1))
+    plot(gs, root / "offline_vs_online.png")
+    print(f"wrote {root / 'offline_vs_online.md'}, .png, .json")
+
+
+def sweep_walls(gs: list[dict], cache: dict) -> str:
+    """Seconds of a whole sweep of seeds: online students, against extract + cached students."""
+    lines = []
+    for kind in ("logits", "spectral"):
+        on = next((g for g in gs if g["kind"] == kind and g["source"] == "online"), None)
+        cached = [g for g in gs if g["kind"] == kind and g["source"] == "cached"]
+        if on is None or not cached:
+            continue
+        top = max(cached, key=lambda g: g["views"])
+        lines.append(f"{LABEL[kind]}, {on['n']} seeds: online {on['train_s_sum']:.0f} student-s; cached "
+                     f"K'={top['views']} {top['train_s_sum']:.0f} student-s + extract {cache['wall_s']:.0f}s once "
+                     f"for every student")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
