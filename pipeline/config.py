@@ -208,8 +208,25 @@ class ExtractConfig(_Model):
 # --------------------------------------------------------------------------- distill
 
 
+# the official DistillationLoss types (stages.spectral.spectralkd_loss): 'spectral' is the official
+# 'soft', 'spectral_only' the official 'fft'; 'logits' is soft KD without the spectral term
+LOSS_KINDS = ("none", "logits", "spectral", "spectral_only", "hard")
+LossKind = Literal["none", "logits", "spectral", "spectral_only", "hard"]
+
+
+def has_spectral_term(kind: str, pairs) -> bool:
+    """Whether a loss of ``kind`` with these layer pairs has the spectral term: always for
+    'spectral' and 'spectral_only', for 'hard' when it has pairs (as the official code)."""
+    return kind in ("spectral", "spectral_only") or (kind == "hard" and bool(pairs))
+
+
+def needs_teacher_logits(kind: str) -> bool:
+    """Whether a loss of ``kind`` reads the teacher's logits ('spectral_only' reads only spectra)."""
+    return kind in ("logits", "spectral", "hard")
+
+
 class LossConfig(_Model):
-    kind: Literal["none", "logits", "spectral"] = "spectral"
+    kind: LossKind = "spectral"
     alpha: float = Field(0.9, ge=0, le=1)
     tau: float = Field(1.0, gt=0)
     beta: float = Field(1.0, ge=0)
@@ -270,8 +287,8 @@ class StudentConfig(_Model):
 
     @model_validator(mode="after")
     def _layers(self) -> "StudentConfig":
-        if self.loss.kind == "spectral" and not self.layers:
-            raise ValueError("loss.kind 'spectral' needs layers: [[student_layer, teacher_layer], ...]")
+        if self.loss.kind in ("spectral", "spectral_only") and not self.layers:
+            raise ValueError(f"loss.kind {self.loss.kind!r} needs layers: [[student_layer, teacher_layer], ...]")
         return self
 
 
@@ -419,7 +436,8 @@ class PipelineConfig(_Model):
         for i, s in enumerate(self.distill.students):
             st = resolve_student(s, self.distill.defaults)
             where = f"distill.students[{i}] ({s.name})"
-            if st.mode == "cached" and st.loss.kind == "spectral" and "spectra" not in self.extract.store:
+            spectral = has_spectral_term(st.loss.kind, st.layers)
+            if st.mode == "cached" and spectral and "spectra" not in self.extract.store:
                 raise ValueError(f"{where} is a cached spectral student but extract.store has no 'spectra'")
             if st.views == "fresh" and st.mode == "cached" and st.loss.kind != "none":
                 raise ValueError(f"{where}: views 'fresh' needs mode: online (the cache holds teacher targets "

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from cache.reader import Cache, open_cache
 from pipeline import dist
-from pipeline.config import PipelineConfig, ResolvedStudent
+from pipeline.config import PipelineConfig, ResolvedStudent, has_spectral_term, needs_teacher_logits
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
 from pipeline.graph import FAILED, student_name, student_node
@@ -277,7 +277,7 @@ def check_student(cache: Cache | None, model, st: ResolvedStudent, size: int,
                   pairs: tuple[tuple[int, int], ...]) -> None:
     """Fail before training when a layer pair (normalized, :class:`stages.models.ModelPlan`) cannot
     be matched against the cached teacher layer (:func:`stages.spectral.check_pair`)."""
-    if st.loss.kind != "spectral" or cache is None:
+    if not has_spectral_term(st.loss.kind, pairs) or cache is None:
         return
     with torch.no_grad():
         x = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
@@ -310,13 +310,15 @@ class Trainer:
         torch.manual_seed(st.seed)
         self.model = models.create(st.model, st.kwargs, cfg.data.num_classes).to(self.device)
         self.depth = models.depth(self.model)
-        self.pairs = (plan or models.plan_models(cfg)).pairs[st.name] if st.loss.kind == "spectral" else ()
+        pairs = (plan or models.plan_models(cfg)).pairs[st.name]
+        self.pairs = pairs if has_spectral_term(st.loss.kind, pairs) else ()
         self.s_layers = [s for s, _ in self.pairs]
         self.t_layers = [t for _, t in self.pairs]
         self.teacher = teacher
         self.dataset = ViewDataset.for_config(cache.rows(), cfg.data)
         self.views = self.view_count()
         self.use = self.train_subset()
+        self._fresh_keys: np.ndarray | None = None  # key hashes of the rows fresh views are drawn for
         self.net: torch.nn.Module = _WithFeatures(self.model, self.s_layers)
         self.memory = {} if self.target_bytes() <= st.keep_targets_mb * 2**20 else None
         if dist.world_size() > 1:
@@ -361,8 +363,9 @@ class Trainer:
         if self.st.views != "fresh":
             return self.dataset
         rows, b, aug = self.dataset.rows, self.train_block(epoch), self.cfg.data.augment
-        hashes = rows.samples.key_hashes()[rows.sample[b.start : b.stop]]
-        fresh = sample_views(hashes, self.cfg.seed, FRESH_STREAM + epoch, aug.scale, aug.ratio, aug.hflip)
+        if self._fresh_keys is None:
+            self._fresh_keys = rows.samples.key_hashes()[rows.sample[b.start : b.stop]]
+        fresh = sample_views(self._fresh_keys, self.cfg.seed, FRESH_STREAM + epoch, aug.scale, aug.ratio, aug.hflip)
         return self.dataset.with_rows(rows.with_views(b.start, fresh))
 
     def train_batches(self, epoch: int) -> CachedBatches:
@@ -371,7 +374,7 @@ class Trainer:
         return CachedBatches(
             self.cache, self.train_dataset(epoch), (b.start, b.stop), self.st.batch_size,
             layers=sorted(set(self.t_layers)) if cached else [],
-            want_logits=cached and self.st.loss.kind != "none",
+            want_logits=cached and needs_teacher_logits(self.st.loss.kind),
             seed=self.st.seed * 100003 + epoch, shuffle=True,
             num_workers=models.resolve_workers(self.st.num_workers, self.device), memory=self.memory,
             use=self.use,
@@ -432,7 +435,7 @@ class Trainer:
         st = self.st
         with models.autocast(self.device, st.amp):
             logits, feats = self.net(x)
-        spectral = st.loss.kind == "spectral"
+        spectral = bool(self.pairs)
         return spectralkd_loss(
             logits.float(), y,
             teacher_logits=targets.get("logits"),

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import ConfigError, PipelineConfig
+from pipeline.config import ConfigError, PipelineConfig, has_spectral_term
 from pipeline.errors import PipelineError
 from pipeline.fanout import CPUS_ENV
 
@@ -220,7 +220,7 @@ def plan_models(cfg: PipelineConfig) -> ModelPlan:
             sn = layer_index(sl, depths[s.name], s.model, f"{where}.layers[{j}][0]")
             tn = layer_index(tl, tdepth, t.model, f"{where}.layers[{j}][1]")
             mode = s.mode or cfg.distill.defaults.mode
-            if s.loss.kind == "spectral" and mode == "cached" and tn not in cached:
+            if has_spectral_term(s.loss.kind, s.layers) and mode == "cached" and tn not in cached:
                 raise ConfigError(f"{where}.layers[{j}][1]: teacher layer {tl} is not in the cache "
                                   f"(extract.layers = {cfg.extract.layers})")
             resolved.append((sn, tn))

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import LOSS_KINDS, has_spectral_term, needs_teacher_logits
 from pipeline.errors import PipelineError
 
 
@@ -145,37 +146,55 @@ def spectralkd_loss(
     Args:
         student_logits: (B, K) student logits.
         labels: (B,) class indices.
-        teacher_logits: (B, K) teacher logits (kinds 'logits' and 'spectral').
-        student_feats: student NCHW feature maps, one per layer pair (kind 'spectral').
+        teacher_logits: (B, K) teacher logits (kinds 'logits', 'spectral', 'hard').
+        student_feats: student NCHW feature maps, one per layer pair (the kinds with a spectral term).
         teacher_specs: teacher spectra (B, C_t, H, W//2+1, 2) as :func:`spectrum` returns them
             (float16 from the cache is fine), one per layer pair, C_t >= C_s.
-        kind: 'none' (CE only), 'logits' (KD on logits) or 'spectral' (KD + spectral loss).
+        kind: the official ``DistillationLoss`` types, with CE = label-smoothed cross-entropy and
+            L_spec the mean over layer pairs of :func:`spectral_layer_loss`:
+
+            - 'none': CE (alpha is not applied);
+            - 'logits': (1 - alpha) CE + alpha T^2 KL (soft KD, no spectral term);
+            - 'spectral' (official 'soft'): (1 - alpha) CE + alpha T^2 KL + beta w_fft L_spec;
+            - 'spectral_only' (official 'fft'): (1 - alpha) CE + beta w_fft L_spec;
+            - 'hard' (DeiT's hard distillation): (1 - alpha) CE + alpha CE(z_s, argmax z_t), plus
+              beta w_fft L_spec when feature maps are given.
 
     Returns:
-        LossTerms(total, ce, kd, spec); kd and spec are zero tensors where the kind has none.
-        With kind 'none' the total is the plain label-smoothed CE (alpha is not applied).
+        LossTerms(total, ce, kd, spec); kd and spec are zero tensors where the kind has none
+        (kd is the KL term, or for 'hard' the cross-entropy against the teacher's argmax).
     """
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"unknown loss kind {kind!r} ({' | '.join(LOSS_KINDS)})")
     ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=label_smoothing)
     zero = ce.new_zeros(())
     if kind == "none":
         return LossTerms(ce, ce, zero, zero)
-    if teacher_logits is None:
-        raise ValueError(f"loss kind {kind!r} needs teacher_logits")
-    # teacher quantities are targets: no gradient flows into them
-    kd = kd_kl(student_logits, teacher_logits.detach(), tau)
+    kd = zero
+    if needs_teacher_logits(kind):
+        if teacher_logits is None:
+            raise ValueError(f"loss kind {kind!r} needs teacher_logits")
+        # teacher quantities are targets: no gradient flows into them
+        if kind == "hard":
+            kd = F.cross_entropy(student_logits.float(), teacher_logits.detach().argmax(dim=1))
+        else:
+            kd = kd_kl(student_logits, teacher_logits.detach(), tau)
     spec = zero
-    if kind == "spectral":
-        if not student_feats or teacher_specs is None or len(student_feats) != len(teacher_specs):
-            raise ValueError("loss kind 'spectral' needs one teacher spectrum per student feature map")
-        losses = []
-        for i, (f, ts) in enumerate(zip(student_feats, teacher_specs)):
-            check_pair(f.shape, ts.shape, f"#{i}")
-            losses.append(spectral_layer_loss(spectrum(f), ts.detach()))
-        spec = torch.stack(losses).mean()
-    elif kind != "logits":
-        raise ValueError(f"unknown loss kind {kind!r} (none | logits | spectral)")
-    total = (1 - alpha) * ce + alpha * kd + beta * w_fft * spec
+    if has_spectral_term(kind, student_feats):
+        spec = spectral_term(kind, student_feats, teacher_specs)
+    total = (1 - alpha) * ce + alpha * kd + beta * w_fft * spec  # kd is zero for 'spectral_only'
     return LossTerms(total, ce, kd, spec)
+
+
+def spectral_term(kind: str, student_feats, teacher_specs) -> torch.Tensor:
+    """L_spec: the mean over layer pairs of :func:`spectral_layer_loss`."""
+    if not student_feats or teacher_specs is None or len(student_feats) != len(teacher_specs):
+        raise ValueError(f"loss kind {kind!r} needs one teacher spectrum per student feature map")
+    losses = []
+    for i, (f, ts) in enumerate(zip(student_feats, teacher_specs)):
+        check_pair(f.shape, ts.shape, f"#{i}")
+        losses.append(spectral_layer_loss(spectrum(f), ts.detach()))
+    return torch.stack(losses).mean()
 
 
 # ----------------------------------------------------------------------------- analysis

@@ -127,3 +127,14 @@ def test_common_options_mean_the_same_before_or_after_the_command():
     c = parse_args(["status"])
     assert (c.config, c.workdir, c.upstream_workdirs, c.overrides, c.debug) == (None, None, None, [], False)
     assert not any(k.endswith("_after_command") for k in vars(a))
+
+
+def test_loss_kinds_that_need_layers_or_cached_spectra():
+    with pytest.raises(ConfigError, match="'spectral_only' needs layers"):
+        config_from_dict(tiny_tree(**{"distill.students[0].loss.kind": "spectral_only"}))
+    cfg = config_from_dict(tiny_tree(**{"distill.students[0].loss.kind": "hard"}))  # hard: layers optional
+    assert cfg.student("none").loss.kind == "hard"
+    with pytest.raises(ConfigError, match=r"students\[1\] \(spectral\) is a cached spectral student"):
+        config_from_dict(tiny_tree(**{"distill.students[1].loss.kind": "hard", "extract.store": ["logits"]}))
+    with pytest.raises(ConfigError, match="loss.kind"):
+        config_from_dict(tiny_tree(**{"distill.students[0].loss.kind": "soft"}))

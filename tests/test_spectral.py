@@ -39,21 +39,35 @@ def np_log_softmax(z):
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-def np_loss(zs, y, zt, fs, ts_feats, alpha, tau, beta, w_fft, ls):
-    """The README's total loss, in float64 numpy; teacher spectra computed from teacher features."""
+def np_ce(zs, y, ls):
     k = zs.shape[1]
-    logp = np_log_softmax(zs)
-    onehot = np.eye(k)[y]
-    target = onehot * (1 - ls) + ls / k
-    ce = -(target * logp).sum(1).mean()
-    ls_s, ls_t = np_log_softmax(zs / tau), np_log_softmax(zt / tau)
-    kl = (np.exp(ls_t) * (ls_t - ls_s)).sum(1).mean() * tau * tau
+    target = np.eye(k)[y] * (1 - ls) + ls / k
+    return -(target * np_log_softmax(zs)).sum(1).mean()
+
+
+def np_spec(fs, ts_feats):
     layer = []
     for f, t in zip(fs, ts_feats):
         ss = np_spectrum(f)
         tt = np_pool(np_spectrum(t), f.shape[1])
         layer.append(((ss - tt) ** 2).mean())
-    return (1 - alpha) * ce + alpha * kl + beta * w_fft * np.mean(layer)
+    return np.mean(layer)
+
+
+def np_loss(zs, y, zt, fs, ts_feats, alpha, tau, beta, w_fft, ls, kind="spectral"):
+    """The official DistillationLoss types, in float64 numpy; teacher spectra computed from teacher
+    features.  'spectral' = official 'soft', 'spectral_only' = official 'fft'."""
+    ce = np_ce(zs, y, ls)
+    ls_s, ls_t = np_log_softmax(zs / tau), np_log_softmax(zt / tau)
+    kl = (np.exp(ls_t) * (ls_t - ls_s)).sum(1).mean() * tau * tau
+    spec = np_spec(fs, ts_feats) if fs else 0.0
+    if kind == "spectral":
+        return (1 - alpha) * ce + alpha * kl + beta * w_fft * spec
+    if kind == "spectral_only":
+        return (1 - alpha) * ce + beta * w_fft * spec
+    if kind == "hard":
+        return (1 - alpha) * ce + alpha * np_ce(zs, zt.argmax(1), 0.0) + beta * w_fft * spec
+    raise ValueError(kind)
 
 
 @pytest.mark.parametrize("w", [6, 7])
@@ -73,6 +87,49 @@ def test_spectral_loss_matches_numpy_float64(w, c_s, c_t):
         kind="spectral", alpha=0.9, tau=2.0, beta=1.0, w_fft=0.2, label_smoothing=0.1,
     )
     assert terms.total.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind,pairs", [("hard", 2), ("hard", 0), ("spectral_only", 1), ("spectral_only", 3)])
+def test_hard_and_spectral_only_match_numpy_float64(kind, pairs):
+    rng = np.random.default_rng(pairs * 7 + len(kind))
+    b, c_s, c_t, h, w, k = 4, 6, 12, 5, 4, 9
+    zs, zt = rng.normal(size=(b, k)) * 2, rng.normal(size=(b, k)) * 2
+    y = rng.integers(0, k, b)
+    fs = [rng.normal(size=(b, c_s, h, w)) for _ in range(pairs)]
+    tf = [rng.normal(size=(b, c_t, h, w)) for _ in range(pairs)]
+    want = np_loss(zs, y, zt, fs, tf, 0.7, 3.0, 0.5, 0.2, 0.1, kind=kind)
+    terms = spectralkd_loss(
+        torch.tensor(zs, dtype=torch.float32), torch.tensor(y), torch.tensor(zt, dtype=torch.float32),
+        [torch.tensor(f, dtype=torch.float32) for f in fs] or None,
+        [spectrum(torch.tensor(t, dtype=torch.float32)) for t in tf] or None,
+        kind=kind, alpha=0.7, tau=3.0, beta=0.5, w_fft=0.2, label_smoothing=0.1,
+    )
+    assert terms.total.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert terms.ce.item() == pytest.approx(np_ce(zs, y, 0.1), rel=1e-5)
+    if pairs:
+        assert terms.spec.item() == pytest.approx(np_spec(fs, tf), rel=1e-5)
+    else:
+        assert terms.spec.item() == 0
+    if kind == "hard":
+        assert terms.kd.item() == pytest.approx(np_ce(zs, zt.argmax(1), 0.0), rel=1e-5)
+    else:
+        assert terms.kd.item() == 0
+
+
+def test_spectral_only_needs_no_teacher_logits_and_hard_gets_no_gradient_through_argmax():
+    zs = torch.randn(3, 4, requires_grad=True)
+    zt = torch.randn(3, 4, requires_grad=True)
+    f = torch.randn(3, 2, 4, 4, requires_grad=True)
+    terms = spectralkd_loss(zs, torch.tensor([0, 1, 2]), None, [f], [spectrum(torch.randn(3, 4, 4, 4))],
+                            kind="spectral_only")
+    assert terms.spec.item() > 0
+    with pytest.raises(ValueError, match="spectral_only"):
+        spectralkd_loss(zs, torch.tensor([0, 1, 2]), None, kind="spectral_only")
+    hard = spectralkd_loss(zs, torch.tensor([0, 1, 2]), zt, kind="hard")
+    g = torch.autograd.grad(hard.total, [zs, zt], allow_unused=True)
+    assert g[0].abs().sum() > 0 and (g[1] is None or g[1].abs().sum() == 0)
+    with pytest.raises(ValueError, match="unknown loss kind 'soft'"):
+        spectralkd_loss(zs, torch.tensor([0, 1, 2]), zt, kind="soft")
 
 
 def test_gradients_reach_only_the_student():

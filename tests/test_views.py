@@ -166,3 +166,19 @@ def test_eval_every_evaluates_and_checkpoints_every_n_epochs(built, tmp_path):
     assert evaluated == [1, 3, 4]  # every 2nd epoch and the last
     assert all(np.isfinite(m["loss_total"]) for m in metrics)
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["epoch"] == 4
+
+
+@pytest.mark.parametrize("student,kind,keys", [("spectral", "hard", {"logits", 0, 3}), ("none", "hard", {"logits"}),
+                                               ("spectral", "spectral_only", {0, 3})])
+def test_official_loss_kinds_read_only_what_they_need(built, student, kind, keys):
+    from pipeline.config import LossConfig
+
+    cfg, _, recs = built
+    cache = open_cache(recs["extract"])
+    st = _student(cfg, student, loss=LossConfig(kind=kind))
+    tr = Trainer(cfg, st, cache, NOWHERE)
+    x, y, rows, tg = next(iter(tr.train_batches(0)))
+    assert set(tg) == keys
+    terms = tr.step(x, y, tg, torch.optim.SGD(tr.model.parameters(), lr=0.01)).items()
+    assert (terms["spec"] > 0) == (0 in keys)
+    assert (terms["kd"] > 0) == ("logits" in keys)
