@@ -76,12 +76,13 @@ PLAIN_VIEW = {"crop_top": 0.0, "crop_left": 0.0, "crop_height": 1.0, "crop_width
 
 
 # Streams of random numbers: extract's view v uses stream v; the row layouts (ORDER_STREAM + v for
-# view v, ORDER_STREAM - 1 for val, ORDER_STREAM - 2 for the teacher fit's sample order) and the
-# teacher fit's epochs (FIT_STREAM + epoch) use streams of their own, far from any view count.
+# view v, ORDER_STREAM - 1 for val, ORDER_STREAM - 2 for the teacher fit's sample order), a
+# student's per-class subset (SUBSET_STREAM), the teacher fit's epochs (FIT_STREAM + epoch) and a
+# student's fresh views (FRESH_STREAM + epoch) use streams of their own, far from any view count.
 ORDER_STREAM = 1 << 40
 FIT_STREAM = 1 << 41
-FRESH_STREAM = 1 << 42  # a student's fresh views of epoch e: stream FRESH_STREAM + e
-SUBSET_STREAM = ORDER_STREAM - 3  # which images a student with train_per_class keeps
+FRESH_STREAM = 1 << 42
+SUBSET_STREAM = ORDER_STREAM - 3
 _ATTEMPTS = 10  # random-resized-crop tries before the centred fallback (as torchvision)
 
 
