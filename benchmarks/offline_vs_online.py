@@ -3,14 +3,17 @@
     python benchmarks/offline_vs_online.py [--workdir work/study] [--jobs 2] [--seeds 5]
 
 Runs ``configs/study_offline_vs_online.yaml`` (the embedded digits; its header says which setting
-and why) and a compact-cache variant of it, then prints and writes, under the workdir:
+and why) and three variants: a compact cache, more views per image (cached SpectralKD at K' = 32
+and 64 from a 64-view cache), and the embedded default's regime (every train image, 40 epochs:
+cached SpectralKD at K' = 1, 2, 16 against online SpectralKD and no KD).  It prints and writes,
+under the workdir:
 
-* ``offline_vs_online.md``: per group of seeds, val top-1 mean +- sd (n), the paired difference to
+* ``offline_vs_online.md``: per regime and group of seeds, val top-1 mean +- sd (n), the paired difference to
   the online student of the same loss with its 95% t interval, the intensity-profile distance to
   the teacher (analyze), and the seconds each student trained; then the wall time of a whole sweep
   of seeds cached (extract + students) and online, and the cache's bytes;
-* ``offline_vs_online.png``: val top-1 against cached views per image, one line per loss, the
-  online students as bands (mean +- sd);
+* ``offline_vs_online.png``: val top-1 against cached views per image, one panel per regime, one
+  line per loss, the online students as bands (mean +- sd);
 * ``offline_vs_online.json``: every student's numbers.
 
 Every stage is the pipeline's own (``python -m pipeline``): a rerun reuses what is up to date, so
@@ -60,23 +63,43 @@ def pipeline(conf: Path, workdir: Path, upstream: list[Path], *args: str) -> flo
     return time.perf_counter() - t
 
 
-def study_configs(root: Path, seeds: int) -> tuple[Path, Path]:
-    """The study config with ``seeds`` seeds, and its compact-cache variant (one group: cached
-    SpectralKD on every view of a pooled, int8 cache), written under ``root``."""
+def study_configs(root: Path, seeds: int, more_views: int) -> dict[str, Path]:
+    """The study's configs, written under ``root`` with ``seeds`` seeds: 'main' (the study config),
+    'compact' (cached SpectralKD on every view of a pooled int8 cache) and, with ``more_views``,
+    'more' (cached SpectralKD at K' = 32, 64, ... up to ``more_views`` from a cache of that many
+    views; its first views are the main cache's, as views are keyed by their index)."""
     tree = yaml.safe_load(CONFIG.read_text())
     for sw in tree["distill"]["sweep"]:
         sw["grid"]["seed"] = list(range(seeds))
-    main = root / "study.yaml"
-    main.write_text(yaml.safe_dump(tree, sort_keys=False))
+    base = next(sw["base"] for sw in tree["distill"]["sweep"] if sw["base"]["name"] == "cached")
+    spectral = dict(copy.deepcopy(base), loss=dict(base["loss"], kind="spectral"))
+    out = {"main": write_yaml(root / "study.yaml", tree)}
     compact = copy.deepcopy(tree)
     compact["extract"]["compress"] = dict(compact["extract"].get("compress") or {}, **COMPACT)
-    base = next(sw["base"] for sw in tree["distill"]["sweep"] if sw["base"]["name"] == "cached")
-    compact["distill"]["sweep"] = [{"base": dict(copy.deepcopy(base), name="compact", loss=dict(base["loss"],
-                                                                                              kind="spectral")),
-                                    "grid": {"seed": list(range(seeds))}}]
-    path = root / "study_compact.yaml"
-    path.write_text(yaml.safe_dump(compact, sort_keys=False))
-    return main, path
+    compact["distill"]["sweep"] = [{"base": dict(spectral, name="compact"), "grid": {"seed": list(range(seeds))}}]
+    out["compact"] = write_yaml(root / "study_compact.yaml", compact)
+    k = tree["extract"]["views"]
+    extra = [2**i for i in range(1, 16) if k < 2**i <= more_views]
+    if extra:
+        more = copy.deepcopy(tree)
+        more["extract"]["views"] = extra[-1]
+        more["distill"]["sweep"] = [{"base": dict(spectral, name="more"),
+                                     "grid": {"views": extra, "seed": list(range(seeds))}}]
+        out["more"] = write_yaml(root / "study_more_views.yaml", more)
+    full = copy.deepcopy(tree)  # the embedded default's regime: every train image, 40 epochs
+    full["distill"]["defaults"].update(epochs=40, train_per_class=None, eval_every=10)
+    online = next(sw["base"] for sw in tree["distill"]["sweep"] if sw["base"]["name"] == "online")
+    full["distill"]["sweep"] = [
+        {"base": dict(spectral, name="full"), "grid": {"views": [1, 2, 16], "seed": list(range(seeds))}},
+        {"base": dict(copy.deepcopy(online), name="full-online"),
+         "grid": {"loss.kind": ["none", "spectral"], "seed": list(range(seeds))}}]
+    out["full"] = write_yaml(root / "study_all_images.yaml", full)
+    return out
+
+
+def write_yaml(path: Path, tree: dict) -> Path:
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
 
 
 def runner_of(conf: Path, workdir: Path, upstream: list[Path]):
@@ -89,8 +112,8 @@ def runner_of(conf: Path, workdir: Path, upstream: list[Path]):
 
 
 def students(conf: Path, workdir: Path, upstream: list[Path], source: str) -> list[dict]:
-    """One dict per student of ``conf``: its group (kind, source, views), seed, top-1, seconds, and
-    the intensity-profile distance analyze measured."""
+    """One dict per student of ``conf``: its group (regime, kind, source, views), seed, top-1,
+    seconds, and the intensity-profile distance analyze measured."""
     from pipeline.graph import student_node
 
     cfg, runner = runner_of(conf, workdir, upstream)
@@ -107,7 +130,8 @@ def students(conf: Path, workdir: Path, upstream: list[Path], source: str) -> li
         group_source = "online" if st.mode == "online" and st.loss.kind != "none" else source
         if st.loss.kind == "none":
             group_source = "fresh" if fresh else source
-        out.append({"student": s.name, "kind": st.loss.kind, "source": group_source,
+        regime = f"{st.train_per_class or 'all'} images per class, {st.epochs} epochs"
+        out.append({"student": s.name, "regime": regime, "kind": st.loss.kind, "source": group_source,
                     "views": "fresh" if fresh else int(k), "seed": st.seed, "val_top1": rec.summary["val_top1"],
                     "train_s": rec.summary["train_s"], "profile_distance": distance.get(s.name, math.nan)})
     return out
@@ -125,19 +149,19 @@ def cache_bytes(conf: Path, workdir: Path, upstream: list[Path]) -> dict:
 
 
 def groups(rows: list[dict]) -> list[dict]:
-    """Students grouped by (kind, source, views), with the paired difference (by seed) to the
-    online student of the same kind (no KD: to no KD on fresh views)."""
+    """Students grouped by (regime, kind, source, views), with the paired difference (by seed) to
+    the online student of the same regime and kind (no KD: to no KD on fresh views)."""
     from stages.groups import paired_difference
 
     keyed: dict[tuple, list[dict]] = {}
     for r in rows:
-        keyed.setdefault((r["kind"], r["source"], r["views"]), []).append(r)
+        keyed.setdefault((r["regime"], r["kind"], r["source"], r["views"]), []).append(r)
     ref_of = {k: ("online" if k != "none" else "fresh") for k in KINDS}
     out = []
-    for (kind, source, views), rs in keyed.items():
+    for (regime, kind, source, views), rs in keyed.items():
         acc = {r["seed"]: r["val_top1"] for r in rs}
-        ref = keyed.get((kind, ref_of[kind], "fresh"))
-        g = {"kind": kind, "source": source, "views": views, "n": len(rs), "seeds": sorted(acc),
+        ref = keyed.get((regime, kind, ref_of[kind], "fresh"))
+        g = {"regime": regime, "kind": kind, "source": source, "views": views, "n": len(rs), "seeds": sorted(acc),
              "mean": float(np.mean(list(acc.values()))), "sd": float(np.std(list(acc.values()), ddof=1)),
              "profile_distance": float(np.nanmean([r["profile_distance"] for r in rs])),
              "profile_distance_sd": float(np.nanstd([r["profile_distance"] for r in rs], ddof=1)),
@@ -146,7 +170,8 @@ def groups(rows: list[dict]) -> list[dict]:
             g["diff"] = paired_difference(acc, {r["seed"]: r["val_top1"] for r in ref})
         out.append(g)
     order = {"fresh": 0, "online": 1, "cached": 2, "compact": 3}
-    return sorted(out, key=lambda g: (KINDS.index(g["kind"]), order[g["source"]],
+    regimes = list(dict.fromkeys(r["regime"] for r in rows))
+    return sorted(out, key=lambda g: (regimes.index(g["regime"]), KINDS.index(g["kind"]), order[g["source"]],
                                       0 if g["views"] == "fresh" else g["views"]))
 
 
@@ -158,40 +183,60 @@ def name_of(g: dict) -> str:
 
 
 def table(gs: list[dict]) -> str:
-    lines = ["| student | views per image | n | val top-1 mean +- sd | paired difference to online (95% interval) "
-             "| profile distance to teacher | s per student |", "|---|---|---|---|---|---|---|"]
-    for g in gs:
-        d = g.get("diff")
-        diff = f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]" if d else "reference"
-        lines.append(f"| {name_of(g)} | {g['views']} | {g['n']} | {g['mean']:.2f} +- {g['sd']:.2f} | {diff} | "
-                     f"{g['profile_distance']:.4f} +- {g['profile_distance_sd']:.4f} | {g['train_s']:.0f} |")
-    return "\n".join(lines) + "\n"
+    """One Markdown table per regime (data size and epochs)."""
+    out = []
+    for regime in dict.fromkeys(g["regime"] for g in gs):
+        lines = [f"**{regime}**", "", "| student | views per image | n | val top-1 mean +- sd | paired difference to "
+                 "online (95% interval) | profile distance to teacher | s per student |",
+                 "|---|---|---|---|---|---|---|"]
+        for g in (g for g in gs if g["regime"] == regime):
+            d = g.get("diff")
+            diff = f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]" if d else "reference"
+            lines.append(f"| {name_of(g)} | {g['views']} | {g['n']} | {g['mean']:.2f} +- {g['sd']:.2f} | {diff} | "
+                         f"{g['profile_distance']:.4f} +- {g['profile_distance_sd']:.4f} | {g['train_s']:.0f} |")
+        out.append("\n".join(lines) + "\n\n" + kd_margin([g for g in gs if g["regime"] == regime]) + "\n")
+    return "\n".join(out)
 
 
 def kd_margin(gs: list[dict]) -> str:
     """Online SpectralKD against no KD on fresh views, in pooled standard deviations."""
-    on = next(g for g in gs if g["kind"] == "spectral" and g["source"] == "online")
-    base = next(g for g in gs if g["kind"] == "none" and g["source"] == "fresh")
+    on = next((g for g in gs if g["kind"] == "spectral" and g["source"] == "online"), None)
+    base = next((g for g in gs if g["kind"] == "none" and g["source"] == "fresh"), None)
+    if on is None or base is None:
+        return ""
     pooled = math.sqrt((on["sd"] ** 2 + base["sd"] ** 2) / 2)
     return (f"online SpectralKD - no KD (fresh views): {on['mean'] - base['mean']:+.2f} points = "
             f"{(on['mean'] - base['mean']) / pooled:.1f} pooled sd (pooled sd {pooled:.2f})")
 
 
 def plot(gs: list[dict], path: Path) -> None:
+    """Val top-1 against cached views per image, one panel per regime: cached students as lines,
+    online (and no-KD fresh-view) students as bands of mean +- sd."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    regimes = list(dict.fromkeys(g["regime"] for g in gs))
+    fig, axes = plt.subplots(1, len(regimes), figsize=(7 * len(regimes), 4.5), squeeze=False)
+    for ax, regime in zip(axes[0], regimes):
+        plot_regime(ax, [g for g in gs if g["regime"] == regime])
+        n = max(g["n"] for g in gs if g["regime"] == regime)
+        ax.set_title(f"digits, {regime} (n={n} seeds)", fontsize=10)
+    fig.suptitle("Cached vs online students")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_regime(ax, gs: list[dict]) -> None:
     colors = {"none": "tab:gray", "logits": "tab:blue", "spectral": "tab:red"}
     ks = sorted({g["views"] for g in gs if g["source"] == "cached"})
     for kind in KINDS:
         line = [g for g in gs if g["kind"] == kind and g["source"] == "cached"]
         if line:
-            x = [g["views"] for g in line]
-            ax.errorbar(x, [g["mean"] for g in line], yerr=[g["sd"] for g in line], marker="o", capsize=3,
-                        color=colors[kind], label=f"{LABEL[kind]}, cached")
+            ax.errorbar([g["views"] for g in line], [g["mean"] for g in line], yerr=[g["sd"] for g in line],
+                        marker="o", capsize=3, color=colors[kind], label=f"{LABEL[kind]}, cached")
         for g in gs:
             if g["kind"] == kind and g["source"] in ("online", "fresh"):
                 what = "online teacher" if g["source"] == "online" else "fresh views"
@@ -204,12 +249,7 @@ def plot(gs: list[dict], path: Path) -> None:
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("cached views per image (K')")
     ax.set_ylabel("val top-1 (%)")
-    n = max(g["n"] for g in gs)
-    ax.set_title(f"Cached vs online students (digits, n={n} seeds)")
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -217,6 +257,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="work/study")
     ap.add_argument("--jobs", type=int, default=2, help="students trained at once (one core each)")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--more-views", type=int, default=64,
+                    help="also train cached SpectralKD at K' = 32, 64, ... up to this from a larger cache (0: off)")
     ap.add_argument("--reuse", default=None, help="a workdir whose teacher the study may use (default: work)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                     help="a config override for every run (e.g. distill.defaults.epochs=2 for a quick check)")
@@ -226,42 +268,45 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     reuse = Path(args.reuse or ROOT / "work").resolve()
     lend = [reuse] if reuse.is_dir() else []
-    conf, conf_c = study_configs(root, args.seeds)
-    wd, wd_c = root / "main", root / "compact"
+    confs = study_configs(root, args.seeds, args.more_views)
+    upstream = {name: (lend if name == "main" else [root / "main", *lend]) for name in confs}
+    source = {"main": "cached", "compact": "compact", "more": "cached", "full": "cached"}
     t0 = time.perf_counter()
+    conf, wd = confs["main"], root / "main"
     walls = {"extract": pipeline(conf, wd, lend, "run", "extract"),
              "distill": pipeline(conf, wd, lend, "run", "distill", "--jobs", str(args.jobs)),
              "analyze": pipeline(conf, wd, lend, "run", "analyze")}
-    walls["compact"] = pipeline(conf_c, wd_c, [wd, *lend], "run", "analyze", "--jobs", str(args.jobs))
+    for name in [n for n in confs if n != "main"]:
+        walls[name] = pipeline(confs[name], root / name, upstream[name], "run", "analyze", "--jobs", str(args.jobs))
     total = time.perf_counter() - t0
-    rows = students(conf, wd, lend, "cached") + students(conf_c, wd_c, [wd, *lend], "compact")
+    rows = [r for name in confs for r in students(confs[name], root / name, upstream[name], source[name])]
     gs = groups(rows)
-    cache, cache_c = cache_bytes(conf, wd, lend), cache_bytes(conf_c, wd_c, [wd, *lend])
-    text = [f"Machine: {machine()}", f"Study: {conf} (+ compact variant {conf_c.name}), {args.seeds} seeds", "",
-            table(gs), kd_margin(gs), "", sweep_walls(gs, cache), "",
-            f"Cache: {cache['bytes'] / 2**20:.1f} MiB for {cache['views']} views per train image "
-            f"({cache['bytes'] / cache['rows']:.0f} B per row, {cache['rows']} rows with val); "
-            f"compact (pool 16 + int8): {cache_c['bytes'] / 2**20:.1f} MiB ({cache_c['bytes'] / cache_c['rows']:.0f} "
-            f"B per row)",
+    caches = {name: cache_bytes(confs[name], root / name, upstream[name]) for name in confs}
+    text = [f"Machine: {machine()}", f"Study: {', '.join(p.name for p in confs.values())} in {root}, "
+                                     f"{args.seeds} seeds", "",
+            table(gs), sweep_walls([g for g in gs if g["regime"] == gs[0]["regime"]], caches["main"]), "",
+            *(f"Cache '{name}': {c['bytes'] / 2**20:.1f} MiB, {c['views']} views per train image, "
+              f"{c['bytes'] / c['rows']:.0f} B per row ({c['rows']} rows with val)" for name, c in caches.items()),
             f"Wall: study {total:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in walls.items())})"]
     report = "\n".join(text) + "\n"
     print("\n" + report)
     (root / "offline_vs_online.md").write_text(report)
-    (root / "offline_vs_online.json").write_text(json.dumps({"students": rows, "groups": gs, "cache": cache,
-                                                             "cache_compact": cache_c, "walls": walls}, indent=1))
+    (root / "offline_vs_online.json").write_text(json.dumps({"students": rows, "groups": gs, "caches": caches,
+                                                             "walls": walls}, indent=1))
     plot(gs, root / "offline_vs_online.png")
     print(f"wrote {root / 'offline_vs_online.md'}, .png, .json")
 
 
 def sweep_walls(gs: list[dict], cache: dict) -> str:
-    """Seconds of a whole sweep of seeds: online students, against extract + cached students."""
+    """Seconds of a whole sweep of seeds: online students, against extract + cached students on
+    every view of the main cache."""
     lines = []
     for kind in ("logits", "spectral"):
         on = next((g for g in gs if g["kind"] == kind and g["source"] == "online"), None)
-        cached = [g for g in gs if g["kind"] == kind and g["source"] == "cached"]
-        if on is None or not cached:
+        top = next((g for g in gs if g["kind"] == kind and g["source"] == "cached" and g["views"] == cache["views"]),
+                   None)
+        if on is None or top is None:
             continue
-        top = max(cached, key=lambda g: g["views"])
         lines.append(f"{LABEL[kind]}, {on['n']} seeds: online {on['train_s_sum']:.0f} student-s; cached "
                      f"K'={top['views']} {top['train_s_sum']:.0f} student-s + extract {cache['wall_s']:.0f}s once "
                      f"for every student")
