@@ -273,6 +273,20 @@ def student_dir(runner, name: str) -> Path:
     return runner.student_dir(name)
 
 
+REVISITS_WITHIN_NOISE = 25  # epochs per stored view up to which cached students matched online ones
+
+
+def revisit_warning(st: ResolvedStudent, views: int) -> str | None:
+    """A warning for a student that trains on cached teacher targets more than
+    :data:`REVISITS_WITHIN_NOISE` epochs per stored view (README "Does the cache cost accuracy?")."""
+    per_view = st.epochs / views
+    if st.mode != "cached" or st.loss.kind == "none" or st.views == "fresh" or per_view <= REVISITS_WITHIN_NOISE:
+        return None
+    return (f"{st.name}: {st.epochs} epochs over {views} stored views is {per_view:.0f} epochs per view; in "
+            f"benchmarks/offline_vs_online.py cached students lost accuracy against online ones above about "
+            f"{REVISITS_WITHIN_NOISE} (1.8 points at 50, 6.9 at 200); store more views (extract.views)")
+
+
 def check_student(cache: Cache | None, model, st: ResolvedStudent, size: int,
                   pairs: tuple[tuple[int, int], ...]) -> None:
     """Fail before training when a layer pair (normalized, :class:`stages.models.ModelPlan`) cannot
@@ -602,6 +616,8 @@ def _train_into(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher,
         log.info(f"{name}: {st.loss.kind} student {st.model}, {st.mode} teacher targets, {views}, "
                  f"{len(tr.train_labels(0))} train rows per epoch, {tr.device}{ddp}")
     check_student(cache if st.mode == "cached" else None, tr.model, st, cfg.data.image_size, tr.pairs)
+    if dist.is_main() and (warning := revisit_warning(st, tr.views)):
+        log.warning(warning)
     metrics = tr.fit(max_steps=max_steps)
     last = metrics[-1]
     summary = {

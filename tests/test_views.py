@@ -182,3 +182,14 @@ def test_official_loss_kinds_read_only_what_they_need(built, student, kind, keys
     terms = tr.step(x, y, tg, torch.optim.SGD(tr.model.parameters(), lr=0.01)).items()
     assert (terms["spec"] > 0) == (0 in keys)
     assert (terms["kd"] > 0) == ("logits" in keys)
+
+
+def test_revisiting_few_stored_views_warns():
+    from stages.distill import revisit_warning
+
+    cfg = config_from_dict(TINY)
+    st = _student(cfg, "spectral", epochs=60)
+    assert "30 epochs per view" in revisit_warning(st, 2)
+    assert revisit_warning(st, 4) is None  # 15 per view
+    assert revisit_warning(_student(cfg, "none", epochs=60), 1) is None  # no teacher targets
+    assert revisit_warning(_student(cfg, "spectral", epochs=60, mode="online"), 1) is None
