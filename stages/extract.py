@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from cache.codec import encode
 from cache.layout import CacheSpec, LayerSpec, root_attributes
 from cache.manifest import manifest_table
-from cache.reader import CACHE_DIR
+from cache.reader import CACHE_DIR, Cache
 from cache.writer import CacheWriter
 from pipeline import dist
 from pipeline.config import PipelineConfig
@@ -184,7 +184,30 @@ def run(ctx) -> dict:
             f"extract: {spec.rows} rows in {spec.num_shards} shards, {summary['cache_bytes'] / 2**20:.1f} MiB, "
             f"{summary['bad_rows']} bad rows, {len(skipped)} skipped samples"
         )
+        summary["teacher_val_top1"] = report_cached_val_top1(Cache(path), ctx.upstream["teacher"].summary)
     return summary
+
+
+def cached_val_top1(cache: Cache) -> float:
+    """Top-1 (percent) of the cached teacher logits on the val views (rows extract could read)."""
+    b = cache.block("val", 0)
+    ok = cache.valid[b.start : b.stop]
+    logits = cache.read("logits", b.start, b.stop)[ok]
+    labels = cache.column("label")[b.start : b.stop][ok]
+    return 100.0 * float(np.mean(logits.argmax(axis=1) == labels)) if len(labels) else float("nan")
+
+
+def report_cached_val_top1(cache: Cache, teacher_summary: dict) -> float:
+    """Log the cached logits' val top-1, so that wrong weights or preprocessing show at once; warn
+    when it is more than a point from the teacher stage's own evaluation of the same views."""
+    top1 = cached_val_top1(cache)
+    fitted = teacher_summary.get("val_top1")
+    log.info(f"extract: teacher val top-1 on the cached val views {top1:.2f}%"
+             + (f" (teacher stage: {fitted:.2f}%)" if fitted is not None else ""))
+    if fitted is not None and abs(top1 - fitted) > 1.0:
+        log.warning(f"extract: the cached logits give val top-1 {top1:.2f}%, the teacher stage measured "
+                    f"{fitted:.2f}% on the same views; the teacher's weights or preprocessing differ between them")
+    return round(top1, 3)
 
 
 def _samples(cfg: PipelineConfig, prepare_record) -> tuple[Samples, Samples, list[dict]]:

@@ -203,3 +203,22 @@ def test_batched_views_and_decoded_image_cache_equal_one_view_at_a_time(built, t
     assert ok.tolist() == [True, False] and y.tolist() == [first.label, 3]
     assert torch.equal(x[0], ref[0]) and int(x[1].abs().sum()) == 0
     assert list(ds._images) == [(0, first.offset)]
+
+
+def test_extract_reports_the_teacher_val_top1_of_the_cached_logits(built, caplog):
+    import logging
+
+    from stages.extract import cached_val_top1, report_cached_val_top1
+
+    cfg, runner, recs = built
+    cache = open_cache(recs["extract"])
+    b = cache.block("val", 0)
+    labels = cache.column("label")[b.start : b.stop]
+    want = 100.0 * np.mean(cache.read("logits", b.start, b.stop).argmax(1) == labels)
+    assert cached_val_top1(cache) == pytest.approx(want)
+    assert recs["extract"].summary["teacher_val_top1"] == pytest.approx(want, abs=1e-3)
+    # the teacher stage evaluated the same plain val views in float32: the cached float16 logits agree
+    assert want == pytest.approx(recs["teacher"].summary["val_top1"], abs=0.5)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        report_cached_val_top1(cache, {"val_top1": want + 5})
+    assert "weights or preprocessing differ" in caplog.text
