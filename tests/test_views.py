@@ -193,3 +193,30 @@ def test_revisiting_few_stored_views_warns():
     assert revisit_warning(st, 4) is None  # 15 per view
     assert revisit_warning(_student(cfg, "none", epochs=60), 1) is None  # no teacher targets
     assert revisit_warning(_student(cfg, "spectral", epochs=60, mode="online"), 1) is None
+
+
+def test_fresh_view_student_resumes_to_the_same_metrics(built, tmp_path, monkeypatch):
+    """Fresh views depend on (seed, epoch) only: a student stopped after a checkpoint and resumed
+    ends with the metrics of an uninterrupted one, also with eval_every > 1."""
+    cfg, _, recs = built
+    cache = open_cache(recs["extract"])
+    st = _student(cfg, "none", views="fresh", epochs=4, eval_every=2, snapshot_every=0)
+    (tmp_path / "whole").mkdir()
+    whole = Trainer(cfg, st, cache, tmp_path / "whole").fit(max_steps=2)
+    real = Trainer._train_epoch
+
+    def crash_at_3(self, epoch, *a):
+        if epoch == 3:
+            raise RuntimeError("killed")
+        return real(self, epoch, *a)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", crash_at_3)
+    (tmp_path / "cut").mkdir()
+    with pytest.raises(RuntimeError, match="killed"):
+        Trainer(cfg, st, cache, tmp_path / "cut").fit(max_steps=2)
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["epoch"] == 1  # epoch 2 was not checkpointed
+    monkeypatch.setattr(Trainer, "_train_epoch", real)
+    resumed = Trainer(cfg, st, cache, tmp_path / "cut").fit(max_steps=2)
+    for a, b in zip(whole, resumed):
+        assert a["loss_total"] == b["loss_total"] and (a["val_top1"] == b["val_top1"] or np.isnan(a["val_top1"]))
+    assert len(resumed) == 4
