@@ -9,6 +9,8 @@ times), then trains the default student architecture as kind 'none', 'spectral' 
 each (data loading included: epoch time / steps, evaluation excluded) with the ratios, and the
 teacher/student forward FLOP ratio from torch's FLOP counter.  The first K epochs (K = views)
 read the teacher targets from disk; later ones from memory (distill.defaults.keep_targets_mb).
+Two more cached variants never hold targets (keep_targets_mb 0): one reads shard files in one
+pass (cache.shardfile.ShardDecoder, the default), one through zarr, side by side.
 """
 
 from __future__ import annotations
@@ -51,14 +53,20 @@ def main() -> None:
     teacher = models.load_teacher(recs["teacher"], cfg).to(models.resolve_device(cfg.distill.defaults.device))
     spectral = next(s for s in cfg.distill.students if s.loss.kind == "spectral").name
     base = cfg.student(spectral)
+    zarr_cache = open_cache(recs["extract"])
+    zarr_cache.one_pass = False  # the same cache read through zarr: the one-pass reader's baseline
+    disk = {"keep_targets_mb": 0}
     variants = {
         "none (cached rows, no KD)": base.model_copy(update={"loss": base.loss.model_copy(update={"kind": "none"})}),
         "spectral cached": base,
         "spectral online": base.model_copy(update={"mode": "online"}),
+        "spectral cached, disk": base.model_copy(update=disk),
+        "spectral cached, disk, zarr": base.model_copy(update=disk),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
-    trainers = {name: Trainer(cfg, st, cache, Path(wd) / "scratch", runner.model_plan,
-                              teacher=teacher if st.mode == "online" else None) for name, st in variants.items()}
+    trainers = {name: Trainer(cfg, st, zarr_cache if name.endswith("zarr") else cache, Path(wd) / "scratch",
+                              runner.model_plan, teacher=teacher if st.mode == "online" else None)
+                for name, st in variants.items()}
     opts = {name: torch.optim.AdamW(tr.model.parameters(), lr=tr.st.lr) for name, tr in trainers.items()}
     for epoch in range(args.repeat):  # epochs interleaved across variants; epoch e trains on view e mod K
         for name, tr in trainers.items():
@@ -89,6 +97,9 @@ def main() -> None:
     print(f"  first {len(cold)} epoch(s), targets from disk : {', '.join(f'{c:.3f}' for c in cold)}")
     if warm:
         print(f"  later epochs, targets in memory : median {float(np.median(warm)):.3f} of {len(warm)}")
+    for k in ("spectral cached, disk", "spectral cached, disk, zarr"):
+        r = [s / b for s, b in zip(times[k], times[none_key])]
+        print(f"{k + ' / no KD':<29}: {float(np.median(r)):.3f}   (keep_targets_mb 0: every epoch reads the cache)")
     online = [o / c for o, c in zip(times["spectral online"], times["spectral cached"])]
     print(f"online spectral / cached     : {float(np.median(online)):.3f}   (median of per-epoch ratios)")
     print(f"teacher / student fwd FLOPs  : {f_t / f_s:.2f}  ({f_t / 1e6:.1f} vs {f_s / 1e6:.1f} MFLOP per image)")

@@ -23,6 +23,7 @@ from pipeline.errors import PipelineError
 from pipeline.fingerprint import diff
 
 from .codec import decode
+from .shardfile import ShardDecoder
 from .layout import (FORMAT_VERSION, MANIFEST, SHARD_INDEX, CacheSpec, layer_array, meaning_digest, shard_key,
                      spec_from_attrs)
 
@@ -81,6 +82,8 @@ class Cache:
         self._rows = None
         self._shard_bytes = self._shard_sizes(integrity.get("shard_index_sha256"))
         self._checked: set[tuple[str, int]] = set()
+        self._decoders: dict[str, ShardDecoder | None] = {}
+        self.one_pass = True  # False: every read goes through zarr (benchmarks/distill.py compares)
         self.blocks = [Block(**b) for b in self.attrs["blocks"]]
         self._valid: np.ndarray | None = None
 
@@ -204,14 +207,24 @@ class Cache:
             )
         self._checked.add((name, s))
 
+    def decoder(self, name: str) -> ShardDecoder | None:
+        """The one-pass reader of array ``name`` (None: a layout only zarr reads, or ``one_pass`` off)."""
+        if not self.one_pass:
+            return None
+        if name not in self._decoders:
+            self._decoders[name] = ShardDecoder.for_array(self.array(name), self.path / name)
+        return self._decoders[name]
+
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of one array; a missing, resized or corrupt shard file is named."""
-        arr = self.array(name)
+        """Rows [start, stop) of one array; a missing, resized or corrupt shard file is named.
+        Shard files are read in one pass each (:class:`cache.shardfile.ShardDecoder`), every
+        chunk's crc32c checked; a layout it does not know is read through zarr."""
         rps = self.spec.rows_per_shard
         for s in range(start // rps, (max(start, stop - 1)) // rps + 1):
             self.check_shard_file(name, s)
         try:
-            return arr[start:stop]
+            dec = self.decoder(name)
+            return dec.read(start, stop) if dec is not None else self.array(name)[start:stop]
         except ValueError as e:
             if "checksum" in str(e).lower():
                 s0 = start // self.spec.rows_per_shard

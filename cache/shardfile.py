@@ -1,4 +1,4 @@
-"""Writing one whole Zarr v3 shard file in a single pass, without zarr's per-call machinery.
+"""Writing and reading Zarr v3 shard files in a single pass, without zarr's per-call machinery.
 
 A cache writer always writes whole shards of arrays that are chunked along rows only, which is
 the simplest case of the ``sharding_indexed`` codec (Zarr v3 spec, sharding extension): every
@@ -9,9 +9,13 @@ the end with its own crc32c.  zarr-python spends several milliseconds of Python 
 assignment here, which is as much as compressing the data; this module does the same encoding
 with numcodecs directly and writes the file atomically (``pipeline.fsutil.atomic_write_bytes``).
 
-:meth:`ShardEncoder.for_array` reads the array's own metadata and returns ``None`` for any codec
-chain it does not know, in which case the writer falls back to zarr's assignment.  Files written
-here are read by plain ``zarr.open_group`` like any other (tests check both ways).
+:class:`ShardDecoder` is the mirror for reads: per shard, one read of the index and one of the span
+of inner chunks the rows need, every crc32c checked before decompression.
+
+``for_array`` reads the array's own metadata (:func:`row_sharded_layout`) and returns ``None`` for
+any codec chain it does not know, in which case the cache falls back to zarr.  Files written here
+are read by plain ``zarr.open_group`` like any other, and files zarr wrote are read here (tests
+check both ways).
 """
 
 from __future__ import annotations
@@ -52,6 +56,59 @@ def _compressor(conf: dict, dtype: np.dtype) -> Callable[[np.ndarray], bytes] | 
     return None
 
 
+def row_sharded_layout(arr) -> dict | None:
+    """The layout of ``arr`` when it is the one this module reads and writes: a Zarr v3 array
+    sharded and chunked along rows only, inner chain ``bytes`` (little-endian) -> a compressor ->
+    ``crc32c``, the index at the end as ``bytes`` + ``crc32c``, fill value 0.  None otherwise."""
+    meta = arr.metadata
+    if getattr(meta, "zarr_format", None) != 3:
+        return None
+    d = meta.to_dict()
+    codecs = d.get("codecs", [])
+    if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+        return None
+    conf = codecs[0]["configuration"]
+    dtype = np.dtype(arr.dtype)
+    shard_shape = tuple(d["chunk_grid"]["configuration"]["chunk_shape"])
+    chunk_shape = tuple(conf["chunk_shape"])
+    shape = tuple(arr.shape)
+    if (
+        conf.get("index_location", "end") != "end"
+        or [c["name"] for c in conf.get("index_codecs", [])] != ["bytes", "crc32c"]
+        or conf["index_codecs"][0].get("configuration", {}).get("endian", "little") != "little"
+        or shard_shape[1:] != shape[1:]
+        or chunk_shape[1:] != shape[1:]
+        or shard_shape[0] % chunk_shape[0] != 0
+        or d.get("fill_value") not in (0, 0.0)
+        or d.get("storage_transformers")
+    ):
+        return None
+    inner = conf.get("codecs", [])
+    if len(inner) != 3 or inner[0]["name"] != "bytes" or inner[2]["name"] != "crc32c":
+        return None
+    if dtype.itemsize > 1 and inner[0].get("configuration", {}).get("endian", "little") != "little":
+        return None
+    ndim = len(shape)
+    return {"shape": shape, "shard_rows": shard_shape[0], "chunk_rows": chunk_shape[0],
+            "dtype": dtype.newbyteorder("<"), "compressor": inner[1],
+            "key": lambda s: meta.encode_chunk_key((s,) + (0,) * (ndim - 1))}
+
+
+def _decompressor(conf: dict) -> Callable[[bytes], bytes] | None:
+    name = conf["name"]
+    if name == "zstd":
+        from numcodecs import Zstd
+
+        z = Zstd()
+        return lambda b: z.decode(b)
+    if name == "blosc":
+        from numcodecs import Blosc
+
+        bl = Blosc()
+        return lambda b: bl.decode(b)
+    return None
+
+
 @dataclass
 class ShardEncoder:
     """Encodes and writes whole shards of one row-chunked, sharded Zarr v3 array."""
@@ -68,47 +125,12 @@ class ShardEncoder:
     def for_array(cls, arr, directory: Path) -> ShardEncoder | None:
         """An encoder for ``arr`` (a zarr.Array on a local directory), or None if its layout is not
         the row-chunked ``bytes -> compressor -> crc32c`` chain with the index at the end."""
-        meta = arr.metadata
-        if getattr(meta, "zarr_format", None) != 3:
-            return None
-        d = meta.to_dict()
-        codecs = d.get("codecs", [])
-        if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
-            return None
-        conf = codecs[0]["configuration"]
-        dtype = np.dtype(arr.dtype)
-        shard_shape = tuple(d["chunk_grid"]["configuration"]["chunk_shape"])
-        chunk_shape = tuple(conf["chunk_shape"])
-        shape = tuple(arr.shape)
-        if (
-            conf.get("index_location", "end") != "end"
-            or [c["name"] for c in conf.get("index_codecs", [])] != ["bytes", "crc32c"]
-            or conf["index_codecs"][0].get("configuration", {}).get("endian", "little") != "little"
-            or shard_shape[1:] != shape[1:]
-            or chunk_shape[1:] != shape[1:]
-            or shard_shape[0] % chunk_shape[0] != 0
-            or d.get("fill_value") not in (0, 0.0)
-            or d.get("storage_transformers")
-        ):
-            return None
-        inner = conf.get("codecs", [])
-        if len(inner) != 3 or inner[0]["name"] != "bytes" or inner[2]["name"] != "crc32c":
-            return None
-        if dtype.itemsize > 1 and inner[0].get("configuration", {}).get("endian", "little") != "little":
-            return None
-        compress = _compressor(inner[1], dtype)
+        layout = row_sharded_layout(arr)
+        compress = _compressor(layout["compressor"], layout["dtype"]) if layout else None
         if compress is None:
             return None
-        ndim = len(shape)
-        return cls(
-            directory=Path(directory),
-            shape=shape,
-            shard_rows=shard_shape[0],
-            chunk_rows=chunk_shape[0],
-            dtype=dtype.newbyteorder("<"),
-            compress=compress,
-            key=lambda s: meta.encode_chunk_key((s,) + (0,) * (ndim - 1)),
-        )
+        return cls(directory=Path(directory), shape=layout["shape"], shard_rows=layout["shard_rows"],
+                   chunk_rows=layout["chunk_rows"], dtype=layout["dtype"], compress=compress, key=layout["key"])
 
     def encode(self, s: int, block: np.ndarray) -> bytes:
         """The bytes of shard ``s`` holding ``block`` (the shard's rows; the last shard may be short)."""
@@ -148,3 +170,78 @@ class ShardEncoder:
         path = self.directory / self.key(s)
         atomic_write_bytes(path, self._parts(s, block), sync_dir=False)
         return path
+
+
+class ShardCorrupt(ValueError):
+    """A shard file whose index or chunk fails its crc32c or points outside the file."""
+
+
+@dataclass
+class ShardDecoder:
+    """Reads rows of one row-chunked, sharded Zarr v3 array straight from its shard files: per
+    shard one read of the index and one of the span of inner chunks the rows need, every chunk's
+    and the index's crc32c checked, then numcodecs' decompression (the mirror of
+    :class:`ShardEncoder`, without zarr's per-call machinery)."""
+
+    directory: Path
+    shape: tuple[int, ...]
+    shard_rows: int
+    chunk_rows: int
+    dtype: np.dtype
+    decompress: Callable[[bytes], bytes]
+    key: Callable[[int], str]
+
+    @classmethod
+    def for_array(cls, arr, directory: Path) -> ShardDecoder | None:
+        """A decoder for ``arr`` (a zarr.Array on a local directory), or None for any other layout
+        (read it through zarr)."""
+        layout = row_sharded_layout(arr)
+        decompress = _decompressor(layout["compressor"]) if layout else None
+        if decompress is None:
+            return None
+        return cls(directory=Path(directory), shape=layout["shape"], shard_rows=layout["shard_rows"],
+                   chunk_rows=layout["chunk_rows"], dtype=layout["dtype"], decompress=decompress,
+                   key=layout["key"])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop); a damaged shard raises :class:`ShardCorrupt` naming it."""
+        stop = min(stop, self.shape[0])
+        out = np.zeros((max(0, stop - start), *self.shape[1:]), dtype=self.dtype)
+        r = self.shard_rows
+        for s in range(start // r, (max(start, stop - 1)) // r + 1) if stop > start else ():
+            a, b = max(start, s * r), min(stop, (s + 1) * r)
+            self._read_shard(s, a - s * r, b - s * r, out[a - start : b - start])
+        return out
+
+    def _read_shard(self, s: int, lo: int, hi: int, out: np.ndarray) -> None:
+        """Rows [lo, hi) of shard ``s`` (shard-relative) into ``out``."""
+        c, k = self.chunk_rows, self.shard_rows // self.chunk_rows
+        path = self.directory / self.key(s)
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            index_bytes = 16 * k + 4
+            if size < index_bytes:
+                raise ShardCorrupt(f"{path}: shard {s} is {size} bytes, shorter than its index: checksum mismatch")
+            f.seek(size - index_bytes)
+            raw = f.read(index_bytes)
+            if _crc(raw[:-4]) != raw[-4:]:
+                raise ShardCorrupt(f"{path}: shard {s} index checksum mismatch")
+            index = np.frombuffer(raw[:-4], dtype="<u8").reshape(k, 2)
+            chunks = range(lo // c, (hi - 1) // c + 1)
+            present = [i for i in chunks if index[i, 0] != EMPTY]
+            if not present:
+                return
+            first = min(int(index[i, 0]) for i in present)
+            last = max(int(index[i, 0] + index[i, 1]) for i in present)
+            if last > size - index_bytes or any(int(index[i, 1]) < 4 for i in present):
+                raise ShardCorrupt(f"{path}: shard {s} index points outside the file (checksum mismatch)")
+            f.seek(first)
+            span = f.read(last - first)
+        for i in present:
+            off, n = int(index[i, 0]) - first, int(index[i, 1])
+            enc, crc = span[off : off + n - 4], span[off + n - 4 : off + n]
+            if _crc(enc) != crc:
+                raise ShardCorrupt(f"{path}: shard {s} chunk {i} checksum mismatch")
+            chunk = np.frombuffer(self.decompress(enc), dtype=self.dtype).reshape(c, *self.shape[1:])
+            a, b = max(lo, i * c), min(hi, (i + 1) * c)
+            out[a - lo : b - lo] = chunk[a - i * c : b - i * c]

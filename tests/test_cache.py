@@ -110,3 +110,66 @@ def test_short_writes_are_continued(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert len(calls) > 3 * 4
     np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "g.zarr"), mode="r")["a"][:], data)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.integers(1, 70),
+    row_shape=st.sampled_from([(), (3,), (2, 3, 2)]),
+    dtype=st.sampled_from(["float16", "uint8", "int8", "float32", "bool"]),
+    chunks_per_shard=st.integers(1, 4),
+    chunk_rows=st.integers(1, 9),
+    comp=st.sampled_from(["zstd", "blosc"]),
+    writer=st.sampled_from(["zarr", "encoder"]),
+    cut=st.tuples(st.integers(0, 69), st.integers(1, 70)),
+    seed=st.integers(0, 2**31),
+)
+def test_one_pass_reads_equal_zarr_reads(tmp_path_factory, rows, row_shape, dtype, chunks_per_shard, chunk_rows,
+                                         comp, writer, cut, seed):
+    """ShardDecoder against zarr's own reading, over shapes, dtypes, codecs, files written by zarr or
+    by ShardEncoder, and row ranges inside one shard or across several."""
+    from cache.shardfile import ShardDecoder
+
+    tmp = tmp_path_factory.mktemp("read")
+    compressor = ZstdCodec(level=1) if comp == "zstd" else BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
+    shard_rows = chunk_rows * chunks_per_shard
+    arr = _array(tmp, "a", rows, row_shape, dtype, shard_rows, chunk_rows, compressor)
+    rng = np.random.default_rng(seed)
+    data = (rng.standard_normal((rows, *row_shape)) * 50).astype(dtype)
+    if writer == "zarr":
+        arr[:] = data
+    else:
+        enc = ShardEncoder.for_array(arr, tmp / "g.zarr" / "a")
+        for s in range(-(-rows // shard_rows)):
+            enc.write(s, data[s * shard_rows : (s + 1) * shard_rows])
+    dec = ShardDecoder.for_array(arr, tmp / "g.zarr" / "a")
+    assert dec is not None
+    a = min(cut[0], rows - 1)
+    b = min(rows, a + cut[1])
+    want = zarr.open_group(str(tmp / "g.zarr"), mode="r")["a"][a:b]
+    got = dec.read(a, b)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(dec.read(0, rows), data)
+
+
+def test_one_pass_read_names_the_shard_of_a_flipped_byte(tmp_path):
+    from cache.shardfile import ShardCorrupt, ShardDecoder
+
+    arr = _array(tmp_path, "a", 40, (4,), "float16", 16, 4, ZstdCodec(level=1))
+    arr[:] = np.arange(160, dtype="float16").reshape(40, 4)
+    dec = ShardDecoder.for_array(arr, tmp_path / "g.zarr" / "a")
+    f = tmp_path / "g.zarr" / "a" / dec.key(1)
+    raw = bytearray(f.read_bytes())
+    for where in (0, len(raw) - 10):  # a chunk's payload, then the index
+        bad = bytearray(raw)
+        bad[where] ^= 0x01
+        f.write_bytes(bytes(bad))
+        with pytest.raises(ShardCorrupt, match=r"shard 1 .*checksum mismatch"):
+            dec.read(16, 32)
+        np.testing.assert_array_equal(dec.read(0, 16), arr[0:16])  # the other shards still read
+    f.write_bytes(bytes(raw[:20]))  # truncated below its index
+    with pytest.raises(ShardCorrupt, match="shard 1"):
+        dec.read(20, 24)
+    assert ShardDecoder.for_array(_array(tmp_path, "gz", 10, (2,), "float16", 4, 2, GzipCodec()),
+                                  tmp_path / "g.zarr" / "gz") is None
