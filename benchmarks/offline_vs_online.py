@@ -8,17 +8,17 @@ and 64 from a 64-view cache), and the embedded default's regime (every train ima
 cached SpectralKD at K' = 1, 2, 16 against online SpectralKD and no KD).  It prints and writes,
 under the workdir:
 
-* ``offline_vs_online.md``: per regime and group of seeds, val top-1 mean +- sd (n), the paired difference to
-  the online student of the same loss with its 95% t interval, the intensity-profile distance to
-  the teacher (analyze), and the seconds each student trained; then the wall time of a whole sweep
-  of seeds cached (extract + students) and online, and the cache's bytes;
+* ``offline_vs_online.md``: per regime and group of seeds, val top-1 mean +- sd (n), the paired
+  difference to the online student of the same loss with its 95% t interval, the intensity-profile
+  distance to the teacher (analyze), and the seconds each student trained; then the wall time of a
+  whole sweep of seeds cached (extract + students) and online, and the caches' bytes;
 * ``offline_vs_online.png``: val top-1 against cached views per image, one panel per regime, one
   line per loss, the online students as bands (mean +- sd);
 * ``offline_vs_online.json``: every student's numbers.
 
-Every stage is the pipeline's own (``python -m pipeline``): a rerun reuses what is up to date, so
-an interrupted study resumes.  ``--reuse DIR`` (default ``work`` when it exists) lends the default
-run's teacher, which the study's config shares.
+Every stage is the pipeline's own (``python -m pipeline``, its log and progress shown as it runs):
+a rerun reuses what is up to date, so an interrupted study resumes.  ``--reuse DIR`` (default
+``work`` when it exists) lends the default run's teacher, which the study's config shares.
 """
 
 from __future__ import annotations
@@ -56,18 +56,19 @@ def pipeline(conf: Path, workdir: Path, upstream: list[Path], *args: str) -> flo
     cmd += list(args)
     print("$", " ".join(cmd[1:]), flush=True)
     t = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE, text=True)
+    # the pipeline's log and progress bars (stderr) pass through; its printed summaries (stdout) do not
+    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL)
     if r.returncode != 0:
-        raise SystemExit(f"failed ({r.returncode}):\n{r.stderr[-4000:]}")
+        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd[1:])} (its error is above)")
     return time.perf_counter() - t
 
 
 def study_configs(root: Path, seeds: int, more_views: int) -> dict[str, Path]:
     """The study's configs, written under ``root`` with ``seeds`` seeds: 'main' (the study config),
-    'compact' (cached SpectralKD on every view of a pooled int8 cache) and, with ``more_views``,
-    'more' (cached SpectralKD at K' = 32, 64, ... up to ``more_views`` from a cache of that many
-    views; its first views are the main cache's, as views are keyed by their index)."""
+    'compact' (cached SpectralKD on every view of a pooled int8 cache), with ``more_views`` 'more'
+    (cached SpectralKD at K' = 32, 64, ... up to ``more_views`` from a cache of that many views; its
+    first views are the main cache's, as views are keyed by their index), and 'full' (the default's
+    regime: every train image, 40 epochs, on the main cache)."""
     tree = yaml.safe_load(CONFIG.read_text())
     for sw in tree["distill"]["sweep"]:
         sw["grid"]["seed"] = list(range(seeds))
