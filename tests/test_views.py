@@ -1,5 +1,6 @@
-"""A student's train views: the first K' of the cache's views, fresh views every epoch, a per-class
-subset of the images, and online students on the very views a cached one replays."""
+"""What a student trains on: the first K' of the cache's views, fresh views every epoch, a per-class
+subset of the images, online students on the very views a cached one replays, the targets each
+loss kind reads, and the evaluation/checkpoint cadence (with its resume)."""
 
 from __future__ import annotations
 
