@@ -128,9 +128,10 @@ def students(conf: Path, workdir: Path, upstream: list[Path], source: str) -> li
             raise SystemExit(f"{s.name}: no finished output in {workdir}")
         fresh = st.views == "fresh"
         k = rec.summary.get("views")
-        group_source = "online" if st.mode == "online" and st.loss.kind != "none" else source
-        if st.loss.kind == "none":
+        if st.loss.kind == "none":  # no teacher: fresh views or the cache's
             group_source = "fresh" if fresh else source
+        else:
+            group_source = "online" if st.mode == "online" else source
         regime = f"{st.train_per_class or 'all'} images per class, {st.epochs} epochs"
         out.append({"student": s.name, "regime": regime, "kind": st.loss.kind, "source": group_source,
                     "views": "fresh" if fresh else int(k), "seed": st.seed, "val_top1": rec.summary["val_top1"],

@@ -23,7 +23,7 @@ from pipeline.errors import PipelineError
 from pipeline.fingerprint import diff
 
 from .codec import decode
-from .shardfile import ShardDecoder
+from .shardfile import ShardCorrupt, ShardDecoder
 from .layout import (FORMAT_VERSION, MANIFEST, SHARD_INDEX, CacheSpec, layer_array, meaning_digest, shard_key,
                      spec_from_attrs)
 
@@ -225,7 +225,11 @@ class Cache:
         try:
             dec = self.decoder(name)
             return dec.read(start, stop) if dec is not None else self.array(name)[start:stop]
-        except ValueError as e:
+        except ShardCorrupt as e:
+            raise PipelineError(f"{self.path}/{name}: shard {e.shard} is corrupt ({e.why}, reading rows "
+                                f"{start}..{stop - 1}); run `python -m pipeline verify` and rerun extract with --force"
+                                ) from None
+        except ValueError as e:  # zarr's reads
             if "checksum" in str(e).lower():
                 s0 = start // self.spec.rows_per_shard
                 s1 = (max(start, stop - 1)) // self.spec.rows_per_shard

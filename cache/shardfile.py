@@ -175,6 +175,10 @@ class ShardEncoder:
 class ShardCorrupt(ValueError):
     """A shard file whose index or chunk fails its crc32c or points outside the file."""
 
+    def __init__(self, path: Path, shard: int, why: str):
+        super().__init__(f"{path}: shard {shard} is corrupt ({why})")
+        self.shard, self.why = shard, why
+
 
 @dataclass
 class ShardDecoder:
@@ -221,11 +225,11 @@ class ShardDecoder:
             size = f.seek(0, 2)
             index_bytes = 16 * k + 4
             if size < index_bytes:
-                raise ShardCorrupt(f"{path}: shard {s} is {size} bytes, shorter than its index: checksum mismatch")
+                raise ShardCorrupt(path, s, f"{size} bytes, shorter than its index")
             f.seek(size - index_bytes)
             raw = f.read(index_bytes)
             if _crc(raw[:-4]) != raw[-4:]:
-                raise ShardCorrupt(f"{path}: shard {s} index checksum mismatch")
+                raise ShardCorrupt(path, s, "index checksum mismatch")
             index = np.frombuffer(raw[:-4], dtype="<u8").reshape(k, 2)
             chunks = range(lo // c, (hi - 1) // c + 1)
             present = [i for i in chunks if index[i, 0] != EMPTY]
@@ -234,14 +238,14 @@ class ShardDecoder:
             first = min(int(index[i, 0]) for i in present)
             last = max(int(index[i, 0] + index[i, 1]) for i in present)
             if last > size - index_bytes or any(int(index[i, 1]) < 4 for i in present):
-                raise ShardCorrupt(f"{path}: shard {s} index points outside the file (checksum mismatch)")
+                raise ShardCorrupt(path, s, "its index points outside the file")
             f.seek(first)
             span = f.read(last - first)
         for i in present:
             off, n = int(index[i, 0]) - first, int(index[i, 1])
             enc, crc = span[off : off + n - 4], span[off + n - 4 : off + n]
             if _crc(enc) != crc:
-                raise ShardCorrupt(f"{path}: shard {s} chunk {i} checksum mismatch")
+                raise ShardCorrupt(path, s, f"chunk {i} checksum mismatch")
             chunk = np.frombuffer(self.decompress(enc), dtype=self.dtype).reshape(c, *self.shape[1:])
             a, b = max(lo, i * c), min(hi, (i + 1) * c)
             out[a - lo : b - lo] = chunk[a - i * c : b - i * c]

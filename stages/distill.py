@@ -93,7 +93,7 @@ class CachedBatches:
         pool_units: int = 2,
         split_ranks: bool = True,
         memory: dict | None = None,
-        use: np.ndarray | None = None,
+        rows_used: np.ndarray | None = None,
     ):
         self.cache, self.dataset = cache, dataset
         self.unit = cache.chunk_rows()
@@ -101,8 +101,8 @@ class CachedBatches:
         self.batch_size, self.layers, self.want_logits = batch_size, layers, want_logits
         self.seed, self.shuffle, self.num_workers, self.pool_units = seed, shuffle, num_workers, pool_units
         self.split_ranks = split_ranks and dist.world_size() > 1
-        # the rows trained on: those extract could read, and of them the ``use`` mask (a subset)
-        self.valid = cache.valid if use is None else cache.valid & use
+        # the rows trained on: those extract could read (``rows_used``: a subset of them)
+        self.valid = cache.valid if rows_used is None else rows_used
         self.memory = memory  # unit -> decoded targets, kept across epochs when given
 
     def order(self) -> list[int]:
@@ -331,7 +331,7 @@ class Trainer:
         self.teacher = teacher
         self.dataset = ViewDataset.for_config(cache.rows(), cfg.data)
         self.views = self.view_count()
-        self.use = self.train_subset()
+        self.rows_used = self.train_rows()
         self._fresh_keys: np.ndarray | None = None  # key hashes of the rows fresh views are drawn for
         self.net: torch.nn.Module = _WithFeatures(self.model, self.s_layers)
         self.memory = {} if self.target_bytes() <= st.keep_targets_mb * 2**20 else None
@@ -359,15 +359,16 @@ class Trainer:
                                 f"{k} train views per image (extract.views)")
         return self.st.views or k
 
-    def train_subset(self) -> np.ndarray | None:
-        """The row mask of a student trained on ``train_per_class`` images per class (None: all)."""
+    def train_rows(self) -> np.ndarray:
+        """The rows this student may train on: those extract could read and, with
+        ``train_per_class``, of a per-class subset of the images."""
         n = self.st.train_per_class
         if n is None:
-            return None
+            return self.cache.valid
         rows = self.dataset.rows
         b = self.cache.block("train", 0)
         keep = per_class_subset(rows.samples, rows.sample[b.start : b.stop], n, self.cfg.seed)
-        return keep[rows.sample]
+        return self.cache.valid & keep[rows.sample]
 
     def train_block(self, epoch: int):
         return self.cache.block("train", epoch % self.views)
@@ -391,16 +392,13 @@ class Trainer:
             want_logits=cached and needs_teacher_logits(self.st.loss.kind),
             seed=self.st.seed * 100003 + epoch, shuffle=True,
             num_workers=models.resolve_workers(self.st.num_workers, self.device), memory=self.memory,
-            use=self.use,
+            rows_used=self.rows_used,
         )
 
     def train_labels(self, epoch: int) -> np.ndarray:
-        """Labels of the rows epoch ``epoch`` trains on (its view's block, rows extract could read)."""
+        """Labels of the rows epoch ``epoch`` trains on (its view's block, :meth:`train_rows`)."""
         b = self.train_block(epoch)
-        use = self.cache.valid[b.start : b.stop]
-        if self.use is not None:
-            use = use & self.use[b.start : b.stop]
-        return self.dataset.rows.labels(np.arange(b.start, b.stop))[use]
+        return self.dataset.rows.labels(np.arange(b.start, b.stop))[self.rows_used[b.start : b.stop]]
 
     def val_batches(self):
         b = self.cache.block("val", 0)
