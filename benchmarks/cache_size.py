@@ -66,9 +66,9 @@ def val_batch(cache, cfg, n: int):
 
     b = cache.block("val")
     ds = ViewDataset.for_config(cache.rows(), cfg.data)
-    x, _, ok, _ = ds.batch(range(b.start, min(b.stop, b.start + n)))
+    x, _, ok, rows = ds.batch(range(b.start, min(b.start + n, b.stop)))
     assert bool(ok.all())
-    return ds.normalize(x), (b.start, b.start + len(x))
+    return ds.normalize(x, rows), (b.start, b.start + len(x))
 
 
 def exact_spectra(teacher, x, layers: list[int]) -> dict:

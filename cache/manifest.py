@@ -1,8 +1,10 @@
 """The manifest: one row per cache row, as typed Parquet columns readable without the project.
 
-``row, split, view, key, label, url, offset, size, shard`` and one column per view parameter
-(``crop_top, crop_left, crop_height, crop_width, flip``: whatever :class:`cache.rows.Rows`
-carries).  Shard urls are recorded relative to the cache's folder when they lie in the workdir
+``row, split, view, key, label, url, offset, size, crc32, shard`` and one column per view
+parameter (``crop_top, crop_left, crop_height, crop_width, flip, interp`` and the policy's others:
+whatever :class:`cache.rows.Rows` carries; a column with a second axis is a fixed-size list, and a
+column of codes names what they mean in its field metadata, ``{"codes": "name0,name1,..."}``).
+Shard urls are recorded relative to the cache's folder when they lie in the workdir
 (:func:`pipeline.fsutil.recorded_path`) and dictionary-encoded, like ``split``.
 """
 
@@ -21,9 +23,11 @@ from .rows import Rows, Samples
 ROW_COLUMNS = ("row", "split", "view", "key", "label", "url", "offset", "size", "crc32", "shard")
 
 
-def manifest_table(rows: Rows, blocks: list[dict], rows_per_shard: int, cache_dir: Path, workdir: Path) -> pa.Table:
+def manifest_table(rows: Rows, blocks: list[dict], rows_per_shard: int, cache_dir: Path, workdir: Path,
+                   codes: dict[str, tuple[str, ...]] | None = None) -> pa.Table:
     """The manifest: one row per cache row, as typed columns.  Shard urls are recorded relative to
-    ``cache_dir`` when they lie in ``workdir`` (:func:`pipeline.fsutil.recorded_path`)."""
+    ``cache_dir`` when they lie in ``workdir`` (:func:`pipeline.fsutil.recorded_path`); ``codes``
+    names what the integer codes of some view columns mean."""
     n = len(rows)
     split = np.zeros(n, dtype=np.int32)
     view = np.zeros(n, dtype=np.int32)
@@ -42,10 +46,30 @@ def manifest_table(rows: Rows, blocks: list[dict], rows_per_shard: int, cache_di
         "offset": s.offset[rows.sample],
         "size": s.size[rows.sample],
         "crc32": s.crc32[rows.sample],
-        **rows.params,
+        **{f: _column(c) for f, c in rows.params.items()},
         "shard": (np.arange(n) // rows_per_shard).astype(np.int32),
     }
-    return pa.table(cols)
+    table = pa.table(cols)
+    for name, names in (codes or {}).items():
+        if name in table.column_names:
+            i = table.schema.get_field_index(name)
+            table = table.set_column(i, table.field(i).with_metadata({"codes": ",".join(names)}), table.column(i))
+    return table
+
+
+def _column(c: np.ndarray):
+    """A view column as Arrow: 2-D numpy as a fixed-size list per row."""
+    if c.ndim == 1:
+        return c
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(c).reshape(-1)), c.shape[1])
+
+
+def _numpy(column: pa.ChunkedArray) -> np.ndarray:
+    """A view column as numpy: a fixed-size list column as (n, k)."""
+    if pa.types.is_fixed_size_list(column.type):
+        flat = column.combine_chunks()
+        return flat.flatten().to_numpy(zero_copy_only=False).reshape(len(flat), column.type.list_size)
+    return column.to_numpy()
 
 
 def rows_of_manifest(m: pa.Table, base: Path) -> Rows:
@@ -66,4 +90,4 @@ def rows_of_manifest(m: pa.Table, base: Path) -> Rows:
                       col("label")[first].astype(np.int64), offset[first], col("size")[first].astype(np.int64),
                       col("crc32")[first].astype(np.int64) if "crc32" in m.column_names else None)
     params = [c for c in m.column_names if c not in ROW_COLUMNS]
-    return Rows(samples, sample.reshape(-1), {f: col(f) for f in params})
+    return Rows(samples, sample.reshape(-1), {f: _numpy(m.column(f)) for f in params})

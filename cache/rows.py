@@ -114,13 +114,15 @@ class Rows:
 
     samples: Samples
     sample: np.ndarray  # int64 index into samples, per row
-    params: dict[str, np.ndarray]  # one column per VIEW_FIELDS entry
+    params: dict[str, np.ndarray]  # one column per view parameter (stages.views.ViewPolicy.fields); (n, k) for lists
 
     def __len__(self) -> int:
         return len(self.sample)
 
     def view_params(self, i: int) -> dict:
-        return {f: (bool(c[i]) if f == "flip" else float(c[i])) for f, c in self.params.items()}
+        """Row ``i``'s view parameters: booleans and floats, numpy arrays for list columns."""
+        return {f: (c[i] if c.ndim > 1 else bool(c[i]) if c.dtype == bool else float(c[i]))
+                for f, c in self.params.items()}
 
     def source(self, i: int) -> Sample:
         return self.samples.sample(int(self.sample[i]))

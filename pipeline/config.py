@@ -71,11 +71,19 @@ def _accepts_bool(ann: Any) -> bool:
 
 
 class AugmentConfig(_Model):
-    """Random-resized-crop + flip policy used for teacher fitting and for cached train views."""
+    """The train-view policy, with the arguments of timm's ``create_transform(is_training=True)``:
+    random-resized crop, flip, RandAugment or color jitter, random erasing.  Used by the teacher fit,
+    extract's train views and fresh views; every draw is stored per view (``stages.views``)."""
 
     scale: tuple[float, float] = (0.6, 1.0)
     ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
     hflip: float = Field(0.0, ge=0.0, le=1.0)
+    interpolation: Literal["bilinear", "bicubic", "random"] = "bilinear"
+    auto_augment: str | None = None  # timm's RandAugment string, e.g. rand-m9-mstd0.5-inc1
+    color_jitter: float | tuple[float, float, float] | tuple[float, float, float, float] = 0.0
+    re_prob: float = Field(0.0, ge=0.0, le=1.0)
+    re_mode: Literal["const", "rand", "pixel"] = "const"
+    re_count: int = Field(1, ge=1, le=16)
 
     @field_validator("scale", "ratio")
     @classmethod
@@ -90,6 +98,42 @@ class AugmentConfig(_Model):
         if v[1] > 1.0:
             raise ValueError(f"scale is a fraction of the image area, at most 1.0, got {list(v)}")
         return v
+
+    @field_validator("auto_augment")
+    @classmethod
+    def _rand_augment(cls, v: str | None) -> str | None:
+        if v:
+            from stages.views import RandAugment
+
+            RandAugment.parse(v)
+        return v or None
+
+    @field_validator("color_jitter")
+    @classmethod
+    def _jitter_range(cls, v):
+        values = v if isinstance(v, tuple) else (v,)
+        if any(j < 0 for j in values) or (len(values) == 4 and values[3] > 0.5):
+            raise ValueError(f"color jitter strengths are >= 0 (hue at most 0.5), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _jitter_or_rand_augment(self) -> "AugmentConfig":
+        jitter = self.color_jitter if isinstance(self.color_jitter, tuple) else (self.color_jitter,)
+        if self.auto_augment and any(jitter):
+            raise ValueError(
+                f"color_jitter {self.color_jitter} with auto_augment {self.auto_augment!r}: timm's train transform "
+                f"leaves color jitter out when RandAugment is on (DeiT's recipe trains without it); set "
+                f"color_jitter: 0"
+            )
+        return self
+
+
+class EvalConfig(_Model):
+    """Val views: timm's eval transform (shorter side resized to ``image_size / crop_pct``, centre
+    crop), or with ``crop_pct: null`` the whole image resized to a square."""
+
+    crop_pct: float | None = Field(None, gt=0.0, le=1.0)
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
 
 
 # data-loading worker processes: a count, or 'auto' (see stages.models.resolve_workers)
@@ -110,6 +154,7 @@ class DataConfig(_Model):
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     augment: AugmentConfig = AugmentConfig()
+    eval: EvalConfig = EvalConfig()
     on_bad_sample: Literal["skip", "fail"] = "skip"
     decoded_cache_mb: int = operational(256, ge=0)  # decoded images kept per process for later views and epochs
 

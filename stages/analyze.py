@@ -99,7 +99,7 @@ def write_model_features(store: FeatureStore, label: str, model, indices: list[i
     model = model.to(device).eval()
     a0, b0 = rows
     n = b0 - a0
-    x0 = dataset.normalize(dataset[a0][0][None].to(device))
+    x0 = dataset.normalize(dataset[a0][0][None].to(device), [a0])
     _, f0 = models.intermediates(model, x0, indices)
     arrays = [store.new_array(label, nm, n, tuple(f.shape[1:]), rows_per_shard) for nm, f in zip(names, f0)]
     for s in tqdm(range(0, n, rows_per_shard), desc=f"features {label}", leave=False, disable=None):
@@ -108,7 +108,7 @@ def write_model_features(store: FeatureStore, label: str, model, indices: list[i
         for x, _, ok, idx in view_loader(dataset, sequential_batches(range(a0 + s, a0 + e), batch)):
             rows_here = idx.numpy()
             dataset.require_readable(rows_here, ok.numpy(), valid[rows_here])
-            _, feats = models.intermediates(model, dataset.normalize(x.to(device)), indices)
+            _, feats = models.intermediates(model, dataset.normalize(x.to(device), rows_here), indices)
             for buf, f in zip(bufs, feats):
                 buf[rows_here - a0 - s] = f.float().cpu().numpy().astype(np.float16)
         for arr, buf in zip(arrays, bufs):

@@ -1,13 +1,14 @@
-"""Reading images by their indexed location, and the one function that builds a view.
+"""Reading images by their indexed location, and the one dataset and loader of views.
 
-:func:`build_view` turns an image and explicit view
-parameters (a crop box as fractions of the image, a flip) into a normalized tensor: the extract
-stage and the distill loader call the same function, which is what makes cached targets valid.
+:class:`ViewDataset` builds each row's view from its image and its explicit view parameters with
+:func:`stages.views.view_array`, and erases the normalized batch with :func:`stages.views.erase`:
+the extract stage, the teacher fit, the distill loader and analyze all go through it, which is what
+makes cached targets valid.
 
 Rows are columns (:class:`cache.rows.Rows`: a :class:`cache.rows.Samples` table, a sample index per row
 and one numpy column per view parameter); view parameters are drawn for whole columns at once by
-:func:`sample_views` from counter-based random numbers keyed by (seed, sample key, stream), so a
-sample's views never depend on where the shards list it.
+:func:`stages.views.sample_views` from counter-based random numbers keyed by (seed, sample key,
+stream), so a sample's views never depend on where the shards list it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from PIL import Image
 from pipeline.errors import PipelineError
 
 from cache.rows import Rows, Samples  # noqa: F401  (the row table)
+
+from .views import ViewPolicy, erase, random_bits, view_array
 
 
 class ImageReader:
@@ -69,11 +72,7 @@ def decode_image(data: bytes) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-# ----------------------------------------------------------------------------- views
-
-VIEW_FIELDS = ("crop_top", "crop_left", "crop_height", "crop_width", "flip")
-PLAIN_VIEW = {"crop_top": 0.0, "crop_left": 0.0, "crop_height": 1.0, "crop_width": 1.0, "flip": False}
-
+# ----------------------------------------------------------------------------- streams and sample sets
 
 # Streams of random numbers: extract's view v uses stream v; the row layouts (ORDER_STREAM + v for
 # view v, ORDER_STREAM - 1 for val, ORDER_STREAM - 2 for the teacher fit's sample order), a
@@ -83,60 +82,6 @@ ORDER_STREAM = 1 << 40
 FIT_STREAM = 1 << 41
 FRESH_STREAM = 1 << 42
 SUBSET_STREAM = ORDER_STREAM - 3
-_ATTEMPTS = 10  # random-resized-crop tries before the centred fallback (as torchvision)
-
-
-def _splitmix(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finalizer on uint64 arrays: a bijection whose outputs look independent."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-def random_bits(key_hash: np.ndarray, seed: int, stream: int, draw: int) -> np.ndarray:
-    """64 random bits per sample for draw ``draw`` of ``stream``: a pure function of (seed, key,
-    stream, draw), the same in every process and whatever the order of the samples."""
-    base = _splitmix(np.array([(seed * 0x9E3779B97F4A7C15 + stream * 0xD1B54A32D192ED03 + draw) % 2**64],
-                              dtype=np.uint64))
-    return _splitmix(np.asarray(key_hash, dtype=np.uint64) ^ base)
-
-
-def uniform(key_hash: np.ndarray, seed: int, stream: int, draw: int) -> np.ndarray:
-    """U[0, 1) float64 per sample from the top 53 bits of :func:`random_bits`."""
-    return (random_bits(key_hash, seed, stream, draw) >> np.uint64(11)).astype(np.float64) * 2.0**-53
-
-
-def sample_views(key_hash: np.ndarray, seed: int, stream: int, scale, ratio, hflip: float) -> dict[str, np.ndarray]:
-    """Random-resized-crop parameters as fractions of the image (size-independent), plus a flip,
-    for every sample at once (one column per field of :data:`VIEW_FIELDS`).
-
-    The crop has area fraction ``s ~ U(scale)`` and aspect ``r`` log-uniform in ``ratio``; its
-    sides as fractions are ``w = sqrt(s * r)``, ``h = sqrt(s / r)`` (for a square image; for other
-    shapes the box is applied to each side's length, which keeps the area fraction).  Up to 10
-    tries; a sample that never fits gets the centred square of side ``sqrt(scale[1])``.
-    """
-    h64 = np.asarray(key_hash, dtype=np.uint64)
-    n = len(h64)
-    side = min(float(np.sqrt(scale[1])), 1.0)
-    out = {"crop_top": np.full(n, (1 - side) / 2), "crop_left": np.full(n, (1 - side) / 2),
-           "crop_height": np.full(n, side), "crop_width": np.full(n, side)}
-    todo = np.arange(n)
-    for t in range(_ATTEMPTS):
-        if not len(todo):
-            break
-        u = [uniform(h64[todo], seed, stream, 4 * t + k) for k in range(4)]
-        s = scale[0] + (scale[1] - scale[0]) * u[0]
-        r = np.exp(np.log(ratio[0]) + (np.log(ratio[1]) - np.log(ratio[0])) * u[1])
-        w, h = np.sqrt(s * r), np.sqrt(s / r)
-        fits = (w <= 1.0) & (h <= 1.0)
-        hit = todo[fits]
-        out["crop_height"][hit], out["crop_width"][hit] = h[fits], w[fits]
-        out["crop_top"][hit] = u[2][fits] * (1 - h[fits])
-        out["crop_left"][hit] = u[3][fits] * (1 - w[fits])
-        todo = todo[~fits]
-    out["flip"] = uniform(h64, seed, stream, 4 * _ATTEMPTS) < hflip
-    return out
 
 
 def layout_order(samples: Samples, seed: int, stream: int) -> np.ndarray:
@@ -157,38 +102,9 @@ def per_class_subset(samples: Samples, candidates: np.ndarray, per_class: int, s
     return keep
 
 
-def plain_views(n: int) -> dict[str, np.ndarray]:
-    """The whole image, unflipped, for ``n`` rows (val views)."""
-    return {f: np.full(n, v, dtype=bool if f == "flip" else np.float64) for f, v in PLAIN_VIEW.items()}
-
-
-def crop_box(params: dict, width: int, height: int) -> tuple[int, int, int, int]:
-    """Integer (top, left, height, width) of the crop in an image of the given size."""
-    top = int(round(params["crop_top"] * height))
-    left = int(round(params["crop_left"] * width))
-    h = max(1, int(round(params["crop_height"] * height)))
-    w = max(1, int(round(params["crop_width"] * width)))
-    h = min(h, height - top)
-    w = min(w, width - left)
-    return top, left, h, w
-
-
-def view_array(img: Image.Image, params: dict, size: int) -> np.ndarray:
-    """The view of ``img`` described by ``params`` as uint8 pixels (size, size, 3): crop, resize, flip.
-
-    Pure and deterministic: the same image and parameters give the same pixels, bit for bit.
-    """
-    top, left, h, w = crop_box(params, img.width, img.height)
-    if (top, left, h, w) != (0, 0, img.height, img.width) or img.size != (size, size):
-        img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
-    if params["flip"]:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(img, dtype=np.uint8)
-
-
-def view_pixels(img: Image.Image, params: dict, size: int) -> torch.Tensor:
-    """:func:`view_array` as a (3, size, size) uint8 tensor."""
-    return torch.from_numpy(np.ascontiguousarray(view_array(img, params, size).transpose(2, 0, 1)))
+def view_pixels(img: Image.Image, params: dict, size: int, fill=(128, 128, 128)) -> torch.Tensor:
+    """:func:`stages.views.view_array` as a (3, size, size) uint8 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(view_array(img, params, size, fill).transpose(2, 0, 1)))
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -199,22 +115,26 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def build_view(img: Image.Image, params: dict, size: int, mean, std) -> torch.Tensor:
-    """The normalized float view: :func:`normalize` of :func:`view_pixels`."""
-    return normalize(view_pixels(img, params, size), mean, std)
+    """The normalized float view of one image without erasing: :func:`normalize` of :func:`view_pixels`
+    (RandAugment fills with the colour of ``mean``)."""
+    return normalize(view_pixels(img, params, size, ViewPolicy(size=size, mean=tuple(mean)).fill), mean, std)
 
 
 class ViewDataset(torch.utils.data.Dataset):
     """Map-style dataset over :class:`Rows`; returns (pixels, label, ok, index).
 
     Pixels are uint8 (3, size, size), a quarter of the bytes of float across worker processes;
-    consumers normalize whole batches with :meth:`normalize` (on the GPU when there is one).
+    consumers normalize whole batches with :meth:`normalize` (on the GPU when there is one), which
+    also applies the rows' random erasing.
     A sample whose image cannot be read or decoded returns zero pixels and ``ok = False`` (the
     caller records or fails on it), so one bad image never kills a worker.
     """
 
-    def __init__(self, rows: Rows, size: int, mean, std, cache_mb: float = 0):
+    def __init__(self, rows: Rows, size: int, mean, std, cache_mb: float = 0, policy: ViewPolicy | None = None):
         self.rows = rows
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+        self.policy = policy or ViewPolicy(size=size, mean=self.mean)
+        self.fill = self.policy.fill
         self.reader = ImageReader()
         # decoded images kept for the views, epochs and splits that come back to them, up to cache_mb
         # per process; once it is full, later images are decoded every time (no eviction churn)
@@ -224,7 +144,8 @@ class ViewDataset(torch.utils.data.Dataset):
     @classmethod
     def for_config(cls, rows: Rows, data) -> ViewDataset:
         """The dataset of ``rows`` under a ``data:`` config section (size, normalization, decoded cache)."""
-        return cls(rows, data.image_size, data.mean, data.std, cache_mb=data.decoded_cache_mb)
+        return cls(rows, data.image_size, data.mean, data.std, cache_mb=data.decoded_cache_mb,
+                   policy=ViewPolicy.of(data))
 
     def image(self, j: int) -> Image.Image:
         """The decoded RGB image of sample ``j`` of the rows' table (from the decoded-image cache
@@ -259,8 +180,15 @@ class ViewDataset(torch.utils.data.Dataset):
                 f"and extract"
             )
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return normalize(x, self.mean, self.std)
+    def normalize(self, x: torch.Tensor, rows) -> torch.Tensor:
+        """uint8 views of ``rows`` (row indices, in batch order) -> normalized float views, with
+        each row's random erasing applied."""
+        out = normalize(x, self.mean, self.std)
+        if "erase_box" in self.rows.params:
+            rows = np.asarray(rows, dtype=np.int64)
+            out = erase(out, self.rows.params["erase_box"][rows], self.rows.params["erase_seed"][rows],
+                        self.policy.erase_mode)
+        return out
 
     def with_rows(self, rows: Rows) -> ViewDataset:
         """This dataset over other rows of the same samples (fresh views): file handles and decoded
@@ -286,7 +214,7 @@ class ViewDataset(torch.utils.data.Dataset):
         sample = self.rows.sample[idx]
         for j, i in enumerate(idx):
             try:
-                x[j] = view_array(self.image(int(sample[j])), self.rows.view_params(int(i)), self.size)
+                x[j] = view_array(self.image(int(sample[j])), self.rows.view_params(int(i)), self.size, self.fill)
             except Exception:  # noqa: BLE001 - any decode failure marks the row bad
                 ok[j] = False
         pixels = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))

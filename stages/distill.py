@@ -40,7 +40,8 @@ from pipeline.fsutil import atomic_torch_save, atomic_write, atomic_write_json, 
 from pipeline.graph import FAILED, student_name, student_node
 
 from . import models
-from .data import FRESH_STREAM, ViewDataset, per_class_subset, sample_views, view_loader
+from .data import FRESH_STREAM, ViewDataset, per_class_subset, view_loader
+from .views import sample_views
 from .dynamics import SNAPSHOTS
 from .spectral import check_pair, layer_sums, spectralkd_loss, spectrum
 from .train import adamw, evaluate, warmup_cosine
@@ -211,7 +212,7 @@ class CachedBatches:
         for i in range(0, full, bs):
             sel = perm[i : i + bs]
             batch = {k: v[sel] for k, v in merged.items()}
-            x = self.dataset.normalize(batch["x"])
+            x = self.dataset.normalize(batch["x"], batch["rows"])
             yield x, batch["y"], batch["rows"], {k: v for k, v in batch.items() if k not in ("x", "y", "rows")}
         rest = perm[full:]
         pool.clear()
@@ -377,10 +378,10 @@ class Trainer:
         """The views epoch ``epoch`` trains on: the cache's (replayed), or fresh ones of this epoch."""
         if self.st.views != "fresh":
             return self.dataset
-        rows, b, aug = self.dataset.rows, self.train_block(epoch), self.cfg.data.augment
+        rows, b = self.dataset.rows, self.train_block(epoch)
         if self._fresh_keys is None:
             self._fresh_keys = rows.samples.key_hashes()[rows.sample[b.start : b.stop]]
-        fresh = sample_views(self._fresh_keys, self.cfg.seed, FRESH_STREAM + epoch, aug.scale, aug.ratio, aug.hflip)
+        fresh = sample_views(self._fresh_keys, self.cfg.seed, FRESH_STREAM + epoch, self.dataset.policy)
         return self.dataset.with_rows(rows.with_views(b.start, fresh))
 
     def train_batches(self, epoch: int) -> CachedBatches:

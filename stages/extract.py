@@ -39,9 +39,10 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 
 from . import models
-from .data import ORDER_STREAM, Rows, ViewDataset, layout_order, plain_views, sample_views, view_loader
+from .data import ORDER_STREAM, Rows, ViewDataset, layout_order, view_loader
 from .shards import Samples, check_labels, load_index
 from .spectral import pool_channels, spectrum
+from .views import RA_OPS, ViewPolicy, sample_views, val_views
 
 log = logging.getLogger("pipeline")
 
@@ -50,19 +51,19 @@ log = logging.getLogger("pipeline")
 
 def plan_rows(cfg: PipelineConfig, train: Samples, val: Samples) -> tuple[Rows, list[dict]]:
     """The cache's rows and their (split, view) blocks: for each view a permutation of the train
-    samples with that view's parameters, then the val samples (plain view) in a permutation too."""
-    aug = cfg.data.augment
+    samples with that view's parameters, then the val samples (eval views) in a permutation too."""
+    policy = ViewPolicy.of(cfg.data)
     samples = Samples.concat([train, val])
     h = samples.key_hashes()
     n_train = len(train)
     parts, blocks, start = [], [], 0
     for v in range(cfg.extract.views):
         order = layout_order(train, cfg.seed, ORDER_STREAM + v)
-        parts.append(Rows(samples, order, sample_views(h[order], cfg.seed, v, aug.scale, aug.ratio, aug.hflip)))
+        parts.append(Rows(samples, order, sample_views(h[order], cfg.seed, v, policy)))
         blocks.append({"split": "train", "view": v, "start": start, "stop": start + n_train})
         start += n_train
     order = n_train + layout_order(val, cfg.seed, ORDER_STREAM - 1)
-    parts.append(Rows(samples, order, plain_views(len(val))))
+    parts.append(Rows(samples, order, val_views(len(val), policy)))
     blocks.append({"split": "val", "view": 0, "start": start, "stop": start + len(val)})
     return Rows.concat(parts), blocks
 
@@ -169,7 +170,8 @@ def run(ctx) -> dict:
     )
     writer = CacheWriter(path, spec)
     todo = _open_cache_shards(ctx, writer, cache_attrs(ctx, spec, blocks, skipped),
-                              manifest_table(rows, blocks, e.rows_per_shard, path, ctx.runner.workdir))
+                              manifest_table(rows, blocks, e.rows_per_shard, path, ctx.runner.workdir,
+                                             codes={"ra_op": RA_OPS}))
     n_todo = sum(spec.shard_rows(s)[1] - spec.shard_rows(s)[0] for s in todo)
     t_pass = time.time()
     split = _teacher_pass(cfg, model, device, rows, spec, todo, writer, n_todo) if todo else {}
@@ -290,7 +292,7 @@ def _teacher_pass(cfg, model, device, rows: Rows, spec: CacheSpec, todo: list[in
             bad = _bad_rows(cfg, rows, idx, okn)
             t_fwd = time.perf_counter()
             with models.autocast(device, e.amp):
-                logits, feats = models.intermediates(model, ds.normalize(x.to(device, non_blocking=True)), indices)
+                logits, feats = models.intermediates(model, ds.normalize(x.to(device, non_blocking=True), idx), indices)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()

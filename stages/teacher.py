@@ -19,10 +19,11 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_torch_save
 
 from . import models
-from .data import (FIT_STREAM, ORDER_STREAM, Rows, ViewDataset, layout_order, plain_views, sample_views,
-                   sequential_batches, shuffled_batches, view_loader)
+from .data import (FIT_STREAM, ORDER_STREAM, Rows, ViewDataset, layout_order, sequential_batches, shuffled_batches,
+                   view_loader)
 from .shards import Samples, check_labels, load_index
 from .train import adamw, evaluate, warmup_cosine
+from .views import ViewPolicy, sample_views, val_views
 
 log = logging.getLogger("pipeline")
 
@@ -32,9 +33,9 @@ def build(cfg: PipelineConfig) -> torch.nn.Module:
     return models.create(t.model, t.kwargs, cfg.data.num_classes, t.pretrained, t.checkpoint)
 
 
-def plain_rows(samples: Samples) -> Rows:
-    """Every sample once, as its whole image (the val view)."""
-    return Rows(samples, np.arange(len(samples)), plain_views(len(samples)))
+def eval_rows(samples: Samples, cfg: PipelineConfig) -> Rows:
+    """Every sample once, as its eval view (``data.eval``)."""
+    return Rows(samples, np.arange(len(samples)), val_views(len(samples), ViewPolicy.of(cfg.data)))
 
 
 def _loader(ds: ViewDataset, batch_size, shuffle, workers, seed=0):
@@ -46,7 +47,7 @@ def _loader(ds: ViewDataset, batch_size, shuffle, workers, seed=0):
 def _images_labels(loader, bad: set):
     """(normalized images, labels) of a ViewDataset loader, bad rows dropped and recorded."""
     for x, y, ok, idx in loader:
-        x = loader.dataset.views.normalize(x)
+        x = loader.dataset.views.normalize(x, idx)
         if not bool(ok.all()):
             for i in idx[~ok].tolist():
                 bad.add(i)
@@ -58,16 +59,15 @@ def _images_labels(loader, bad: set):
 
 def fit(model, cfg: PipelineConfig, train, val, device) -> dict:
     f = cfg.teacher.fit
-    aug = cfg.data.augment
     torch.manual_seed(cfg.seed)
     model.to(device)
     opt = adamw(model, f.lr, f.weight_decay)
     steps_per_epoch = (len(train) + f.batch_size - 1) // f.batch_size
     sched = warmup_cosine(opt, f.epochs * steps_per_epoch, int(f.warmup_epochs * steps_per_epoch))
     crit = torch.nn.CrossEntropyLoss(label_smoothing=f.label_smoothing)
-    val_loader = _loader(ViewDataset.for_config(plain_rows(val), cfg.data), 256, False, f.num_workers)
+    val_loader = _loader(ViewDataset.for_config(eval_rows(val, cfg), cfg.data), 256, False, f.num_workers)
     # one dataset: its decoded images serve every epoch; each epoch draws new views for every sample
-    train_views = ViewDataset.for_config(plain_rows(train), cfg.data)
+    train_views = ViewDataset.for_config(eval_rows(train, cfg), cfg.data)
     key_hash = train.key_hashes()
     best = {"top1": -1.0}
     best_state = None
@@ -75,7 +75,7 @@ def fit(model, cfg: PipelineConfig, train, val, device) -> dict:
     history = []
     for epoch in range(f.epochs):
         t0 = time.time()
-        train_views.rows.params = sample_views(key_hash, cfg.seed, FIT_STREAM + epoch, aug.scale, aug.ratio, aug.hflip)
+        train_views.rows.params = sample_views(key_hash, cfg.seed, FIT_STREAM + epoch, train_views.policy)
         loader = _loader(train_views, f.batch_size, True, f.num_workers, seed=cfg.seed * 1000 + epoch)
         model.train()
         tot, n = 0.0, 0
@@ -121,7 +121,7 @@ def run(ctx) -> dict:
     if cfg.teacher.fit is not None:
         info = fit(model, cfg, train, val, device)
     model.to(device)
-    val_views = ViewDataset.for_config(plain_rows(val), cfg.data)
+    val_views = ViewDataset.for_config(eval_rows(val, cfg), cfg.data)
     ev = evaluate(model, _images_labels(_loader(val_views, 256, False, 0), set()), device)
     model.cpu()
     atomic_torch_save(ctx.out / "model.pt", {"state_dict": model.state_dict(), "model": cfg.teacher.model,

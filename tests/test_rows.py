@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from pipeline.config import config_from_dict
 from pipeline.graph import Runner
-from stages.data import VIEW_FIELDS, sample_views, uniform
+from stages.views import ViewPolicy, sample_views, uniform
 from cache.reader import open_cache
 from stages.extract import plan_rows
 from stages.shards import Samples
@@ -32,7 +32,7 @@ def _layout(rows) -> dict:
     """What a cache's rows are, whatever the input order: key, label and view parameters per row."""
     keys = rows.samples.key.take(pa.array(rows.sample)).to_pylist()
     return {"key": keys, "label": rows.labels(np.arange(len(rows))).tolist(),
-            **{f: rows.params[f].tolist() for f in VIEW_FIELDS}}
+            **{f: c.tolist() for f, c in rows.params.items()}}
 
 
 @settings(max_examples=20, deadline=None)
@@ -67,7 +67,7 @@ def test_view_sampler_draws_the_declared_distributions():
     u = uniform(h, 0, 0, 0)
     assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.01  # sd of the mean ~0.002
     assert abs(np.corrcoef(u, uniform(h, 0, 0, 1))[0, 1]) < 0.03  # draws are uncorrelated
-    v = sample_views(h, 0, 0, scale=(0.3, 0.7), ratio=(0.75, 4 / 3), hflip=0.5)
+    v = sample_views(h, 0, 0, ViewPolicy(size=32, scale=(0.3, 0.7), ratio=(0.75, 4 / 3), hflip=0.5))
     area = v["crop_height"] * v["crop_width"]
     assert 0.3 - 1e-9 <= area.min() and area.max() <= 0.7 + 1e-9
     assert abs(area.mean() - 0.5) < 0.01  # U(0.3, 0.7): sqrt(0.7 * 4/3) < 1, so every first try fits

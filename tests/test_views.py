@@ -82,8 +82,8 @@ def test_fresh_views_are_new_each_epoch_and_deterministic(built):
     assert tr.dataset.rows is cached
     x, y, rows, tg = next(iter(tr.train_batches(1)))
     r = int(rows[0])
-    want = tr.dataset.normalize(d1.batch([r])[0])[0]
-    assert torch.equal(x[0], want) and not torch.equal(x[0], tr.dataset.normalize(tr.dataset.batch([r])[0])[0])
+    want = tr.dataset.normalize(d1.batch([r])[0], [r])[0]
+    assert torch.equal(x[0], want) and not torch.equal(x[0], tr.dataset.normalize(tr.dataset.batch([r])[0], [r])[0])
     assert np.array_equal(y.numpy(), cache.column("label")[rows.numpy()])
     assert tg == {}
 
