@@ -138,6 +138,8 @@ class EvalConfig(_Model):
 
 # data-loading worker processes: a count, or 'auto' (see stages.models.resolve_workers)
 Workers = Union[Annotated[int, Field(ge=0)], Literal["auto"]]
+# an optimizer of timm's factory (names checked against timm.optim.list_optimizers() when models are planned)
+OptimizerName = Annotated[str, Field(pattern=r"^[a-z0-9_]+$")]
 # a student's train views: the first K' of the cache's views, or 'fresh' ones drawn every epoch
 Views = Union[Annotated[int, Field(ge=1)], Literal["fresh"]]
 
@@ -176,6 +178,9 @@ class FitConfig(_Model):
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(2, ge=0)
+    optimizer: OptimizerName = "adamw"
+    warmup_lr: float | None = Field(None, ge=0)  # the lr warmup starts from; null: lr / 100
+    min_lr: float = Field(0.0, ge=0)  # the cosine's floor
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     num_workers: int = operational(0, ge=0)
 
@@ -285,7 +290,9 @@ class TrainDefaults(_Model):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(1, ge=0)
-    optimizer: Literal["adamw"] = "adamw"
+    optimizer: OptimizerName = "adamw"  # any of timm.optim.list_optimizers()
+    warmup_lr: float | None = Field(None, ge=0)  # the lr warmup starts from; null: lr / 100
+    min_lr: float = Field(0.0, ge=0)  # the cosine's floor
     mode: Literal["cached", "online"] = "cached"
     seed: int = 0
     num_workers: Workers = operational("auto")
@@ -315,7 +322,9 @@ class StudentConfig(_Model):
     lr: float | None = Field(None, gt=0)
     weight_decay: float | None = Field(None, ge=0)
     warmup_epochs: float | None = Field(None, ge=0)
-    optimizer: Literal["adamw"] | None = None
+    optimizer: OptimizerName | None = None
+    warmup_lr: float | None = Field(None, ge=0)
+    min_lr: float | None = Field(None, ge=0)
     mode: Literal["cached", "online"] | None = None
     seed: int | None = None
     snapshot_every: int | None = Field(None, ge=0)
@@ -514,6 +523,8 @@ class ResolvedStudent(_Model):
     weight_decay: float
     warmup_epochs: float
     optimizer: str
+    warmup_lr: float | None
+    min_lr: float
     mode: Literal["cached", "online"]
     seed: int
     num_workers: Workers = operational(...)

@@ -44,7 +44,7 @@ from .data import FRESH_STREAM, ViewDataset, per_class_subset, view_loader
 from .views import sample_views
 from .dynamics import SNAPSHOTS
 from .spectral import check_pair, layer_sums, spectralkd_loss, spectrum
-from .train import adamw, evaluate, warmup_cosine
+from .train import evaluate, optimizer, schedule
 
 log = logging.getLogger("pipeline")
 
@@ -486,9 +486,10 @@ class Trainer:
         """Train every remaining epoch (resuming from ``ckpt.pt``); one metrics row per epoch, and the
         snapshots of :meth:`evaluate` in ``snapshots.parquet``."""
         st, out = self.st, self.out
-        opt = adamw(self.model, st.lr, st.weight_decay)
+        opt = optimizer(self.model, st.optimizer, st.lr, st.weight_decay)
         steps_per_epoch = len(self.train_batches(0))
-        sched = warmup_cosine(opt, st.epochs * steps_per_epoch, int(st.warmup_epochs * steps_per_epoch))
+        sched = schedule(opt, st.epochs * steps_per_epoch, int(st.warmup_epochs * steps_per_epoch), st.lr,
+                         st.warmup_lr, st.min_lr)
         start, metrics, snapshots = self._resume(out / "ckpt.pt", opt, sched)
         for epoch in range(start, st.epochs):
             t0 = time.time()

@@ -200,10 +200,25 @@ def layer_index(idx: int, depth: int, name: str, where: str) -> int:
     return idx % depth
 
 
+def check_optimizer(name: str, where: str) -> None:
+    """``name`` must be one of timm's optimizers."""
+    from timm.optim import list_optimizers
+
+    known = list(list_optimizers())
+    if name not in known:
+        close = [k for k in known if k.startswith(name[:3])][:8]
+        raise ConfigError(f"{where}: {name!r} is not one of timm's optimizers"
+                          + (f" (close: {', '.join(close)})" if close else "")
+                          + "; timm.optim.list_optimizers() lists them")
+
+
 def plan_models(cfg: PipelineConfig) -> ModelPlan:
     """Check model names, kwargs and layer indices against timm, and resolve them (before any work).
     A cached spectral student's teacher layers must be among the cached ones."""
     t = cfg.teacher
+    if t.fit is not None:
+        check_optimizer(t.fit.optimizer, "teacher.fit.optimizer")
+    check_optimizer(cfg.distill.defaults.optimizer, "distill.defaults.optimizer")
     tdepth = meta_depth(t.model, t.kwargs, cfg.data.num_classes, "teacher")
     cached: list[int] = []
     for i, layer in enumerate(cfg.extract.layers):
@@ -214,6 +229,8 @@ def plan_models(cfg: PipelineConfig) -> ModelPlan:
     depths, pairs = {}, {}
     for i, s in enumerate(cfg.distill.students):
         where = f"distill.students[{i}]"
+        if s.optimizer:
+            check_optimizer(s.optimizer, f"{where}.optimizer")
         depths[s.name] = meta_depth(s.model, s.kwargs, cfg.data.num_classes, where)
         resolved = []
         for j, (sl, tl) in enumerate(s.layers):

@@ -22,7 +22,7 @@ from . import models
 from .data import (FIT_STREAM, ORDER_STREAM, Rows, ViewDataset, layout_order, sequential_batches, shuffled_batches,
                    view_loader)
 from .shards import Samples, check_labels, load_index
-from .train import adamw, evaluate, warmup_cosine
+from .train import evaluate, optimizer, schedule
 from .views import ViewPolicy, sample_views, val_views
 
 log = logging.getLogger("pipeline")
@@ -61,9 +61,10 @@ def fit(model, cfg: PipelineConfig, train, val, device) -> dict:
     f = cfg.teacher.fit
     torch.manual_seed(cfg.seed)
     model.to(device)
-    opt = adamw(model, f.lr, f.weight_decay)
+    opt = optimizer(model, f.optimizer, f.lr, f.weight_decay)
     steps_per_epoch = (len(train) + f.batch_size - 1) // f.batch_size
-    sched = warmup_cosine(opt, f.epochs * steps_per_epoch, int(f.warmup_epochs * steps_per_epoch))
+    sched = schedule(opt, f.epochs * steps_per_epoch, int(f.warmup_epochs * steps_per_epoch), f.lr, f.warmup_lr,
+                     f.min_lr)
     crit = torch.nn.CrossEntropyLoss(label_smoothing=f.label_smoothing)
     val_loader = _loader(ViewDataset.for_config(eval_rows(val, cfg), cfg.data), 256, False, f.num_workers)
     # one dataset: its decoded images serve every epoch; each epoch draws new views for every sample

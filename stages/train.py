@@ -2,35 +2,54 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .models import intermediates, topk_correct
 
 
-def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW with no weight decay on biases, norms and tokens (1-d parameters), as timm does."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
-    )
+def optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """timm's optimizer factory (``timm.optim.create_optimizer_v2``): ``name`` is any of
+    ``timm.optim.list_optimizers()``; no weight decay on biases, norms and the model's
+    ``no_weight_decay()`` tokens (pos_embed, cls_token), as the DeiT recipe trains."""
+    from timm.optim import create_optimizer_v2
+
+    return create_optimizer_v2(model, opt=name, lr=lr, weight_decay=weight_decay)
 
 
-def warmup_cosine(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
-    """Linear warmup from lr/100 to lr, then cosine to 0, stepped once per optimizer step."""
+class StepSchedule:
+    """timm's cosine schedule (``timm.scheduler.CosineLRScheduler``) stepped once per optimizer
+    update: linear warmup from ``warmup_lr`` over ``warmup_steps``, then cosine from the base lr to
+    ``min_lr`` over the remaining steps.  Its state is the step count, so a resume sets the same lr."""
 
-    def f(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return 0.01 + 0.99 * step / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    def __init__(self, opt: torch.optim.Optimizer, total_steps: int, warmup_steps: int, warmup_lr: float,
+                 min_lr: float):
+        from timm.scheduler import CosineLRScheduler
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+        self.opt, self.steps = opt, 0
+        self.sched = CosineLRScheduler(opt, t_initial=max(1, total_steps - warmup_steps), lr_min=min_lr,
+                                       warmup_t=warmup_steps, warmup_lr_init=warmup_lr, warmup_prefix=True,
+                                       t_in_epochs=False)
+        self.sched.step_update(0)
+
+    def step(self) -> None:
+        self.steps += 1
+        self.sched.step_update(self.steps)
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.opt.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        self.sched.step_update(self.steps)
+
+
+def schedule(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: int, lr: float, warmup_lr: float | None,
+             min_lr: float) -> StepSchedule:
+    """The schedule of a run: ``warmup_lr`` None means lr / 100."""
+    return StepSchedule(opt, total_steps, warmup_steps, lr / 100 if warmup_lr is None else warmup_lr, min_lr)
 
 
 @torch.no_grad()
