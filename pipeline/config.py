@@ -187,9 +187,22 @@ class FitConfig(_Model):
 
 class TeacherConfig(_Model):
     model: str = "cait_xxs24_224"
+
+    @model_validator(mode="after")
+    def _mean_with_std(self) -> "TeacherConfig":
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("teacher.mean and teacher.std go together (set both, or neither)")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"teacher.std must be > 0, got {list(self.std)}")
+        return self
+
     kwargs: dict[str, Any] = {}
     pretrained: bool = False
     checkpoint: str | None = None
+    # the teacher's normalization; null: its pretrained config's (timm.data.resolve_model_data_config)
+    # with pretrained: true, else data.mean / data.std
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
     fit: FitConfig | None = FitConfig()
     device: Literal["auto", "cpu", "cuda"] = operational("auto")
 

@@ -308,8 +308,9 @@ def write_features(ctx, cache, rows: tuple[int, int]) -> ModelsSeen:
     rest = [i for i in wanted if i not in cached]
     if rest:
         names = models.layer_names(teacher, rest)
-        write_model_features(store, TEACHER, teacher, rest, names, dataset, rows, rows_per_shard, a.batch_size,
-                             device, cache.valid)
+        write_model_features(store, TEACHER, teacher, rest, names,
+                             dataset.normalized_as(models.teacher_normalization(cfg)), rows, rows_per_shard,
+                             a.batch_size, device, cache.valid)
         seen.layer_index[TEACHER].update(dict(zip(names, rest)))
     seen.depths[TEACHER], seen.kinds[TEACHER] = tdepth, "teacher"
     for s in cfg.distill.students:

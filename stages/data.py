@@ -142,10 +142,11 @@ class ViewDataset(torch.utils.data.Dataset):
         self._cache_left = int(cache_mb * 2**20)
 
     @classmethod
-    def for_config(cls, rows: Rows, data) -> ViewDataset:
-        """The dataset of ``rows`` under a ``data:`` config section (size, normalization, decoded cache)."""
-        return cls(rows, data.image_size, data.mean, data.std, cache_mb=data.decoded_cache_mb,
-                   policy=ViewPolicy.of(data))
+    def for_config(cls, rows: Rows, data, norm=None) -> ViewDataset:
+        """The dataset of ``rows`` under a ``data:`` config section (size, view policy, decoded cache),
+        normalized as ``norm`` says (a :class:`stages.models.Normalization`; None: ``data.mean/std``)."""
+        mean, std = (norm.mean, norm.std) if norm is not None else (data.mean, data.std)
+        return cls(rows, data.image_size, mean, std, cache_mb=data.decoded_cache_mb, policy=ViewPolicy.of(data))
 
     def image(self, j: int) -> Image.Image:
         """The decoded RGB image of sample ``j`` of the rows' table (from the decoded-image cache
@@ -189,6 +190,13 @@ class ViewDataset(torch.utils.data.Dataset):
             out = erase(out, self.rows.params["erase_box"][rows], self.rows.params["erase_seed"][rows],
                         self.policy.erase_mode)
         return out
+
+    def normalized_as(self, norm) -> ViewDataset:
+        """This dataset normalizing with ``norm``'s mean and std (another model's input), sharing
+        file handles and decoded images with this one."""
+        other = copy.copy(self)
+        other.mean, other.std = tuple(norm.mean), tuple(norm.std)
+        return other
 
     def with_rows(self, rows: Rows) -> ViewDataset:
         """This dataset over other rows of the same samples (fresh views): file handles and decoded

@@ -314,6 +314,17 @@ class _WithFeatures(torch.nn.Module):
         return models.intermediates(self.model, x, self.indices)
 
 
+def teacher_input_map(cfg: PipelineConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(scale, shift) taking an input normalized with ``data.mean/std`` to the same pixels under the
+    teacher's normalization (:func:`stages.models.teacher_normalization`); None when they are equal."""
+    t = models.teacher_normalization(cfg)
+    if (tuple(t.mean), tuple(t.std)) == (tuple(cfg.data.mean), tuple(cfg.data.std)):
+        return None
+    md, sd = torch.tensor(cfg.data.mean).view(3, 1, 1), torch.tensor(cfg.data.std).view(3, 1, 1)
+    mt, stt = torch.tensor(t.mean).view(3, 1, 1), torch.tensor(t.std).view(3, 1, 1)
+    return sd / stt, (md - mt) / stt
+
+
 class Trainer:
     """One student's training against the cache (or the live teacher online); ``plan`` is the
     config's resolved models (:func:`stages.models.plan_models`, resolved here when not given)."""
@@ -331,6 +342,7 @@ class Trainer:
         self.t_layers = [t for _, t in self.pairs]
         self.teacher = teacher
         self.dataset = ViewDataset.for_config(cache.rows(), cfg.data)
+        self._to_teacher = teacher_input_map(cfg) if teacher is not None else None
         self.views = self.view_count()
         self.rows_used = self.train_rows()
         self._fresh_keys: np.ndarray | None = None  # key hashes of the rows fresh views are drawn for
@@ -437,6 +449,11 @@ class Trainer:
         return ev, [snapshot_row(epoch, layer, s, widths[layer]) for layer, s in enumerate(sums) if s is not None]
 
     def targets_online(self, x: torch.Tensor) -> dict:
+        """The live teacher's targets for the student's input ``x`` (renormalized to the teacher's
+        mean and std when they differ)."""
+        if self._to_teacher is not None:
+            scale, shift = (t.to(x.device) for t in self._to_teacher)
+            x = x * scale + shift
         with torch.no_grad(), models.autocast(self.device, self.st.amp):
             logits, feats = models.intermediates(self.teacher, x, sorted(set(self.t_layers)))
         out = {"logits": logits.float()}

@@ -228,12 +228,18 @@ def _samples(cfg: PipelineConfig, prepare_record) -> tuple[Samples, Samples, lis
     return train, val, skipped
 
 
+def normalization_attrs(cfg: PipelineConfig) -> dict:
+    """What the teacher's input was normalized with, for the cache's ``teacher`` attribute."""
+    n = models.teacher_normalization(cfg)
+    return {"mean": list(n.mean), "std": list(n.std), "normalization": n.source}
+
+
 def cache_attrs(ctx, spec: CacheSpec, blocks: list[dict], skipped: list[dict]) -> dict:
     """The cache's root attributes (:func:`cache.layout.root_attributes`) for this run."""
     cfg, teacher_rec = ctx.cfg, ctx.upstream["teacher"]
     teacher = {"model": cfg.teacher.model, "kwargs": cfg.teacher.kwargs,
                "weights_sha256": teacher_rec.summary.get("weights_sha256"),
-               "fingerprint": teacher_rec.lock["fingerprint"]}
+               "fingerprint": teacher_rec.lock["fingerprint"], **normalization_attrs(cfg)}
     return root_attributes(ctx.fingerprint, ctx.inputs, cfg.model_dump(mode="json"), teacher, spec, cfg.extract.views,
                            blocks, cfg.data, skipped, ctx.runner.versions)
 
@@ -277,7 +283,7 @@ def _teacher_pass(cfg, model, device, rows: Rows, spec: CacheSpec, todo: list[in
     the fractions of wall time spent waiting for data, in the teacher, on spectra and copies, and
     waiting for the writers."""
     e = cfg.extract
-    ds = ViewDataset.for_config(rows, cfg.data)
+    ds = ViewDataset.for_config(rows, cfg.data, models.teacher_normalization(cfg))
     shards = _ShardBuffers(spec, _Writers(writer, e.writers))
     indices = [layer.index for layer in spec.layers]
     bar = tqdm(total=n_todo, desc="extract", unit="row", disable=not dist.is_main() or None, smoothing=0.1)

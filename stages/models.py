@@ -172,6 +172,33 @@ class ModelPlan:
     pairs: dict[str, tuple[tuple[int, int], ...]]  # student -> ((student layer, teacher layer), ...)
 
 
+@dataclass(frozen=True)
+class Normalization:
+    """What a model's input is normalized with, and where that came from."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: str  # "teacher.mean/std", "pretrained_cfg of <model>", "data.mean/std"
+
+
+def teacher_normalization(cfg: PipelineConfig) -> Normalization:
+    """The teacher's normalization: ``teacher.mean/std`` when set, else its pretrained config's
+    (timm.data.resolve_model_data_config) for hub weights, else ``data.mean/std`` (a teacher fitted
+    here or from a local checkpoint trained as the data says)."""
+    t = cfg.teacher
+    if t.mean is not None:
+        return Normalization(tuple(t.mean), tuple(t.std), "teacher.mean/std")
+    if t.pretrained:
+        import timm
+        from timm.data import resolve_model_data_config
+
+        with torch.device("meta"):
+            m = timm.create_model(t.model, pretrained=False, num_classes=cfg.data.num_classes, **t.kwargs)
+        c = resolve_model_data_config(m)
+        return Normalization(tuple(map(float, c["mean"])), tuple(map(float, c["std"])), f"pretrained_cfg of {t.model}")
+    return Normalization(tuple(cfg.data.mean), tuple(cfg.data.std), "data.mean/std")
+
+
 def meta_depth(name: str, kwargs: dict[str, Any], num_classes: int, where: str) -> int:
     """The number of intermediates of timm model ``name``, built on the meta device (no weights)."""
     import timm

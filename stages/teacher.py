@@ -66,9 +66,10 @@ def fit(model, cfg: PipelineConfig, train, val, device) -> dict:
     sched = schedule(opt, f.epochs * steps_per_epoch, int(f.warmup_epochs * steps_per_epoch), f.lr, f.warmup_lr,
                      f.min_lr)
     crit = torch.nn.CrossEntropyLoss(label_smoothing=f.label_smoothing)
-    val_loader = _loader(ViewDataset.for_config(eval_rows(val, cfg), cfg.data), 256, False, f.num_workers)
+    norm = models.teacher_normalization(cfg)
+    val_loader = _loader(ViewDataset.for_config(eval_rows(val, cfg), cfg.data, norm), 256, False, f.num_workers)
     # one dataset: its decoded images serve every epoch; each epoch draws new views for every sample
-    train_views = ViewDataset.for_config(eval_rows(train, cfg), cfg.data)
+    train_views = ViewDataset.for_config(eval_rows(train, cfg), cfg.data, norm)
     key_hash = train.key_hashes()
     best = {"top1": -1.0}
     best_state = None
@@ -122,7 +123,7 @@ def run(ctx) -> dict:
     if cfg.teacher.fit is not None:
         info = fit(model, cfg, train, val, device)
     model.to(device)
-    val_views = ViewDataset.for_config(eval_rows(val, cfg), cfg.data)
+    val_views = ViewDataset.for_config(eval_rows(val, cfg), cfg.data, models.teacher_normalization(cfg))
     ev = evaluate(model, _images_labels(_loader(val_views, 256, False, 0), set()), device)
     model.cpu()
     atomic_torch_save(ctx.out / "model.pt", {"state_dict": model.state_dict(), "model": cfg.teacher.model,

@@ -282,6 +282,7 @@ def deit_cache(built, tmp_path_factory):
     tree = tiny_tree(**{f"data.augment.{k}": v for k, v in DEIT.items()})
     tree["data"]["eval"] = {"crop_pct": 0.875, "interpolation": "bicubic"}
     tree["data"]["mean"], tree["data"]["std"] = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    tree["teacher"]["mean"], tree["teacher"]["std"] = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]  # its own normalization
     cfg = config_from_dict(tree, workdir=str(wd))
     return cfg, Runner(cfg).run("extract"), tree
 
@@ -323,9 +324,10 @@ def test_full_policy_cache_replays_bit_identically_and_reproduces_its_targets(de
     other = subprocess.run([sys.executable, "-c", code, str(ROOT), arg], capture_output=True, text=True, timeout=300)
     assert other.returncode == 0, other.stderr[-2000:]
     assert other.stdout.strip() == here  # another process
-    # the teacher on the replayed views gives the cached targets
+    # the teacher on the replayed views, normalized as the cache records, gives the cached targets
+    assert cache.attrs["teacher"]["mean"] == [0.5] * 3 and cache.attrs["teacher"]["normalization"] == "teacher.mean/std"
     teacher = models.load_teacher(recs["teacher"], cfg)
-    ds = ViewDataset.for_config(cache.rows(), cfg.data)
+    ds = ViewDataset.for_config(cache.rows(), cfg.data, models.teacher_normalization(cfg))
     x, _, _, idx = ds.batch(pick)
     with torch.inference_mode():
         logits, feats = models.intermediates(teacher, ds.normalize(x, idx), cfg.extract.layers)
@@ -335,3 +337,37 @@ def test_full_policy_cache_replays_bit_identically_and_reproduces_its_targets(de
         cached = np.stack([cache.read_layer("spectra", layer.index, r, r + 1)[0] for r in pick]).astype(np.float32)
         want = spectrum(f).numpy()
         np.testing.assert_allclose(cached, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+# ----------------------------------------------------------------------------- each model's normalization
+
+
+def test_teacher_normalization_comes_from_config_pretrained_cfg_or_data():
+    from stages.models import teacher_normalization
+
+    cfg = config_from_dict(tiny_tree())
+    assert teacher_normalization(cfg).source == "data.mean/std" and teacher_normalization(cfg).mean == (0.5,) * 3
+    clip = config_from_dict(tiny_tree(**{"teacher.model": "vit_base_patch16_clip_224", "teacher.kwargs": {},
+                                         "teacher.pretrained": True}))
+    n = teacher_normalization(clip)
+    assert n.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073)) and "pretrained_cfg" in n.source
+    cait = config_from_dict(tiny_tree(**{"teacher.pretrained": True}))
+    assert teacher_normalization(cait).std == pytest.approx((0.229, 0.224, 0.225))
+    own = config_from_dict(tiny_tree(**{"teacher.pretrained": True, "teacher.mean": [0.1, 0.2, 0.3],
+                                        "teacher.std": [1, 1, 1]}))
+    assert teacher_normalization(own).mean == (0.1, 0.2, 0.3)
+    with pytest.raises(PipelineError, match="go together"):
+        config_from_dict(tiny_tree(**{"teacher.mean": [0.1, 0.2, 0.3]}))
+
+
+def test_online_teacher_input_is_the_same_pixels_under_its_normalization():
+    from stages.data import normalize
+    from stages.distill import teacher_input_map
+
+    tree = tiny_tree(**{"teacher.mean": [0.485, 0.456, 0.406], "teacher.std": [0.229, 0.224, 0.225]})
+    cfg = config_from_dict(tree)
+    scale, shift = teacher_input_map(cfg)
+    px = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    got = normalize(px, cfg.data.mean, cfg.data.std) * scale + shift
+    torch.testing.assert_close(got, normalize(px, cfg.teacher.mean, cfg.teacher.std), rtol=0, atol=1e-5)
+    assert teacher_input_map(config_from_dict(tiny_tree())) is None
