@@ -5,7 +5,7 @@ the runner under the student's own lock); the ``distill`` node (:func:`run`) is 
 every student, with seed groups and paired differences (:mod:`stages.groups`).
 
 Cached mode never loads the teacher: each train row's exact view is rebuilt from the source shard
-and the view parameters stored in the manifest (:func:`stages.data.view_array`, as extract built
+and the view parameters stored in the manifest (:func:`stages.views.view_array`, as extract built
 it), and the teacher's logits and only the spectra the student needs are read from the cache.
 
 View order: epoch ``e`` trains on view ``e mod K`` of every sample (K = extract.views).  The rows

@@ -1,11 +1,11 @@
 """extract: run the teacher once over every (sample, view) and write what students need.
 
 1. Plan: read prepare's sample index, then lay out rows: train rows view-major (all samples of
-   view 0, then view 1, ...), then val rows (one plain view).  Within each block the samples
+   view 0, then view 1, ...), then val rows (one eval view).  Within each block the samples
    follow a seeded permutation keyed by their keys (a new one per view), so chunk-aligned reads
    hold a uniform mix of classes whatever order the input shards list the samples in.  Each train
    view's parameters are drawn from counter-based random numbers keyed by (seed, sample key, view)
-   (:func:`stages.data.sample_views`) and stored explicitly in the manifest.  Everything is
+   (:func:`stages.views.sample_views`) and stored explicitly in the manifest.  Everything is
    columnar: no Python object per row.
 2. Teacher pass: eval + inference mode; ``forward_intermediates`` gives the logits and the
    selected layers (NCHW, prefix tokens dropped), average-pooled along channels where

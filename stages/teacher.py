@@ -2,7 +2,7 @@
 
 Output: ``model.pt`` (the weights), the sha256 digest of the weights (recorded in the lock and in
 every cache made from them) and the val top-1.  The default fits a small CaiT on the embedded
-digits shards with AdamW, warmup + cosine, random-resized-crop views, keeping the best epoch.
+digits shards with timm's AdamW and cosine schedule on views of `data.augment`, keeping the best epoch.
 """
 
 from __future__ import annotations
