@@ -56,3 +56,39 @@ def test_imagefolder_source(tmp_path):
     assert rec.summary["classes"] == ["cat", "dog"]
     keys = [s["__key__"] for s in wds.WebDataset(str(Path(rec.path) / "train-000000.tar"), shardshuffle=False)]
     assert len(keys) == 8
+
+
+def test_damaged_or_stale_shard_index_is_refused_and_rebuilt(tmp_path):
+    """index.parquet is never trusted past its digest: a flipped byte, a truncation or a deletion
+    makes readers refuse it naming the file and the next run rebuild it; a resized shard makes the
+    whole index stale and rebuilt."""
+    import pytest
+
+    from pipeline.errors import PipelineError
+    from stages.shards import INDEX, load_index
+
+    cfg = config_from_dict(TINY, workdir=str(tmp_path / "w"))
+    rec = Runner(cfg).run("prepare")["prepare"]
+    index = Path(rec.path) / INDEX
+    good = index.read_bytes()
+    damages = {
+        "flip": lambda p: p.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:]),
+        "truncate": lambda p: p.write_bytes(good[: len(good) // 2]),
+        "empty": lambda p: p.write_bytes(b""),
+        "delete": lambda p: p.unlink(),
+    }
+    for name, damage in damages.items():
+        damage(index)
+        with pytest.raises(PipelineError, match="index.parquet"):
+            load_index(rec)
+        again = Runner(cfg).run("prepare")["prepare"]
+        assert (Path(again.path) / INDEX).read_bytes() == good, name
+        assert len(load_index(again)[0]) == 1438
+    # a shard resized after indexing: the index's byte ranges are stale, so prepare runs again
+    tar = Path(rec.path) / "train-000000.tar"
+    size = tar.stat().st_size
+    with open(tar, "ab") as f:
+        f.write(b"\0" * 512)
+    rebuilt = Runner(cfg).run("prepare")["prepare"]
+    assert (Path(rebuilt.path) / "train-000000.tar").stat().st_size == size  # rewritten, not trusted
+    assert (Path(rebuilt.path) / INDEX).read_bytes() == good
