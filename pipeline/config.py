@@ -84,6 +84,11 @@ class AugmentConfig(_Model):
     re_prob: float = Field(0.0, ge=0.0, le=1.0)
     re_mode: Literal["const", "rand", "pixel"] = "const"
     re_count: int = Field(1, ge=1, le=16)
+    # timm's Mixup/CutMix, one partner per row stored with the view (see README "Augmentation replay")
+    mixup: float = Field(0.0, ge=0.0)
+    cutmix: float = Field(0.0, ge=0.0)
+    mixup_prob: float = Field(1.0, ge=0.0, le=1.0)
+    mixup_switch_prob: float = Field(0.5, ge=0.0, le=1.0)
 
     @field_validator("scale", "ratio")
     @classmethod

@@ -26,7 +26,7 @@ from pipeline.errors import PipelineError
 
 from cache.rows import Rows, Samples  # noqa: F401  (the row table)
 
-from .views import ViewPolicy, erase, random_bits, view_array
+from .views import ViewPolicy, erase, mix, random_bits, view_array
 
 
 class ImageReader:
@@ -183,13 +183,36 @@ class ViewDataset(torch.utils.data.Dataset):
 
     def normalize(self, x: torch.Tensor, rows) -> torch.Tensor:
         """uint8 views of ``rows`` (row indices, in batch order) -> normalized float views, with
-        each row's random erasing applied."""
+        each row's random erasing applied, and with mixing (``x`` of (B, 2, 3, H, W): each row's view
+        and its partner's, as :meth:`batch` gives them) each row mixed with its partner."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if x.ndim == 5:
+            p = self.rows.params
+            partner = np.where(p["mix_partner"][rows] >= 0, p["mix_partner"][rows], rows)
+            return mix(self._normalize_erased(x[:, 0], rows), self._normalize_erased(x[:, 1], partner),
+                       p["mix_lam"][rows], p["mix_box"][rows])
+        return self._normalize_erased(x, rows)
+
+    def _normalize_erased(self, x: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         out = normalize(x, self.mean, self.std)
         if "erase_box" in self.rows.params:
-            rows = np.asarray(rows, dtype=np.int64)
             out = erase(out, self.rows.params["erase_box"][rows], self.rows.params["erase_seed"][rows],
                         self.policy.erase_mode)
         return out
+
+    def label_targets(self, y: torch.Tensor, rows, num_classes: int) -> torch.Tensor:
+        """A batch's training targets: its class indices, or with mixing the declared mix of each
+        row's one-hot label and its partner's, (B, num_classes) float (cross-entropy's label
+        smoothing then applies to the mix, as timm's ``mixup_target``)."""
+        if "mix_partner" not in self.rows.params:
+            return y
+        rows = np.asarray(rows, dtype=np.int64)
+        p = self.rows.params
+        partner = np.where(p["mix_partner"][rows] >= 0, p["mix_partner"][rows], rows)
+        lam = torch.from_numpy(p["mix_lam"][rows].astype(np.float32)).to(y.device).view(-1, 1)
+        y2 = torch.from_numpy(self.rows.labels(partner).astype(np.int64)).to(y.device)
+        one = torch.nn.functional.one_hot
+        return lam * one(y, num_classes).float() + (1 - lam) * one(y2, num_classes).float()
 
     def normalized_as(self, norm) -> ViewDataset:
         """This dataset normalizing with ``norm``'s mean and std (another model's input), sharing
@@ -210,23 +233,35 @@ class ViewDataset(torch.utils.data.Dataset):
         return x[0], int(y[0]), bool(ok[0]), i
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rows ``indices`` as one batch: (uint8 pixels (B, 3, size, size), labels, ok, indices).
+        """Rows ``indices`` as one batch: (uint8 pixels (B, 3, size, size), or (B, 2, 3, size, size)
+        with mixing: each row's view and its partner's; labels, ok, indices).
 
         Each view is written straight into the batch array: no per-row tensors, no collation.
         """
         idx = np.asarray(list(indices), dtype=np.int64)
-        n = len(idx)
-        x = np.zeros((n, self.size, self.size, 3), dtype=np.uint8)
         y = self.rows.labels(idx).astype(np.int64)
-        ok = np.ones(n, dtype=bool)
+        x, ok = self._views(idx)
+        if "mix_partner" in self.rows.params:  # each row's view and its partner's, mixed by normalize
+            partner = self.rows.params["mix_partner"][idx]
+            has = partner >= 0
+            xp, okp = x.copy(), ok.copy()
+            if has.any():
+                xp[has], okp[has] = self._views(partner[has])
+            x, ok = np.stack([x, xp], axis=1), ok & okp
+        pixels = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, -3)))
+        return pixels, torch.from_numpy(y), torch.from_numpy(ok), torch.from_numpy(idx)
+
+    def _views(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (n, size, size, 3) views of rows ``idx`` and whether each could be built."""
+        x = np.zeros((len(idx), self.size, self.size, 3), dtype=np.uint8)
+        ok = np.ones(len(idx), dtype=bool)
         sample = self.rows.sample[idx]
         for j, i in enumerate(idx):
             try:
                 x[j] = view_array(self.image(int(sample[j])), self.rows.view_params(int(i)), self.size, self.fill)
             except Exception:  # noqa: BLE001 - any decode failure marks the row bad
                 ok[j] = False
-        pixels = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-        return pixels, torch.from_numpy(y), torch.from_numpy(ok), torch.from_numpy(idx)
+        return x, ok
 
 
 class BatchViews(torch.utils.data.Dataset):

@@ -41,7 +41,7 @@ from pipeline.graph import FAILED, student_name, student_node
 
 from . import models
 from .data import FRESH_STREAM, ViewDataset, per_class_subset, view_loader
-from .views import sample_views
+from .views import place_block, sample_views
 from .dynamics import SNAPSHOTS
 from .spectral import check_pair, layer_sums, spectralkd_loss, spectrum
 from .train import evaluate, optimizer, schedule
@@ -393,7 +393,8 @@ class Trainer:
         rows, b = self.dataset.rows, self.train_block(epoch)
         if self._fresh_keys is None:
             self._fresh_keys = rows.samples.key_hashes()[rows.sample[b.start : b.stop]]
-        fresh = sample_views(self._fresh_keys, self.cfg.seed, FRESH_STREAM + epoch, self.dataset.policy)
+        fresh = place_block(sample_views(self._fresh_keys, self.cfg.seed, FRESH_STREAM + epoch, self.dataset.policy),
+                            b.start)
         return self.dataset.with_rows(rows.with_views(b.start, fresh))
 
     def train_batches(self, epoch: int) -> CachedBatches:
@@ -564,8 +565,9 @@ class Trainer:
         mix = BatchMix(self.train_labels(epoch), st.batch_size)
         bar = tqdm(batches, total=len(batches), desc=f"{st.name} {epoch + 1}/{st.epochs}", leave=False,
                    disable=not dist.is_main() or None)
-        for i, (x, y, _, targets) in enumerate(bar):
+        for i, (x, y, rows, targets) in enumerate(bar):
             mix.add(y)
+            y = batches.dataset.label_targets(y, rows, self.cfg.data.num_classes)  # mixed labels with mixing
             ts = time.perf_counter()
             try:
                 terms = self.step(x, y, targets, opt)

@@ -42,7 +42,7 @@ from . import models
 from .data import ORDER_STREAM, Rows, ViewDataset, layout_order, view_loader
 from .shards import Samples, check_labels, load_index
 from .spectral import pool_channels, spectrum
-from .views import RA_OPS, ViewPolicy, sample_views, val_views
+from .views import RA_OPS, ViewPolicy, place_block, sample_views, val_views
 
 log = logging.getLogger("pipeline")
 
@@ -59,7 +59,7 @@ def plan_rows(cfg: PipelineConfig, train: Samples, val: Samples) -> tuple[Rows, 
     parts, blocks, start = [], [], 0
     for v in range(cfg.extract.views):
         order = layout_order(train, cfg.seed, ORDER_STREAM + v)
-        parts.append(Rows(samples, order, sample_views(h[order], cfg.seed, v, policy)))
+        parts.append(Rows(samples, order, place_block(sample_views(h[order], cfg.seed, v, policy), start)))
         blocks.append({"split": "train", "view": v, "start": start, "stop": start + n_train})
         start += n_train
     order = n_train + layout_order(val, cfg.seed, ORDER_STREAM - 1)

@@ -145,7 +145,8 @@ def spectralkd_loss(
 
     Args:
         student_logits: (B, K) student logits.
-        labels: (B,) class indices.
+        labels: (B,) class indices, or (B, K) class probabilities (mixed labels; label smoothing
+            applies to them as timm's ``mixup_target`` does).
         teacher_logits: (B, K) teacher logits (kinds 'logits', 'spectral', 'hard').
         student_feats: student NCHW feature maps, one per layer pair (the kinds with a spectral term).
         teacher_specs: teacher spectra (B, C_t, H, W//2+1, 2) as :func:`spectrum` returns them

@@ -44,10 +44,13 @@ def _loader(ds: ViewDataset, batch_size, shuffle, workers, seed=0):
     return view_loader(ds, batches, workers, generator=g)
 
 
-def _images_labels(loader, bad: set):
-    """(normalized images, labels) of a ViewDataset loader, bad rows dropped and recorded."""
+def _images_labels(loader, bad: set, num_classes: int | None = None):
+    """(normalized images, labels) of a ViewDataset loader, bad rows dropped and recorded; with
+    ``num_classes``, the labels are the training targets (mixed, with mixing)."""
     for x, y, ok, idx in loader:
         x = loader.dataset.views.normalize(x, idx)
+        if num_classes is not None:
+            y = loader.dataset.views.label_targets(y, idx, num_classes)
         if not bool(ok.all()):
             for i in idx[~ok].tolist():
                 bad.add(i)
@@ -81,7 +84,8 @@ def fit(model, cfg: PipelineConfig, train, val, device) -> dict:
         loader = _loader(train_views, f.batch_size, True, f.num_workers, seed=cfg.seed * 1000 + epoch)
         model.train()
         tot, n = 0.0, 0
-        for x, y in tqdm(_images_labels(loader, bad), total=steps_per_epoch, desc=f"teacher fit {epoch + 1}/{f.epochs}",
+        for x, y in tqdm(_images_labels(loader, bad, cfg.data.num_classes), total=steps_per_epoch,
+                         desc=f"teacher fit {epoch + 1}/{f.epochs}",
                          leave=False, disable=None):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = crit(model(x), y)

@@ -67,6 +67,7 @@ _INTERP_DRAW = 4 * _ATTEMPTS + 1
 _RA_DRAW, _RA_STRIDE = 1000, 8  # + 8 * layer + {0 op, 1 applied, 2-3 gaussian, 4 sign}
 _CJ_DRAW = 2000  # + {0-3 factors, 4-7 order}
 _ERASE_DRAW = 3000  # + {0 applied, 1 count, 2 seed} then 4 per (box, attempt)
+_MIX_DRAW = 5000  # + {0 partner, 1 cutmix or mixup, 2 lambda, 3 applied, 4-5 box centre}
 
 
 # ----------------------------------------------------------------------------- the policy
@@ -154,6 +155,10 @@ class ViewPolicy:
     erase_prob: float = 0.0
     erase_mode: str = "const"
     erase_count: int = 1
+    mixup: float = 0.0  # Beta(alpha, alpha) of timm's Mixup; 0: off
+    cutmix: float = 0.0
+    mix_prob: float = 1.0  # probability a row is mixed at all
+    mix_switch_prob: float = 0.5  # with both on: probability of cutmix
     crop_pct: float | None = None  # eval views: resize to size / crop_pct, center crop; None: whole image
     eval_interpolation: str = "bilinear"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # RandAugment's fill colour is round(255 * mean)
@@ -169,7 +174,12 @@ class ViewPolicy:
                    rand_augment=RandAugment.parse(a.auto_augment) if a.auto_augment else None,
                    color_jitter=jitter if any(jitter) else None,
                    erase_prob=a.re_prob, erase_mode=a.re_mode, erase_count=a.re_count,
+                   mixup=a.mixup, cutmix=a.cutmix, mix_prob=a.mixup_prob, mix_switch_prob=a.mixup_switch_prob,
                    crop_pct=data.eval.crop_pct, eval_interpolation=data.eval.interpolation, mean=tuple(data.mean))
+
+    @property
+    def mixes(self) -> bool:
+        return (self.mixup > 0 or self.cutmix > 0) and self.mix_prob > 0
 
     @property
     def fill(self) -> tuple[int, int, int]:
@@ -184,6 +194,8 @@ class ViewPolicy:
             out += ["cj_factor", "cj_order"]
         if self.erase_prob > 0:
             out += ["erase_box", "erase_seed"]
+        if self.mixes:
+            out += ["mix_partner", "mix_lam", "mix_box"]
         if self.crop_pct:
             out += ["crop_pct"]
         return tuple(out)
@@ -208,6 +220,10 @@ def neutral_views(n: int, policy: ViewPolicy) -> dict[str, np.ndarray]:
     if policy.erase_prob > 0:
         out["erase_box"] = np.zeros((n, 4 * policy.erase_count), dtype=np.int16)
         out["erase_seed"] = np.zeros(n, dtype=np.uint32)
+    if policy.mixes:
+        out["mix_partner"] = np.full(n, -1, dtype=np.int64)
+        out["mix_lam"] = np.ones(n, dtype=np.float32)
+        out["mix_box"] = np.zeros((n, 4), dtype=np.int16)
     if policy.crop_pct:
         out["crop_pct"] = np.zeros(n, dtype=np.float32)
     return out
@@ -240,7 +256,18 @@ def sample_views(key_hash: np.ndarray, seed: int, stream: int, policy: ViewPolic
         out.update(sample_color_jitter(h64, seed, stream, policy.color_jitter))
     if policy.erase_prob > 0:
         out.update(sample_erasing(h64, seed, stream, policy))
+    if policy.mixes:
+        out.update(sample_mixing(h64, seed, stream, policy))
     return out
+
+
+def place_block(params: dict[str, np.ndarray], start: int) -> dict[str, np.ndarray]:
+    """View columns of a block of rows that starts at row ``start`` of its table: the mixing
+    partners :func:`sample_views` drew as positions within the block become rows of the table."""
+    if "mix_partner" in params:
+        p = params["mix_partner"]
+        params = {**params, "mix_partner": np.where(p >= 0, p + start, p)}
+    return params
 
 
 def sample_crops(h64: np.ndarray, seed: int, stream: int, scale, ratio, hflip: float) -> dict[str, np.ndarray]:
@@ -342,6 +369,37 @@ def sample_erasing(h64: np.ndarray, seed: int, stream: int, policy: ViewPolicy) 
             todo = todo[~fits]
     seed_col = (random_bits(h64, seed, stream, _ERASE_DRAW + 2) >> np.uint64(32)).astype(np.uint32)
     return {"erase_box": box.reshape(n, 4 * count_max), "erase_seed": seed_col}
+
+
+def sample_mixing(h64: np.ndarray, seed: int, stream: int, policy: ViewPolicy) -> dict[str, np.ndarray]:
+    """timm's Mixup/CutMix per row (its ``elem`` mode, with a partner fixed per view rather than the
+    batch flipped): a partner among the same rows (a position in them, by the order of the keys'
+    hashes, so the choice does not depend on the input order), cutmix with probability
+    ``mix_switch_prob`` when both are on, lambda ~ Beta(alpha, alpha), applied with probability
+    ``mix_prob``; a cutmix box of side ``size * sqrt(1 - lambda)`` clipped at the border, lambda
+    then corrected to the area kept (timm's ``correct_lam``).  ``mix_lam`` is the row's own weight."""
+    from scipy.special import betaincinv
+
+    n, size = len(h64), policy.size
+    by_key = np.argsort(h64, kind="stable")
+    partner = by_key[np.minimum((uniform(h64, seed, stream, _MIX_DRAW) * n).astype(np.int64), max(n - 1, 0))]
+    if policy.mixup > 0 and policy.cutmix > 0:
+        cut = uniform(h64, seed, stream, _MIX_DRAW + 1) < policy.mix_switch_prob
+    else:
+        cut = np.full(n, policy.cutmix > 0)
+    alpha = np.where(cut, policy.cutmix, policy.mixup)
+    lam = betaincinv(alpha, alpha, uniform(h64, seed, stream, _MIX_DRAW + 2))
+    lam = np.where(uniform(h64, seed, stream, _MIX_DRAW + 3) < policy.mix_prob, lam, 1.0)
+    box = np.zeros((n, 4), dtype=np.int16)
+    cut_side = (size * np.sqrt(1.0 - lam)).astype(np.int64)
+    centre = [np.minimum((uniform(h64, seed, stream, _MIX_DRAW + 4 + k) * size).astype(np.int64), size - 1)
+              for k in range(2)]
+    lo = [np.clip(c - cut_side // 2, 0, size) for c in centre]
+    hi = [np.clip(c + cut_side // 2, 0, size) for c in centre]
+    area = (hi[0] - lo[0]) * (hi[1] - lo[1])
+    box[cut] = np.stack([lo[0], lo[1], hi[0] - lo[0], hi[1] - lo[1]], axis=1)[cut]
+    lam = np.where(cut, 1.0 - area / float(size * size), lam)
+    return {"mix_partner": partner.astype(np.int64), "mix_lam": lam.astype(np.float32), "mix_box": box}
 
 
 # ----------------------------------------------------------------------------- replay: pixels
@@ -464,7 +522,7 @@ def color_jitter_op(img: Image.Image, component: int, factor: float) -> Image.Im
     return adjust(img, factor)
 
 
-# ----------------------------------------------------------------------------- replay: erasing
+# ----------------------------------------------------------------------------- replay: erasing and mixing
 
 
 def erase(x: torch.Tensor, boxes: np.ndarray, seeds: np.ndarray, mode: str) -> torch.Tensor:
@@ -481,4 +539,20 @@ def erase(x: torch.Tensor, boxes: np.ndarray, seeds: np.ndarray, mode: str) -> t
             shape = (x.shape[1], h, w) if mode == "pixel" else (x.shape[1], 1, 1)
             fill = torch.zeros(shape) if mode == "const" else torch.randn(shape, generator=g)
             x[i, :, top : top + h, left : left + w] = fill.to(x.device, x.dtype)
+    return x
+
+
+def mix(x: torch.Tensor, partner: torch.Tensor, lam: np.ndarray, box: np.ndarray) -> torch.Tensor:
+    """timm's Mixup/CutMix on normalized views, in place: a row with a cutmix box takes its
+    partner's pixels inside it; any other row with ``lam < 1`` becomes ``lam x + (1 - lam) partner``."""
+    box = np.asarray(box).reshape(len(x), 4)
+    lam = np.asarray(lam, dtype=np.float32)
+    for i in np.flatnonzero((box[:, 2] > 0) & (box[:, 3] > 0)):
+        top, left, h, w = box[i].tolist()
+        x[i, :, top : top + h, left : left + w] = partner[i, :, top : top + h, left : left + w]
+    blend = np.flatnonzero((box[:, 2] == 0) & (lam < 1))
+    if len(blend):
+        b = torch.from_numpy(blend).to(x.device)
+        w = torch.from_numpy(lam[blend]).to(x.device, x.dtype).view(-1, 1, 1, 1)
+        x[b] = x[b] * w + partner[b] * (1 - w)
     return x

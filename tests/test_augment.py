@@ -26,13 +26,13 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from pipeline.config import PipelineError, config_from_dict
-from stages.data import ViewDataset
+from stages.data import ImageReader, ViewDataset, decode_image
 from stages.views import (RA_OPS, RandAugment, ViewPolicy, crop_box, erase, rand_augment_op, sample_erasing,
                           sample_rand_augment, sample_views, val_views, view_array)
 from tests.conftest import ROOT, copy_upstream, tiny_tree
 
 DEIT = {"scale": [0.08, 1.0], "hflip": 0.5, "interpolation": "bicubic", "auto_augment": "rand-m9-mstd0.5-inc1",
-        "re_prob": 0.25, "re_mode": "pixel", "re_count": 1}
+        "re_prob": 0.25, "re_mode": "pixel", "re_count": 1, "mixup": 0.8, "cutmix": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +266,7 @@ def test_policy_config_errors_are_clear():
     cfg = config_from_dict(tiny_tree(**{f"data.augment.{k}": v for k, v in DEIT.items()}))
     policy = ViewPolicy.of(cfg.data)
     assert policy.rand_augment.ops == RandAugment.parse("rand-m9-inc1").ops and policy.erase_mode == "pixel"
-    assert policy.fields()[-2:] == ("erase_box", "erase_seed")
+    assert policy.fields()[-5:] == ("erase_box", "erase_seed", "mix_partner", "mix_lam", "mix_box")
 
 
 # ----------------------------------------------------------------------------- a cache built with the policy
@@ -324,6 +324,11 @@ def test_full_policy_cache_replays_bit_identically_and_reproduces_its_targets(de
     other = subprocess.run([sys.executable, "-c", code, str(ROOT), arg], capture_output=True, text=True, timeout=300)
     assert other.returncode == 0, other.stderr[-2000:]
     assert other.stdout.strip() == here  # another process
+    mixed = np.asarray(m.column("mix_lam").to_pylist())[train] < 1
+    assert mixed.mean() > 0.9  # mix_prob 1: every train row but those whose cutmix box fell off the image
+    partner = np.asarray(m.column("mix_partner").to_pylist())
+    views = np.asarray(m.column("view").to_pylist())
+    assert (views[partner[train]] == views[train]).all() and (partner[~np.isin(np.arange(len(m)), train)] == -1).all()
     # the teacher on the replayed views, normalized as the cache records, gives the cached targets
     assert cache.attrs["teacher"]["mean"] == [0.5] * 3 and cache.attrs["teacher"]["normalization"] == "teacher.mean/std"
     teacher = models.load_teacher(recs["teacher"], cfg)
@@ -371,3 +376,126 @@ def test_online_teacher_input_is_the_same_pixels_under_its_normalization():
     got = normalize(px, cfg.data.mean, cfg.data.std) * scale + shift
     torch.testing.assert_close(got, normalize(px, cfg.teacher.mean, cfg.teacher.std), rtol=0, atol=1e-5)
     assert teacher_input_map(config_from_dict(tiny_tree())) is None
+
+
+# ----------------------------------------------------------------------------- mixup and cutmix
+
+
+def test_mixing_sampler_matches_timms_mixup_per_element():
+    from timm.data.mixup import Mixup, cutmix_bbox_and_lam
+
+    n, size = 5000, 32
+    timm_mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", label_smoothing=0.0, num_classes=10)
+    np.random.seed(0)
+    t_lam, t_cut = timm_mix._params_per_elem(n)
+    t_cut_lam = np.array([cutmix_bbox_and_lam((3, size, size), float(lam))[1] for lam in t_lam[t_cut]])
+    policy = ViewPolicy(size=size, mixup=0.8, cutmix=1.0)
+    ours = sample_views(_keys(n), 0, 0, policy)
+    o_cut = ours["mix_box"][:, 2] > 0
+    assert abs(t_cut.mean() - 0.5) < 0.03 and abs(o_cut.mean() - 0.5) < 0.03
+    blend = (~o_cut) & (ours["mix_lam"] < 1)
+    assert stats.ks_2samp(t_lam[~t_cut], ours["mix_lam"][blend]).pvalue > 1e-3
+    assert stats.ks_2samp(t_cut_lam, ours["mix_lam"][o_cut]).pvalue > 1e-3
+    box = ours["mix_box"].astype(np.int64)
+    np.testing.assert_allclose(ours["mix_lam"][o_cut], 1 - box[o_cut, 2] * box[o_cut, 3] / size**2, rtol=1e-6)
+    assert (ours["mix_partner"] >= 0).all() and (ours["mix_partner"] < n).all()
+    # the partner is chosen by key, not by position: the same keys in another order pick the same partners
+    keys = _keys(n)
+    perm = np.random.default_rng(1).permutation(n)
+    again = sample_views(keys[perm], 0, 0, policy)
+    np.testing.assert_array_equal(keys[perm][again["mix_partner"]], keys[ours["mix_partner"]][perm])
+
+
+def test_mixed_rows_are_the_declared_mix_of_two_replayed_views(built):
+    from cache.reader import open_cache
+    from cache.rows import Rows
+    from stages.data import normalize, view_pixels
+    from stages.views import place_block
+
+    cfg, _, recs = built
+    base = open_cache(recs["extract"]).rows()
+    n, size = 48, cfg.data.image_size
+    policy = ViewPolicy(size=size, hflip=0.5, mixup=0.8, cutmix=1.0, erase_prob=0.5, erase_mode="pixel",
+                        mean=cfg.data.mean)
+    sample = base.sample[100 : 100 + n]
+    params = place_block(sample_views(base.samples.key_hashes()[sample], 0, 0, policy), 5)
+    rows = Rows(base.samples, np.concatenate([base.sample[:5], sample]),
+                {k: np.concatenate([neutral[:5], v]) for (k, v), neutral in
+                 zip(params.items(), val_views(5, policy).values())})
+    ds = ViewDataset(rows, size, cfg.data.mean, cfg.data.std, policy=policy)
+    idx = np.arange(5, 5 + n)
+    x, y, ok, _ = ds.batch(idx)
+    assert x.shape == (n, 2, 3, size, size) and bool(ok.all())
+    got = ds.normalize(x, idx)
+    target = ds.label_targets(y, idx, 10)
+    reader = ImageReader()
+
+    def alone(r: int) -> torch.Tensor:  # one row's view, normalized and erased, built on its own
+        s = rows.source(r)
+        img = decode_image(reader.read(s.url, s.offset, s.size))
+        v = normalize(view_pixels(img, rows.view_params(r), size, policy.fill), cfg.data.mean, cfg.data.std)[None]
+        return erase(v, rows.params["erase_box"][[r]], rows.params["erase_seed"][[r]], "pixel")[0]
+
+    kinds = set()
+    for j, r in enumerate(idx):
+        p = int(rows.params["mix_partner"][r])
+        assert 5 <= p < 5 + n  # a row of the same block
+        a, b = alone(r), alone(p)
+        lam = float(rows.params["mix_lam"][r])
+        top, left, h, w = rows.params["mix_box"][r].tolist()
+        if h > 0:
+            kinds.add("cutmix")
+            want = a.clone()
+            want[:, top : top + h, left : left + w] = b[:, top : top + h, left : left + w]
+            torch.testing.assert_close(got[j], want, rtol=0, atol=0)
+            assert lam == pytest.approx(1 - h * w / size**2, rel=1e-6)
+        else:
+            kinds.add("mixup")
+            torch.testing.assert_close(got[j], lam * a + (1 - lam) * b, rtol=1e-6, atol=1e-6)
+        want_y = torch.zeros(10)
+        want_y[int(rows.labels([r])[0])] += lam
+        want_y[int(rows.labels([p])[0])] += 1 - lam
+        torch.testing.assert_close(target[j], want_y, rtol=1e-6, atol=1e-7)
+    assert kinds == {"cutmix", "mixup"}
+    # rows without a partner (val) are neither mixed nor given mixed labels
+    x0, y0, _, _ = ds.batch(range(5))
+    torch.testing.assert_close(ds.normalize(x0, range(5)), normalize(x0[:, 0], cfg.data.mean, cfg.data.std))
+    torch.testing.assert_close(ds.label_targets(y0, range(5), 10), torch.nn.functional.one_hot(y0, 10).float())
+
+
+def test_mixed_label_loss_equals_timms_mixup_target_and_soft_cross_entropy():
+    from timm.data.mixup import mixup_target
+    from timm.loss import SoftTargetCrossEntropy
+
+    from stages.spectral import spectralkd_loss
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(8, 10, generator=g)
+    y = torch.randint(0, 10, (8,), generator=g)
+    lam = 0.3
+    soft = lam * torch.nn.functional.one_hot(y, 10).float() + (1 - lam) * torch.nn.functional.one_hot(y.flip(0), 10)
+    ours = spectralkd_loss(z, soft, kind="none", label_smoothing=0.1).total
+    want = SoftTargetCrossEntropy()(z, mixup_target(y, 10, lam, smoothing=0.1))
+    assert ours.item() == pytest.approx(want.item(), rel=1e-6)
+    # and in float64 numpy: the lam-weighted smoothed cross-entropies
+    ls = np.log(np.exp(z.double().numpy()).sum(1))
+    logp = z.double().numpy() - ls[:, None]
+    t = soft.double().numpy() * 0.9 + 0.01
+    assert ours.item() == pytest.approx(float(-(t * logp).sum(1).mean()), rel=1e-6)
+
+
+def test_a_student_steps_on_a_mixed_cache(deit_cache):
+    from cache.reader import open_cache
+    from stages.distill import Trainer
+    from stages.train import optimizer
+
+    cfg, recs, _ = deit_cache
+    cache = open_cache(recs["extract"])
+    tr = Trainer(cfg, cfg.student("spectral"), cache, __import__("pathlib").Path("/nonexistent"))
+    batches = tr.train_batches(0)
+    x, y, rows, targets = next(iter(batches))
+    soft = batches.dataset.label_targets(y, rows, cfg.data.num_classes)
+    assert soft.shape == (len(y), 10) and torch.allclose(soft.sum(1), torch.ones(len(y)))
+    assert (soft.max(1).values < 1).any()  # some rows carry two labels
+    terms = tr.step(x, soft, targets, optimizer(tr.model, "adamw", 1e-3, 0.05))
+    assert np.isfinite(terms.total.item()) and terms.spec.item() > 0 and terms.kd.item() > 0
