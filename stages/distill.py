@@ -285,7 +285,7 @@ def revisit_warning(st: ResolvedStudent, views: int) -> str | None:
         return None
     return (f"{st.name}: {st.epochs} epochs over {views} stored views is {per_view:.0f} epochs per view; in "
             f"benchmarks/offline_vs_online.py cached students lost accuracy against online ones above about "
-            f"{REVISITS_WITHIN_NOISE} (1.8 points at 50, 6.9 at 200); store more views (extract.views)")
+            f"{REVISITS_WITHIN_NOISE} (2.0 points at 50, 6.8 at 200); store more views (extract.views)")
 
 
 def check_student(cache: Cache | None, model, st: ResolvedStudent, size: int,
