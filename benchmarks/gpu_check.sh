@@ -26,6 +26,7 @@ python3 -c "import torch, timm, zarr, webdataset; print('torch', torch.__version
 # the realistic case
 JPEG=${JPEG:-/tmp/gpu_check_jpegs_$IMAGES}
 [ -d "$JPEG" ] || python3 benchmarks/make_jpegs.py "$JPEG" --images "$IMAGES" | tee -a "$OUT/gpu.txt"
+STUDENT='[{name: deit-spectral, model: deit_tiny_patch16_224, layers: [[0, 0], [1, 1], [6, 18], [7, 19], [8, 20], [9, 21], [10, 22], [11, 23]], loss: {kind: spectral}}]'
 REAL=(--set data.source=imagefolder --set "data.root=$JPEG" --set data.image_size=224 --set data.val_fraction=0.1
   --set data.samples_per_shard=256 --set 'data.mean=[0.485, 0.456, 0.406]' --set 'data.std=[0.229, 0.224, 0.225]'
   --set 'data.augment={scale: [0.08, 1.0], hflip: 0.5, interpolation: bicubic, auto_augment: rand-m9-mstd0.5-inc1, re_prob: 0.25, re_mode: pixel, mixup: 0.8, cutmix: 1.0}'
@@ -34,12 +35,11 @@ REAL=(--set data.source=imagefolder --set "data.root=$JPEG" --set data.image_siz
   --set 'extract.layers=[0, 1, 18, 19, 20, 21, 22, 23]' --set extract.views=1
   --set 'extract.compress={packed: true, quantize: int8, pool: null}'
   --set extract.batch_size=$BATCH --set extract.rows_per_shard=$RPS --set extract.num_workers=$WORKERS
-  --set extract.writers=4)
+  --set extract.writers=4 --set "distill.students=$STUDENT")
 timeout "$T_EXTRACT" python3 benchmarks/extract.py --repeat "$REPEAT" --workdir /tmp/gpu_check_real "${REAL[@]}" 2>&1 \
   | grep -v " INFO " | tee "$OUT/extract_realistic.txt"
-STUDENT='[{name: deit-spectral, model: deit_tiny_patch16_224, layers: [[0, 0], [1, 1], [6, 18], [7, 19], [8, 20], [9, 21], [10, 22], [11, 23]], loss: {kind: spectral}}]'
 timeout "$T_DISTILL" python3 benchmarks/distill.py --repeat "$REPEAT" --workdir /tmp/gpu_check_real "${REAL[@]}" \
-  --set "distill.students=$STUDENT" --set distill.defaults.batch_size=$STEPS_BATCH \
+  --set distill.defaults.batch_size=$STEPS_BATCH \
   --set distill.defaults.num_workers=$WORKERS 2>&1 | grep -v " INFO " | tee "$OUT/distill_realistic.txt"
 
 [ "${FULL:-0}" = 1 ] || exit 0
