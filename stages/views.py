@@ -3,21 +3,23 @@
 A view is described by explicit parameters, never by a seed whose meaning depends on library
 internals: a crop box as fractions of the image and its interpolation, a flip, the RandAugment ops
 with their signed magnitudes and whether each was applied, the color-jitter factors and their order,
-and the random-erasing boxes with the seed of their noise (or, for eval views, the crop_pct of
-timm's resize-and-center-crop).  The policy is timm's ImageNet transforms
-(``timm.data.create_transform``): random-resized crop, flip, RandAugment or color jitter, then
-random erasing on the normalized tensor; eval resizes the shorter side to ``size / crop_pct`` and
-crops the centre.
+the random-erasing boxes with the seed of their noise, and the mixing partner (a row), lambda and
+cutmix box (or, for eval views, the crop_pct of timm's resize-and-center-crop).  The policy is
+timm's ImageNet transforms (``timm.data.create_transform``) and its Mixup: random-resized crop,
+flip, RandAugment or color jitter, random erasing on the normalized tensor, then mixup or cutmix
+with the partner's view; eval resizes the shorter side to ``size / crop_pct`` and crops the centre.
 
 - :func:`sample_views` draws every parameter for whole columns at once from counter-based random
   numbers keyed by (seed, sample key, stream, draw), so a sample's views never depend on where the
   shards list it nor on any library's random state;
-- :func:`view_array` builds a view's uint8 pixels from an image and its parameters (PIL), and
-  :func:`erase` applies the erasing boxes to the normalized batch: together, the one replay.
+- :func:`view_array` builds a view's uint8 pixels from an image and its parameters (PIL),
+  :func:`erase` applies the erasing boxes to the normalized batch and :func:`mix` mixes each row
+  with its partner: together, the one replay (:meth:`stages.data.ViewDataset.normalize` runs the
+  last two).
 
 Which columns a view has depends on the policy (:meth:`ViewPolicy.fields`); every row of one table
-has the same columns.  Columns with a second axis (``ra_*``, ``cj_*``, ``erase_box``) are stored as
-fixed-size lists in the manifest.
+has the same columns.  Columns with a second axis (``ra_*``, ``cj_*``, ``erase_box``, ``mix_box``)
+are stored as fixed-size lists in the manifest.
 """
 
 from __future__ import annotations
@@ -74,7 +76,6 @@ _MIX_DRAW = 5000  # + {0 partner, 1 cutmix or mixup, 2 lambda, 3 applied, 4-5 bo
 
 INTERPOLATIONS = ("bilinear", "bicubic")  # the code stored in column `interp`
 _PIL_INTERP = (Image.BILINEAR, Image.BICUBIC)
-ERASE_MODES = ("const", "rand", "pixel")  # timm's RandomErasing modes
 
 # timm's RandAugment op sets (timm.data.auto_augment: _RAND_TRANSFORMS and, with `inc1`,
 # _RAND_INCREASING_TRANSFORMS); column `ra_op` stores an index into RA_OPS
