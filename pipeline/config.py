@@ -565,12 +565,16 @@ def resolve_student(s: StudentConfig, d: TrainDefaults) -> ResolvedStudent:
 
 
 def _fmt_loc(loc: tuple[Any, ...]) -> str:
+    """``a.b[0].c``; a key that is not a plain name (spaces, newlines, dots) as ``['...']``, so the
+    path stays on one line and says which key it is."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        else:
+        elif re.fullmatch(r"[A-Za-z0-9_\-]+", str(part)):
             out += ("." if out else "") + str(part)
+        else:
+            out += f"[{str(part)!r}]"
     return out
 
 

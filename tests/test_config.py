@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import ConfigError, check_models, config_from_dict, load_config
@@ -100,6 +100,7 @@ _paths = st.sampled_from([
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_paths, _values)
+@example("teacher.fit", {"\n": 0})  # an odd key: the message names it on one line
 def test_random_configs_never_traceback(path, value):
     try:
         tree = tiny_tree(**{path: value})
