@@ -285,7 +285,8 @@ def _checked_bytes(path: Path, sha256: str | None, what: str) -> bytes:
     except OSError as e:
         raise PipelineError(f"{path}: cannot read the {what} ({e.strerror})") from None
     if hashlib.sha256(data).hexdigest() != sha256:
-        raise PipelineError(f"{path}: the {what} is not the one extract wrote (sha256 mismatch); refusing the cache")
+        raise PipelineError(f"{path}: the {what} is not the one extract wrote (sha256 mismatch); refusing the cache "
+                            f"(rerun extract --force)")
     return data
 
 
