@@ -76,7 +76,8 @@ class CachedBatches:
     """Batches of (x, y, row ids, teacher targets) over a block of cache rows.
 
     targets: {"logits": (B, K) float16, <teacher layer index>: (B, C, H, W//2+1, 2) float16}, the
-    spectra dense whatever the cache's encoding (:meth:`cache.reader.Cache.read_layer`).
+    spectra dense whatever the cache's encoding (:meth:`cache.reader.Cache.read_layer`); with
+    ``teacher_input`` also "teacher_x", the batch normalized for an online teacher.
     Images come from DataLoader workers; cache reads run in a prefetch thread of this process.
     """
 
@@ -95,8 +96,11 @@ class CachedBatches:
         split_ranks: bool = True,
         memory: dict | None = None,
         rows_used: np.ndarray | None = None,
+        teacher_input: ViewDataset | None = None,
     ):
         self.cache, self.dataset = cache, dataset
+        # an online teacher normalized otherwise than the student gets its own input, "teacher_x"
+        self.teacher_input = teacher_input
         self.unit = cache.chunk_rows()
         self.units = units_of(rows[0], rows[1], self.unit)
         self.batch_size, self.layers, self.want_logits = batch_size, layers, want_logits
@@ -213,7 +217,10 @@ class CachedBatches:
             sel = perm[i : i + bs]
             batch = {k: v[sel] for k, v in merged.items()}
             x = self.dataset.normalize(batch["x"], batch["rows"])
-            yield x, batch["y"], batch["rows"], {k: v for k, v in batch.items() if k not in ("x", "y", "rows")}
+            extras = {k: v for k, v in batch.items() if k not in ("x", "y", "rows")}
+            if self.teacher_input is not None:
+                extras["teacher_x"] = self.teacher_input.normalize(batch["x"], batch["rows"])
+            yield x, batch["y"], batch["rows"], extras
         rest = perm[full:]
         pool.clear()
         if len(rest):
@@ -314,15 +321,10 @@ class _WithFeatures(torch.nn.Module):
         return models.intermediates(self.model, x, self.indices)
 
 
-def teacher_input_map(cfg: PipelineConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(scale, shift) taking an input normalized with ``data.mean/std`` to the same pixels under the
-    teacher's normalization (:func:`stages.models.teacher_normalization`); None when they are equal."""
+def teacher_normalization_differs(cfg: PipelineConfig) -> models.Normalization | None:
+    """The teacher's normalization when it is not the students' (``data.mean/std``), else None."""
     t = models.teacher_normalization(cfg)
-    if (tuple(t.mean), tuple(t.std)) == (tuple(cfg.data.mean), tuple(cfg.data.std)):
-        return None
-    md, sd = torch.tensor(cfg.data.mean).view(3, 1, 1), torch.tensor(cfg.data.std).view(3, 1, 1)
-    mt, stt = torch.tensor(t.mean).view(3, 1, 1), torch.tensor(t.std).view(3, 1, 1)
-    return sd / stt, (md - mt) / stt
+    return None if (tuple(t.mean), tuple(t.std)) == (tuple(cfg.data.mean), tuple(cfg.data.std)) else t
 
 
 class Trainer:
@@ -342,7 +344,7 @@ class Trainer:
         self.t_layers = [t for _, t in self.pairs]
         self.teacher = teacher
         self.dataset = ViewDataset.for_config(cache.rows(), cfg.data)
-        self._to_teacher = teacher_input_map(cfg) if teacher is not None else None
+        self._teacher_norm = teacher_normalization_differs(cfg) if teacher is not None else None
         self.views = self.view_count()
         self.rows_used = self.train_rows()
         self._fresh_keys: np.ndarray | None = None  # key hashes of the rows fresh views are drawn for
@@ -400,13 +402,15 @@ class Trainer:
     def train_batches(self, epoch: int) -> CachedBatches:
         b = self.train_block(epoch)
         cached = self.st.mode == "cached"
+        views = self.train_dataset(epoch)
         return CachedBatches(
-            self.cache, self.train_dataset(epoch), (b.start, b.stop), self.st.batch_size,
+            self.cache, views, (b.start, b.stop), self.st.batch_size,
             layers=sorted(set(self.t_layers)) if cached else [],
             want_logits=cached and needs_teacher_logits(self.st.loss.kind),
             seed=self.st.seed * 100003 + epoch, shuffle=True,
             num_workers=models.resolve_workers(self.st.num_workers, self.device), memory=self.memory,
             rows_used=self.rows_used,
+            teacher_input=views.normalized_as(self._teacher_norm) if self._teacher_norm is not None else None,
         )
 
     def train_labels(self, epoch: int) -> np.ndarray:
@@ -450,11 +454,7 @@ class Trainer:
         return ev, [snapshot_row(epoch, layer, s, widths[layer]) for layer, s in enumerate(sums) if s is not None]
 
     def targets_online(self, x: torch.Tensor) -> dict:
-        """The live teacher's targets for the student's input ``x`` (renormalized to the teacher's
-        mean and std when they differ)."""
-        if self._to_teacher is not None:
-            scale, shift = (t.to(x.device) for t in self._to_teacher)
-            x = x * scale + shift
+        """The live teacher's targets for its input ``x`` (the batch normalized as the teacher's)."""
         with torch.no_grad(), models.autocast(self.device, self.st.amp):
             logits, feats = models.intermediates(self.teacher, x, sorted(set(self.t_layers)))
         out = {"logits": logits.float()}
@@ -481,7 +481,9 @@ class Trainer:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         targets = {k: v.to(self.device, non_blocking=True) for k, v in targets.items()}
         if self.st.mode == "online" and self.st.loss.kind != "none":
-            targets = self.targets_online(x)
+            # the teacher's own input when its normalization differs: the same pixels, erased and
+            # mixed as extract does it (CachedBatches' teacher_input)
+            targets = self.targets_online(targets.pop("teacher_x", x))
         terms = self.loss(x, y, targets)
         values = terms.items()
         bad = [k for k, v in values.items() if not np.isfinite(v)]

@@ -10,6 +10,7 @@ import math
 import random
 import subprocess
 import sys
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -365,17 +366,39 @@ def test_teacher_normalization_comes_from_config_pretrained_cfg_or_data():
         config_from_dict(tiny_tree(**{"teacher.mean": [0.1, 0.2, 0.3]}))
 
 
-def test_online_teacher_input_is_the_same_pixels_under_its_normalization():
-    from stages.data import normalize
-    from stages.distill import teacher_input_map
+def test_online_teacher_gets_the_batch_normalized_as_extract_normalizes_it(deit_cache):
+    """An online teacher whose normalization differs from the student's sees the batch's pixels
+    normalized with its own mean and std, then erased and mixed: what extract feeds it."""
+    from cache.reader import open_cache
+    from stages import models
+    from stages.distill import Trainer
+    from stages.train import optimizer
 
-    tree = tiny_tree(**{"teacher.mean": [0.485, 0.456, 0.406], "teacher.std": [0.229, 0.224, 0.225]})
-    cfg = config_from_dict(tree)
-    scale, shift = teacher_input_map(cfg)
-    px = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    got = normalize(px, cfg.data.mean, cfg.data.std) * scale + shift
-    torch.testing.assert_close(got, normalize(px, cfg.teacher.mean, cfg.teacher.std), rtol=0, atol=1e-5)
-    assert teacher_input_map(config_from_dict(tiny_tree())) is None
+    cfg, recs, _ = deit_cache
+    cache = open_cache(recs["extract"])
+    st = cfg.student("spectral").model_copy(update={"mode": "online"})
+    tr = Trainer(cfg, st, cache, Path("/nonexistent"), teacher=object())
+    batches = tr.train_batches(0)
+    x, _, rows, extras = next(iter(batches))
+    raw, _, _, idx = batches.dataset.batch(rows.numpy())
+    assert raw.ndim == 5  # mixing: each row's view and its partner's
+    as_teacher = batches.dataset.normalized_as(models.teacher_normalization(cfg)).normalize(raw, idx)
+    torch.testing.assert_close(extras["teacher_x"], as_teacher, rtol=0, atol=0)
+    torch.testing.assert_close(x, batches.dataset.normalize(raw, idx), rtol=0, atol=0)
+    assert not torch.equal(x, extras["teacher_x"])
+    # a step with the live teacher takes its targets from that input
+    live = Trainer(cfg, st, cache, Path("/nonexistent"),
+                   teacher=models.load_teacher(recs["teacher"], cfg))
+    seen = []
+    live.targets_online = lambda inp, f=live.targets_online: seen.append(inp) or f(inp)
+    xb, yb, rb, ex = next(iter(live.train_batches(0)))
+    terms = live.step(xb, batches.dataset.label_targets(yb, rb, 10), ex, optimizer(live.model, "adamw", 1e-3, 0.05))
+    assert np.isfinite(terms.total.item()) and torch.equal(seen[0], ex["teacher_x"])
+    # the same normalization: no second input
+    same = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"mean": None, "std": None})})
+    same = same.model_copy(update={"data": cfg.data.model_copy(update={"mean": (0.5,) * 3, "std": (0.5,) * 3})})
+    tr2 = Trainer(same, st, cache, Path("/nonexistent"), teacher=object())
+    assert "teacher_x" not in next(iter(tr2.train_batches(0)))[3]
 
 
 # ----------------------------------------------------------------------------- mixup and cutmix
@@ -491,7 +514,7 @@ def test_a_student_steps_on_a_mixed_cache(deit_cache):
 
     cfg, recs, _ = deit_cache
     cache = open_cache(recs["extract"])
-    tr = Trainer(cfg, cfg.student("spectral"), cache, __import__("pathlib").Path("/nonexistent"))
+    tr = Trainer(cfg, cfg.student("spectral"), cache, Path("/nonexistent"))
     batches = tr.train_batches(0)
     x, y, rows, targets = next(iter(batches))
     soft = batches.dataset.label_targets(y, rows, cfg.data.num_classes)
