@@ -216,7 +216,7 @@ def neutral_views(n: int, policy: ViewPolicy) -> dict[str, np.ndarray]:
         out["ra_applied"] = np.zeros((n, layers), dtype=bool)
         out["ra_level"] = np.zeros((n, layers), dtype=np.float32)
     if policy.color_jitter:
-        out["cj_factor"] = np.tile(np.array([1, 1, 1, 0], dtype=np.float32), (n, 1))
+        out["cj_factor"] = np.full((n, 4), np.nan, dtype=np.float32)  # nothing applied (hue 0 is not a no-op)
         out["cj_order"] = np.tile(np.arange(4, dtype=np.int8), (n, 1))
     if policy.erase_prob > 0:
         out["erase_box"] = np.zeros((n, 4 * policy.erase_count), dtype=np.int16)

@@ -240,6 +240,12 @@ def test_color_jitter_replay_equals_torchvision_in_the_stored_order(photo):
         for k in p["cj_order"]:
             want = adjust[k](want, float(p["cj_factor"][k]))
         np.testing.assert_array_equal(view_array(photo, p, 24), np.asarray(want))
+    # eval views carry the jitter columns but are not jittered: pixels as without the policy
+    plain = ViewPolicy(size=24)
+    for policy_ in (policy, plain):
+        assert len(val_views(1, policy_)) == len(policy_.fields())
+    np.testing.assert_array_equal(view_array(photo, {k: c[0] for k, c in val_views(1, policy).items()}, 24),
+                                  view_array(photo, {k: c[0] for k, c in val_views(1, plain).items()}, 24))
 
 
 @pytest.mark.parametrize("shape", [(48, 60), (70, 40), (33, 33)])
