@@ -82,7 +82,7 @@ def rows_of_manifest(m: pa.Table, base: Path) -> Rows:
     url_idx = url.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
     def col(name: str) -> np.ndarray:
-        return m.column(name).to_numpy()
+        return _numpy(m.column(name))
 
     offset = col("offset").astype(np.int64)
     _, first, sample = np.unique((url_idx << 40) | offset, return_index=True, return_inverse=True)
@@ -90,4 +90,4 @@ def rows_of_manifest(m: pa.Table, base: Path) -> Rows:
                       col("label")[first].astype(np.int64), offset[first], col("size")[first].astype(np.int64),
                       col("crc32")[first].astype(np.int64) if "crc32" in m.column_names else None)
     params = [c for c in m.column_names if c not in ROW_COLUMNS]
-    return Rows(samples, sample.reshape(-1), {f: _numpy(m.column(f)) for f in params})
+    return Rows(samples, sample.reshape(-1), {f: col(f) for f in params})

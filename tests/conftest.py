@@ -68,6 +68,21 @@ def copy_upstream(recs, wd: Path, stages=("prepare", "teacher", "extract")) -> P
     return wd
 
 
+def assert_reproduces_cached_targets(cache, rows, logits, feats) -> None:
+    """A teacher's ``logits`` and layer features ``feats`` (one per cached layer) on cache rows ``rows``
+    equal the cached logits and spectra within float16 tolerance."""
+    import numpy as np
+
+    from stages.spectral import spectrum
+
+    got = np.stack([cache.read("logits", r, r + 1)[0] for r in rows]).astype(np.float32)
+    np.testing.assert_allclose(got, logits.numpy(), rtol=2e-3, atol=2e-3)
+    for layer, f in zip(cache.spec.layers, feats):
+        cached = np.stack([cache.read_layer("spectra", layer.index, r, r + 1)[0] for r in rows]).astype(np.float32)
+        want = spectrum(f).numpy()
+        np.testing.assert_allclose(cached, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
 def cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:
     e = dict(os.environ)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")

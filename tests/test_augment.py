@@ -30,7 +30,7 @@ from pipeline.config import PipelineError, config_from_dict
 from stages.data import ImageReader, ViewDataset, decode_image
 from stages.views import (RA_OPS, RandAugment, ViewPolicy, crop_box, erase, rand_augment_op, sample_erasing,
                           sample_rand_augment, sample_views, val_views, view_array)
-from tests.conftest import ROOT, copy_upstream, tiny_tree
+from tests.conftest import ROOT, assert_reproduces_cached_targets, copy_upstream, tiny_tree
 
 DEIT = {"scale": [0.08, 1.0], "hflip": 0.5, "interpolation": "bicubic", "auto_augment": "rand-m9-mstd0.5-inc1",
         "re_prob": 0.25, "re_mode": "pixel", "re_count": 1, "mixup": 0.8, "cutmix": 1.0}
@@ -304,7 +304,6 @@ def _pixel_digest(cfg, cache, rows) -> str:
 def test_full_policy_cache_replays_bit_identically_and_reproduces_its_targets(deit_cache):
     from cache.reader import open_cache
     from stages import models
-    from stages.spectral import spectrum
 
     cfg, recs, tree = deit_cache
     cache = open_cache(recs["extract"])
@@ -343,12 +342,7 @@ def test_full_policy_cache_replays_bit_identically_and_reproduces_its_targets(de
     x, _, _, idx = ds.batch(pick)
     with torch.inference_mode():
         logits, feats = models.intermediates(teacher, ds.normalize(x, idx), cfg.extract.layers)
-    got = np.stack([cache.read("logits", r, r + 1)[0] for r in pick]).astype(np.float32)
-    np.testing.assert_allclose(got, logits.numpy(), rtol=2e-3, atol=2e-3)
-    for layer, f in zip(cache.spec.layers, feats):
-        cached = np.stack([cache.read_layer("spectra", layer.index, r, r + 1)[0] for r in pick]).astype(np.float32)
-        want = spectrum(f).numpy()
-        np.testing.assert_allclose(cached, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    assert_reproduces_cached_targets(cache, pick, logits, feats)
 
 
 # ----------------------------------------------------------------------------- each model's normalization

@@ -20,8 +20,7 @@ from stages.data import ImageReader, Rows, ViewDataset, build_view, decode_image
 from cache.codec import hermitian_maps
 from cache.reader import cache_path, open_cache
 from stages.shards import Sample, Samples
-from stages.spectral import spectrum
-from tests.conftest import ROOT, TINY, copy_upstream, tiny_tree, write_config
+from tests.conftest import ROOT, TINY, assert_reproduces_cached_targets, copy_upstream, tiny_tree, write_config
 
 
 def test_replay_reproduces_cached_targets(built):
@@ -40,12 +39,7 @@ def test_replay_reproduces_cached_targets(built):
     ])
     with torch.inference_mode():
         logits, feats = models.intermediates(teacher, x, cfg.extract.layers)
-    got_logits = np.stack([cache.read("logits", r, r + 1)[0] for r in pick]).astype(np.float32)
-    np.testing.assert_allclose(got_logits, logits.numpy(), rtol=2e-3, atol=2e-3)
-    for layer, f in zip(cache.spec.layers, feats):
-        cached = np.stack([cache.read_layer("spectra", layer.index, r, r + 1)[0] for r in pick]).astype(np.float32)
-        want = spectrum(f).numpy()
-        np.testing.assert_allclose(cached, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    assert_reproduces_cached_targets(cache, pick, logits, feats)
     # train views differ between views of a sample; val rows are the plain view
     m = cache.manifest.to_pydict()
     train0 = [i for i in range(cache.spec.rows) if m["split"][i] == "train" and m["view"][i] == 0][:50]
