@@ -41,6 +41,7 @@ class CacheWriter:
         self.path = Path(path)
         self.spec = spec
         self.group = None
+        self._arrays: dict[str, zarr.Array] = {}  # opened once: each open reads the array's metadata
         self._encoders: dict[str, ShardEncoder | None] = {}
 
     # ---------------------------------------------------------------- create / resume
@@ -102,12 +103,17 @@ class CacheWriter:
         return {int(p.stem) for p in d.glob("*.json") if p.stem.isdigit()}
 
     # ---------------------------------------------------------------- shards
+    def _array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
     def _shard_file(self, name: str, s: int) -> Path:
-        return self.path / name / shard_key(self.group[name], s)
+        return self.path / name / shard_key(self._array(name), s)
 
     def _encoder(self, name: str) -> ShardEncoder | None:
         if name not in self._encoders:
-            self._encoders[name] = ShardEncoder.for_array(self.group[name], self.path / name)
+            self._encoders[name] = ShardEncoder.for_array(self._array(name), self.path / name)
         return self._encoders[name]
 
     def write_shard(self, s: int, data: dict[str, np.ndarray], bad: list[dict]) -> None:
@@ -129,7 +135,7 @@ class CacheWriter:
                 if enc is not None:
                     f = enc.write(s, block)
                 else:
-                    self.group[name][a:b] = block
+                    self._array(name)[a:b] = block
                     f = self._shard_file(name, s)
                     fd = os.open(f, os.O_RDONLY)
                     try:
