@@ -188,14 +188,55 @@ def spectralkd_loss(
 
 
 def spectral_term(kind: str, student_feats, teacher_specs) -> torch.Tensor:
-    """L_spec: the mean over layer pairs of :func:`spectral_layer_loss`."""
+    """L_spec: the mean over layer pairs of :func:`spectral_layer_loss`.  Small maps on CPU take
+    :class:`_MatrixSpectralMSE` (the same value, its gradient formed in one pass)."""
     if not student_feats or teacher_specs is None or len(student_feats) != len(teacher_specs):
         raise ValueError(f"loss kind {kind!r} needs one teacher spectrum per student feature map")
-    losses = []
     for i, (f, ts) in enumerate(zip(student_feats, teacher_specs)):
         check_pair(f.shape, ts.shape, f"#{i}")
-        losses.append(spectral_layer_loss(spectrum(f), ts.detach()))
+    if all(_matrix_path(f) for f in student_feats):
+        targets = tuple(pool_channels(ts.detach().float(), f.shape[1], axis=1)
+                        for f, ts in zip(student_feats, teacher_specs))
+        return _MatrixSpectralMSE.apply(targets, *student_feats)
+    losses = [spectral_layer_loss(spectrum(f), ts.detach()) for f, ts in zip(student_feats, teacher_specs)]
     return torch.stack(losses).mean()
+
+
+def _matrix_path(x: torch.Tensor) -> bool:
+    """Whether :func:`spectrum` transforms ``x`` by one matrix product (small maps on CPU)."""
+    return x.device.type == "cpu" and x.shape[-2] * x.shape[-1] <= DFT_MATMUL_MAX_PIXELS
+
+
+class _MatrixSpectralMSE(torch.autograd.Function):
+    """mean over pairs of mean((X R - T)^2), with X a layer's features flattened to (B*C, H*W),
+    R its :func:`_rdft2_matrix` and T the teacher spectrum at the student's width.  The forward
+    pass also forms each gradient, 2 (X R - T) R^T / (n * pairs): per layer two matrix products
+    and no autograd node per elementwise op, which on the small maps of a distilled ViT is most
+    of the term's cost."""
+
+    @staticmethod
+    def forward(ctx, targets: tuple[torch.Tensor, ...], *feats: torch.Tensor) -> torch.Tensor:
+        total = feats[0].new_zeros((), dtype=torch.float32)
+        grads = []
+        with torch.autocast("cpu", enabled=False):
+            for x, t in zip(feats, targets):
+                h, w = x.shape[-2], x.shape[-1]
+                r = _rdft2_matrix(h, w)
+                flat_x = x.float().reshape(-1, h * w)
+                resid = torch.addmm(t.reshape(flat_x.shape[0], -1), flat_x, r, beta=-1)  # X R - T
+                scale = 1.0 / (resid.numel() * len(feats))
+                total = total + torch.dot(resid.view(-1), resid.view(-1)) * scale
+                if ctx.needs_input_grad[1 + len(grads)]:
+                    grads.append((resid @ r.T).mul_(2.0 * scale).view(x.shape).to(x.dtype))
+                else:
+                    grads.append(None)
+        ctx.grads = grads
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total: torch.Tensor):
+        return (None, *[None if g is None else g * grad_total for g in ctx.grads])
 
 
 # ----------------------------------------------------------------------------- analysis

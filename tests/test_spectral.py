@@ -14,6 +14,7 @@ from stages.spectral import (
     inverse_spectrum,
     pool_channels,
     radial_energy_sum,
+    spectral_term,
     spectralkd_loss,
     spectrum,
 )
@@ -234,6 +235,43 @@ def test_matrix_and_fft_paths_agree_with_numpy_and_carry_gradients(shape):
     (spectrum(xt) * g).sum().backward()
     (torch.view_as_real(torch.fft.rfft2(xf, norm="ortho")) * g).sum().backward()
     np.testing.assert_allclose(xt.grad.numpy(), xf.grad.numpy(), atol=1e-5)
+
+
+layer_shapes = st.tuples(st.integers(1, 9), st.integers(0, 9), st.integers(1, 8), st.integers(1, 8)).filter(
+    lambda t: t[2] * t[3] <= 64)  # (student channels, extra teacher channels, h, w): the CPU matrix path
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 5), layers=st.lists(layer_shapes, min_size=1, max_size=3), weight=st.floats(0.1, 3.0),
+       seed=st.integers(0, 99))
+def test_spectral_term_value_and_gradient_equal_float64_references(b, layers, weight, seed):
+    """The one-pass term on small CPU maps: its value against numpy's rfft2 in float64, its gradient
+    (scaled by the caller's weight) against torch.fft's autograd in float64."""
+    rng = np.random.default_rng(seed)
+    fs = [rng.normal(size=(b, c, h, w)) for c, _, h, w in layers]
+    ts = [np_spectrum(rng.normal(size=(b, c + extra, h, w))) for c, extra, h, w in layers]
+    x = [torch.tensor(f, dtype=torch.float32, requires_grad=True) for f in fs]
+    got = spectral_term("spectral", x, [torch.tensor(t, dtype=torch.float16) for t in ts])
+    (weight * got).backward()
+    t16 = [torch.tensor(t, dtype=torch.float16).double().numpy() for t in ts]  # what the cache holds
+    want = np.mean([((np_spectrum(f) - np_pool(t, f.shape[1])) ** 2).mean() for f, t in zip(fs, t16)])
+    assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-7)
+    x64 = [torch.tensor(f, requires_grad=True) for f in fs]
+    ref = torch.stack([((torch.view_as_real(torch.fft.rfft2(xx, norm="ortho"))
+                         - torch.tensor(np_pool(t, xx.shape[1]))) ** 2).mean() for xx, t in zip(x64, t16)]).mean()
+    (weight * ref).backward()
+    for a, r in zip(x, x64):
+        np.testing.assert_allclose(a.grad.numpy(), r.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_spectral_term_takes_the_fft_path_for_large_maps_with_the_same_value():
+    rng = np.random.default_rng(3)
+    small = [torch.tensor(rng.normal(size=(2, 4, 8, 8)), dtype=torch.float32)]
+    large = [torch.tensor(rng.normal(size=(2, 4, 9, 9)), dtype=torch.float32)]
+    for fs in (small, large):
+        t = [spectrum(torch.tensor(rng.normal(size=f.shape), dtype=torch.float32)) for f in fs]
+        want = np.mean([((np_spectrum(f.numpy()) - tt.numpy()) ** 2).mean() for f, tt in zip(fs, t)])
+        assert spectral_term("spectral", fs, t).item() == pytest.approx(want, rel=1e-5)
 
 
 @settings(max_examples=25, deadline=None)
