@@ -165,10 +165,15 @@ class Cache:
                 f"(extract.compress.pool), so it serves students of exactly that width; this one has {channels}"
             )
 
-    def target_bytes_per_row(self, layers: list[int]) -> int:
-        """Bytes per row of the logits and the dense spectra of teacher layers ``layers`` once decoded."""
-        dense = {t: int(np.prod(self.layer(t).spectrum_shape())) * 2 for t in set(layers)}
-        return self.spec.bytes_per_row()["logits"] + sum(dense.values())
+    def target_bytes_per_row(self, layers: list[int], widths: dict[int, int] | None = None) -> int:
+        """Bytes per row of the logits and the dense spectra of teacher layers ``layers`` once decoded:
+        float16 at the stored width, float32 for a layer pooled to ``widths[layer]`` channels."""
+        out = self.spec.bytes_per_row()["logits"]
+        for t in set(layers):
+            shape = self.layer(t).spectrum_shape()
+            w = (widths or {}).get(t, shape[0])
+            out += int(np.prod(shape)) * 2 if w == shape[0] else int(np.prod(shape[1:])) * w * 4
+        return out
 
     def array(self, name: str):
         try:

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
-import threading
+import concurrent.futures
 import time
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from . import models
 from .data import FRESH_STREAM, ViewDataset, per_class_subset, view_loader
 from .views import place_block, sample_views
 from .dynamics import SNAPSHOTS
-from .spectral import check_pair, layer_sums, spectralkd_loss, spectrum
+from .spectral import check_pair, layer_sums, pool_channels, spectralkd_loss, spectrum
 from .train import evaluate, optimizer, schedule
 
 log = logging.getLogger("pipeline")
@@ -75,9 +74,11 @@ def units_of(start: int, stop: int, unit: int) -> list[tuple[int, int]]:
 class CachedBatches:
     """Batches of (x, y, row ids, teacher targets) over a block of cache rows.
 
-    targets: {"logits": (B, K) float16, <teacher layer index>: (B, C, H, W//2+1, 2) float16}, the
-    spectra dense whatever the cache's encoding (:meth:`cache.reader.Cache.read_layer`); with
-    ``teacher_input`` also "teacher_x", the batch normalized for an online teacher.
+    targets: {"logits": (B, K) float16, <teacher layer index>: (B, C, H, W//2+1, 2)}, the spectra
+    dense whatever the cache's encoding (:meth:`cache.reader.Cache.read_layer`): float16 at the
+    stored width, or float32 pooled to ``widths[layer]`` channels once per read unit (what the loss
+    would pool them to every step); with ``teacher_input`` also "teacher_x", the batch normalized
+    for an online teacher.
     Images come from DataLoader workers; cache reads run in a prefetch thread of this process.
     """
 
@@ -97,8 +98,10 @@ class CachedBatches:
         memory: dict | None = None,
         rows_used: np.ndarray | None = None,
         teacher_input: ViewDataset | None = None,
+        widths: dict[int, int] | None = None,
     ):
         self.cache, self.dataset = cache, dataset
+        self.widths = widths or {}
         # an online teacher normalized otherwise than the student gets its own input, "teacher_x"
         self.teacher_input = teacher_input
         self.unit = cache.chunk_rows()
@@ -127,17 +130,33 @@ class CachedBatches:
         rows = sum(int(self.valid[a:b].sum()) for a, b in (self.units[u] for u in order))
         return int(dist.all_reduce_min(rows // self.batch_size))
 
-    def _targets(self, u: int) -> dict:
+    def _read_targets(self, u: int) -> tuple[bool, dict]:
+        """Unit ``u``'s targets as (already held, arrays): from memory, or read from the cache with
+        numpy only (this runs in the reader thread, where a torch op would start a second team of
+        intra-op threads competing with the training step's)."""
         a, b = self.units[u]
         if self.memory is not None and (a, b) in self.memory:
-            return self.memory[(a, b)]
+            return True, self.memory[(a, b)]
         out = {}
         if self.want_logits:
-            out["logits"] = torch.from_numpy(self.cache.read("logits", a, b))
+            out["logits"] = self.cache.read("logits", a, b)
         for t in self.layers:
-            out[t] = torch.from_numpy(self.cache.read_layer("spectra", t, a, b))
+            out[t] = self.cache.read_layer("spectra", t, a, b)
+        return False, out
+
+    def _targets(self, u: int, read: tuple[bool, dict]) -> dict:
+        """Unit ``u``'s targets as tensors, spectra pooled to ``widths`` (once per unit, in the
+        training thread), kept in memory when a budget is given."""
+        held, arrays = read
+        if held:
+            return arrays
+        out = {}
+        for k, v in arrays.items():
+            t = torch.from_numpy(v)
+            w = self.widths.get(k)  # teacher layers only; None: kept as stored
+            out[k] = pool_channels(t.float(), w) if w is not None and w != t.shape[1] else t
         if self.memory is not None:
-            self.memory[(a, b)] = out
+            self.memory[self.units[u]] = out
         return out
 
     def unit_rows(self, u: int) -> np.ndarray:
@@ -153,33 +172,18 @@ class CachedBatches:
 
     def __iter__(self):
         order = self.order()
-        loader = view_loader(self.dataset, [self.unit_rows(u).tolist() for u in order], self.num_workers)
-        need_targets = self.want_logits or bool(self.layers)
-        q: queue.Queue = queue.Queue(maxsize=3)
-        stop = threading.Event()
-
-        def reader():
-            try:
-                for u in order:
-                    if stop.is_set():
-                        return
-                    q.put((u, self._targets(u) if need_targets else {}))
-            except BaseException as e:  # noqa: BLE001 - surfaced in the consumer
-                q.put(e)
-
-        th = threading.Thread(target=reader, daemon=True, name="cache-reader")
-        th.start()
+        loader = iter(view_loader(self.dataset, [self.unit_rows(u).tolist() for u in order], self.num_workers))
+        reads = _TargetReads(self._read_targets if self.want_logits or self.layers else (lambda u: (True, {})),
+                             order, ahead=2)
         rng = np.random.default_rng([self.seed, 2])
         pool: list[dict] = []
         limit = self._rank_steps(order)
         yielded = 0
         try:
-            for u, (x, y, ok, _) in zip(order, loader):
-                item = q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                unit, targets = item
-                assert unit == u
+            for i, u in enumerate(order):
+                reads.start(i)
+                x, y, ok, _ = next(loader)
+                targets = self._targets(u, reads.result(i))
                 a, b = self.units[u]
                 rows = self.unit_rows(u)
                 self.dataset.require_readable(rows, ok.numpy(), np.ones(len(rows), dtype=bool))
@@ -198,12 +202,7 @@ class CachedBatches:
                 yielded += 1
                 yield batch
         finally:
-            stop.set()
-            while th.is_alive():
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    th.join(0.05)
+            reads.close()
 
     def _drain(self, pool: list[dict], rng, final: bool):
         if not pool:
@@ -225,6 +224,31 @@ class CachedBatches:
         pool.clear()
         if len(rest):
             pool.append({k: v[rest] for k, v in merged.items()})
+
+
+class _TargetReads:
+    """Teacher targets of the units in ``order``, read by one background thread: :meth:`start` (i)
+    asks for unit i and up to ``ahead`` more, :meth:`result` (i) waits for unit i (its error,
+    if any, is raised here)."""
+
+    def __init__(self, read, order: list[int], ahead: int):
+        self.read, self.order, self.ahead = read, order, ahead
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cache-reader")
+        self.pending: dict[int, concurrent.futures.Future] = {}
+
+    def start(self, i: int) -> None:
+        for j in range(i, min(len(self.order), i + 1 + self.ahead)):
+            if j not in self.pending:
+                self.pending[j] = self.pool.submit(self.read, self.order[j])
+
+    def result(self, i: int) -> dict:
+        self.start(i)
+        return self.pending.pop(i).result()
+
+    def close(self) -> None:
+        for f in self.pending.values():
+            f.cancel()
+        self.pool.shutdown(wait=True)
 
 
 def expected_distinct_labels(counts: np.ndarray, batch: int) -> float:
@@ -301,13 +325,32 @@ def check_student(cache: Cache | None, model, st: ResolvedStudent, size: int,
     be matched against the cached teacher layer (:func:`stages.spectral.check_pair`)."""
     if not has_spectral_term(st.loss.kind, pairs) or cache is None:
         return
+    for (sl, tl), shape in zip(pairs, feature_shapes(model, [s for s, _ in pairs], size)):
+        where = f"{st.name} [{sl}, {tl}]"
+        cache.require_width(tl, shape[1], f"layer pair {where}")
+        check_pair(shape, (1, *cache.layer(tl).spectrum_shape()), where)
+
+
+def feature_shapes(model, layers: list[int], size: int) -> list[tuple[int, ...]]:
+    """The NCHW shapes of ``model``'s features at ``layers`` for one image (an eval-mode probe; the
+    model's training flag is restored)."""
+    if not layers:
+        return []
+    training = model.training
     with torch.no_grad():
         x = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
-        _, feats = models.intermediates(model.eval(), x, [s for s, _ in pairs])
-    for (sl, tl), f in zip(pairs, feats):
-        where = f"{st.name} [{sl}, {tl}]"
-        cache.require_width(tl, int(f.shape[1]), f"layer pair {where}")
-        check_pair(f.shape, (1, *cache.layer(tl).spectrum_shape()), where)
+        _, feats = models.intermediates(model.eval(), x, layers)
+    model.train(training)
+    return [tuple(int(d) for d in f.shape) for f in feats]
+
+
+def target_widths(pairs: tuple[tuple[int, int], ...], shapes: list[tuple[int, ...]]) -> dict[int, int]:
+    """Teacher layer -> the student width its cached spectrum is pooled to once at read time
+    (layers paired with students of several widths are left at the stored width)."""
+    widths: dict[int, set[int]] = {}
+    for (_, t), shape in zip(pairs, shapes):
+        widths.setdefault(t, set()).add(shape[1])
+    return {t: w.pop() for t, w in widths.items() if len(w) == 1}
 
 
 class _WithFeatures(torch.nn.Module):
@@ -349,6 +392,8 @@ class Trainer:
         self.rows_used = self.train_rows()
         self._fresh_keys: np.ndarray | None = None  # key hashes of the rows fresh views are drawn for
         self.net: torch.nn.Module = _WithFeatures(self.model, self.s_layers)
+        self.widths = target_widths(self.pairs, feature_shapes(self.model, self.s_layers, cfg.data.image_size)) \
+            if st.mode == "cached" else {}
         self.memory = {} if self.target_bytes() <= st.keep_targets_mb * 2**20 else None
         if dist.world_size() > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -361,7 +406,7 @@ class Trainer:
             return 0
         blocks = [self.cache.block("train", v) for v in range(self.views)]
         rows = sum(b.stop - b.start for b in blocks)
-        return rows * self.cache.target_bytes_per_row(self.t_layers)
+        return rows * self.cache.target_bytes_per_row(self.t_layers, self.widths)
 
     def view_count(self) -> int:
         """K': how many of the cache's train views this student cycles through (1 for fresh views,
@@ -405,7 +450,7 @@ class Trainer:
         views = self.train_dataset(epoch)
         return CachedBatches(
             self.cache, views, (b.start, b.stop), self.st.batch_size,
-            layers=sorted(set(self.t_layers)) if cached else [],
+            layers=sorted(set(self.t_layers)) if cached else [], widths=self.widths,
             want_logits=cached and needs_teacher_logits(self.st.loss.kind),
             seed=self.st.seed * 100003 + epoch, shuffle=True,
             num_workers=models.resolve_workers(self.st.num_workers, self.device), memory=self.memory,

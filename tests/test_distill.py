@@ -20,6 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.graph import Runner
 from stages import models
 from stages.distill import Trainer, check_cache_teacher, student_dir
+from stages.spectral import pool_channels
 from cache.reader import cache_path, open_cache
 from tests.conftest import ROOT, TINY, copy_upstream, tiny_tree, write_config
 
@@ -32,7 +33,10 @@ def test_cached_loss_equals_online_loss(built):
     tr = Trainer(cfg, st, cache, Path("/nonexistent"), teacher=teacher)
     x, y, rows, tg = next(iter(tr.train_batches(0)))
     assert set(tg) == {"logits", 0, 3}
-    assert tg[0].dtype == torch.float16
+    for t in (0, 3):  # the stored float16 spectra, pooled once per read to the student's width
+        stored = torch.from_numpy(np.stack([cache.read_layer("spectra", t, r, r + 1)[0] for r in rows.tolist()]))
+        assert tg[t].dtype == torch.float32 and tg[t].shape[1] == tr.widths[t] < stored.shape[1]
+        assert torch.equal(tg[t], pool_channels(stored.float(), tr.widths[t]))
     torch.manual_seed(0)
     cached = tr.loss(x, y, tg)
     online = tr.loss(x, y, tr.targets_online(x))
@@ -197,6 +201,8 @@ def test_targets_are_kept_in_memory_across_epochs(built, monkeypatch):
     assert tr.memory == {} and 0 < tr.target_bytes() <= 64 * 2**20
     first = {int(r): {k: v[i].clone() for k, v in tg.items()}
              for _, _, rows, tg in tr.train_batches(0) for i, r in enumerate(rows)}
+    held = sum(t.nbytes for unit in tr.memory.values() for t in unit.values())
+    assert held * tr.views == tr.target_bytes()  # the budget counts what is held: pooled float32 here
     reads = []
     real = Cache.read
     monkeypatch.setattr(Cache, "read", lambda self, *a: reads.append(a) or real(self, *a))
