@@ -131,9 +131,11 @@ class CacheSpec:
     def compressors(self):
         from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-        comp = ZstdCodec(level=self.clevel) if self.compressor == "zstd" else BloscCodec(
-            cname="zstd", clevel=self.clevel, shuffle="bitshuffle"
-        )
+        if self.compressor == "zstd":
+            comp = ZstdCodec(level=self.clevel)
+        else:  # "blosc" (zstd inside) or "blosc-lz4", both over bit-shuffled values
+            cname = "lz4" if self.compressor == "blosc-lz4" else "zstd"
+            comp = BloscCodec(cname=cname, clevel=self.clevel, shuffle="bitshuffle")
         return [comp, Crc32cCodec()]
 
     def bytes_per_row(self) -> dict[str, int]:

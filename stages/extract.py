@@ -165,7 +165,7 @@ def run(ctx) -> dict:
         rows=len(rows), rows_per_shard=e.rows_per_shard, num_classes=cfg.data.num_classes,
         layers=layer_specs(model, ctx.runner.model_plan.teacher_layers, cfg.data.image_size, device,
                            e.pool_widths()),
-        store=tuple(e.store), chunk_bytes=e.chunk_bytes, compressor=e.compressor, clevel=e.clevel,
+        store=tuple(e.store), chunk_bytes=e.chunk_bytes, compressor=e.resolved_compressor(), clevel=e.clevel,
         packed=e.compress.packed, quantize=e.compress.quantize,
     )
     writer = CacheWriter(path, spec)

@@ -30,13 +30,14 @@ def _array(tmp_path, name, rows, row_shape, dtype, shard_rows, chunk_rows, compr
     dtype=st.sampled_from(["float16", "uint8", "float32"]),
     chunks_per_shard=st.integers(1, 4),
     chunk_rows=st.integers(1, 9),
-    comp=st.sampled_from(["zstd", "blosc"]),
+    comp=st.sampled_from(["zstd", "blosc", "blosc-lz4"]),
     seed=st.integers(0, 2**31),
 )
 def test_shard_files_read_back_through_zarr(tmp_path_factory, rows, row_shape, dtype, chunks_per_shard,
                                             chunk_rows, comp, seed):
     tmp = tmp_path_factory.mktemp("shard")
-    compressor = ZstdCodec(level=3) if comp == "zstd" else BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    compressor = ZstdCodec(level=3) if comp == "zstd" else BloscCodec(
+        cname="lz4" if comp == "blosc-lz4" else "zstd", clevel=3, shuffle="bitshuffle")
     shard_rows = chunk_rows * chunks_per_shard
     arr = _array(tmp, "a", rows, row_shape, dtype, shard_rows, chunk_rows, compressor)
     enc = ShardEncoder.for_array(arr, tmp / "g.zarr" / "a")
@@ -119,7 +120,7 @@ def test_short_writes_are_continued(tmp_path, monkeypatch):
     dtype=st.sampled_from(["float16", "uint8", "int8", "float32", "bool"]),
     chunks_per_shard=st.integers(1, 4),
     chunk_rows=st.integers(1, 9),
-    comp=st.sampled_from(["zstd", "blosc"]),
+    comp=st.sampled_from(["zstd", "blosc", "blosc-lz4"]),
     writer=st.sampled_from(["zarr", "encoder"]),
     cut=st.tuples(st.integers(0, 69), st.integers(1, 70)),
     seed=st.integers(0, 2**31),
@@ -131,7 +132,8 @@ def test_one_pass_reads_equal_zarr_reads(tmp_path_factory, rows, row_shape, dtyp
     from cache.shardfile import ShardDecoder
 
     tmp = tmp_path_factory.mktemp("read")
-    compressor = ZstdCodec(level=1) if comp == "zstd" else BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
+    compressor = ZstdCodec(level=1) if comp == "zstd" else BloscCodec(
+        cname="lz4" if comp == "blosc-lz4" else "zstd", clevel=1, shuffle="bitshuffle")
     shard_rows = chunk_rows * chunks_per_shard
     arr = _array(tmp, "a", rows, row_shape, dtype, shard_rows, chunk_rows, compressor)
     rng = np.random.default_rng(seed)

@@ -147,6 +147,13 @@ def test_dense_and_packed_caches_hold_the_same_spectra(built, tmp_path):
         n = len(a)
         assert np.array_equal(a.reshape(n, 32, -1)[..., keep], b.reshape(n, 32, -1)[..., keep])
         assert np.all(np.abs(a - b) <= np.abs(b) * 2 * F16_EPS + 2.0 ** -22)
+    # float16 spectra are compressed by blosc-lz4 over bit-shuffled values (extract.compressor: auto)
+    for c in (packed, dense):
+        assert c.spec.compressor == "blosc-lz4"
+        codec = c.array(f"spectra/{packed.spec.layers[0].name}").metadata.to_dict()["codecs"][0]
+        inner = codec["configuration"]["codecs"][1]
+        assert inner["name"] == "blosc" and inner["configuration"]["cname"] == "lz4"
+        assert inner["configuration"]["shuffle"] == "bitshuffle"
     # 1.5x fewer numbers at 4x4: the packed spectra take fewer bytes on disk
     size = {c: sum(f.stat().st_size for f in (c.path / "spectra").rglob("*") if f.is_file()) for c in (packed, dense)}
     assert size[packed] < size[dense] * 0.8
@@ -159,6 +166,7 @@ def test_pooled_int8_cache_trains_its_width_and_refuses_others(built, tmp_path):
     cache = open_cache(recs2["extract"])
     g = zarr.open_group(str(cache.path), mode="r")
     assert g.attrs["spec"]["quantize"] == "int8"
+    assert g.attrs["spec"]["compressor"] == "zstd"  # auto: int8 values compress better with zstd
     for layer in cache.spec.layers:
         assert layer.pooled == 16
         assert g[f"spectra/{layer.name}"].shape == (cache.spec.rows, 16, 16)
