@@ -187,8 +187,11 @@ class CachedBatches:
                 a, b = self.units[u]
                 rows = self.unit_rows(u)
                 self.dataset.require_readable(rows, ok.numpy(), np.ones(len(rows), dtype=bool))
-                sel = torch.from_numpy(self.valid[a:b])
-                part = {"x": x, "y": y, "rows": torch.from_numpy(rows), **{k: v[sel] for k, v in targets.items()}}
+                keep = self.valid[a:b]
+                if not keep.all():  # targets are read for the whole unit; images only for kept rows
+                    sel = torch.from_numpy(keep)
+                    targets = {k: v[sel] for k, v in targets.items()}
+                part = {"x": x, "y": y, "rows": torch.from_numpy(rows), **targets}
                 pool.append(part)
                 if len(pool) >= self.pool_units:
                     for batch in self._drain(pool, rng, final=False):
@@ -214,7 +217,7 @@ class CachedBatches:
         full = n // bs * bs if not final else n
         for i in range(0, full, bs):
             sel = perm[i : i + bs]
-            batch = {k: v[sel] for k, v in merged.items()}
+            batch = {k: v.index_select(0, sel) for k, v in merged.items()}
             x = self.dataset.normalize(batch["x"], batch["rows"])
             extras = {k: v for k, v in batch.items() if k not in ("x", "y", "rows")}
             if self.teacher_input is not None:

@@ -17,6 +17,7 @@ from pipeline.config import ConfigError, config_from_dict
 from stages import models
 from stages.data import per_class_subset
 from stages.distill import Trainer
+from stages.spectral import pool_channels
 from tests.conftest import TINY, tiny_tree
 
 NOWHERE = Path("/nonexistent")
@@ -123,6 +124,13 @@ def test_train_per_class_trains_on_the_same_images_every_view(built):
         assert np.array_equal(np.sort(tr.train_labels(epoch)), np.sort(rows.labels(seen)))
         per_epoch.append(set(rows.samples.key.take(pa.array(rows.sample[seen])).to_pylist()))
     assert per_epoch[0] == per_epoch[1]  # the same 50 images, in view 0 and view 1
+    # a unit's targets are read whole and cut to the kept rows: each batch's are its rows' own
+    for _, _, rows_b, tg in tr.train_batches(1):
+        r = rows_b.numpy()
+        assert np.array_equal(tg["logits"].numpy(), np.stack([cache.read("logits", i, i + 1)[0] for i in r]))
+        for t in tr.widths:
+            want = torch.from_numpy(np.stack([cache.read_layer("spectra", t, i, i + 1)[0] for i in r]))
+            assert torch.equal(tg[t], pool_channels(want.float(), tr.widths[t]))
 
 
 def test_online_on_replayed_views_matches_cached_first_steps(built):
