@@ -5,8 +5,8 @@
 Prints: rows/s of the extract teacher pass (decode + views + teacher + FFT + compression + writes)
 and of the whole stage end to end (reading the sample index, planning, model load, manifest,
 finalize: a first run, the previous run's output removed before the clock starts), rows/s of the
-bare teacher forward on random tensors with the same model, batch size and threads (measured over
-40 batches right before and right after each run), their ratios, cache bytes per view per layer
+bare teacher forward on random tensors with the same model, batch size and threads (measured for
+2 s right before and right after each run), their ratios, cache bytes per view per layer
 and the compression ratio against raw float32.  The teacher's weights do not change its speed,
 so the benchmark skips fitting it (``teacher.fit: null``).
 
@@ -46,27 +46,31 @@ def main() -> None:
     bs, size = cfg.extract.batch_size, cfg.data.image_size
     x = torch.randn(bs, 3, size, size, device=device)
 
-    def forward_rate(n_batches: int) -> float:
+    def forward_rate(seconds: float = 2.0, least: int = 3) -> float:
+        """Rows/s of the bare forward over at least ``seconds`` and ``least`` batches."""
         with torch.inference_mode(), models.autocast(device, cfg.extract.amp):
             model(x)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(n_batches):
+            n, t = 0, time.perf_counter()
+            while n < least or time.perf_counter() - t < seconds:
                 model(x)
+                n += 1
+                if device.type == "cuda" and n % 10 == 0:
+                    torch.cuda.synchronize()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            return n_batches * bs / (time.perf_counter() - t)
+            return n * bs / (time.perf_counter() - t)
 
     ratios, e2e_ratios, fwd, ext = [], [], [], []
     summary = {}
-    f_before = forward_rate(40)
+    f_before = forward_rate()
     for _ in range(args.repeat):
         remove_output(runner, "extract")
         t = time.perf_counter()
         done = runner.run("extract")
         wall = time.perf_counter() - t
-        f_after = forward_rate(40)
+        f_after = forward_rate()
         summary = done["extract"].summary
         rate = summary["rows_computed"] / summary["teacher_pass_s"]
         f_mean = (f_before + f_after) / 2  # the forward measured right before and right after
@@ -131,7 +135,8 @@ def cpu_budget(cfg, runner, record, model, x) -> float:
     with torch.inference_mode():
         model(x)
         fwd, extra = [], []
-        for _ in range(40):  # one batch each, alternating, so the machine's drift cancels in the difference
+        t_end = time.perf_counter() + 4.0
+        while len(fwd) < 5 or time.perf_counter() < t_end:  # one batch each, alternating: drift cancels
             a = cpu_ms(lambda: model(x), bs, repeat=1)
             b = cpu_ms(lambda: models.intermediates(model, x, cfg.extract.layers), bs, repeat=1)
             fwd.append(a)

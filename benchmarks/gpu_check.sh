@@ -38,7 +38,7 @@ REAL=(--set data.source=imagefolder --set "data.root=$JPEG" --set data.image_siz
   --set extract.writers=4 --set "distill.students=$STUDENT")
 timeout "$T_EXTRACT" python3 benchmarks/extract.py --repeat "$REPEAT" --workdir /tmp/gpu_check_real "${REAL[@]}" 2>&1 \
   | grep -v " INFO " | tee "$OUT/extract_realistic.txt"
-timeout "$T_DISTILL" python3 benchmarks/distill.py --repeat "$REPEAT" --workdir /tmp/gpu_check_real "${REAL[@]}" \
+timeout "$T_DISTILL" python3 benchmarks/distill.py --repeat "$REPEAT" --epochs-per-round 1 --workdir /tmp/gpu_check_real "${REAL[@]}" \
   --set distill.defaults.batch_size=$STEPS_BATCH \
   --set distill.defaults.num_workers=$WORKERS 2>&1 | grep -v " INFO " | tee "$OUT/distill_realistic.txt"
 
@@ -50,6 +50,6 @@ timeout 150 python3 benchmarks/extract.py --repeat 3 --workdir /tmp/be2 --set da
   --set 'teacher.kwargs={img_size: 64, patch_size: 4, embed_dim: 192, depth: 8, num_heads: 4, depth_token_only: 1}' \
   --set extract.num_workers=8 --set extract.writers=8 --set extract.batch_size=256 --set extract.rows_per_shard=512 2>&1 \
   | grep -v " INFO " | tee "$OUT/extract_wide.txt"
-timeout 90 python3 benchmarks/distill.py --workdir /tmp/be1 2>&1 | grep -v " INFO " | tee "$OUT/distill.txt"
+timeout 90 python3 benchmarks/distill.py --repeat 3 --workdir /tmp/be1 2>&1 | grep -v " INFO " | tee "$OUT/distill.txt"
 timeout 170 python3 -m pipeline run distill --workdir /tmp/wgpu --set distill.defaults.num_workers=4 2>&1 \
   | grep -E "teacher:|extract:|epoch 40/40|\||finished|error" | tee "$OUT/run_distill.txt"
