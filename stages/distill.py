@@ -230,9 +230,9 @@ class CachedBatches:
 
 
 class _TargetReads:
-    """Teacher targets of the units in ``order``, read by one background thread: :meth:`start` (i)
-    asks for unit i and up to ``ahead`` more, :meth:`result` (i) waits for unit i (its error,
-    if any, is raised here)."""
+    """``read(unit)`` of the units in ``order``, run by one background thread: :meth:`start` (i)
+    asks for unit i and up to ``ahead`` more, :meth:`result` (i) waits for unit i and returns what
+    ``read`` returned (its error, if any, is raised here)."""
 
     def __init__(self, read, order: list[int], ahead: int):
         self.read, self.order, self.ahead = read, order, ahead
@@ -244,7 +244,7 @@ class _TargetReads:
             if j not in self.pending:
                 self.pending[j] = self.pool.submit(self.read, self.order[j])
 
-    def result(self, i: int) -> dict:
+    def result(self, i: int):
         self.start(i)
         return self.pending.pop(i).result()
 
