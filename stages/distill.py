@@ -395,8 +395,10 @@ class Trainer:
         self.rows_used = self.train_rows()
         self._fresh_keys: np.ndarray | None = None  # key hashes of the rows fresh views are drawn for
         self.net: torch.nn.Module = _WithFeatures(self.model, self.s_layers)
+        # on CPU the cached spectra are pooled to the student's width once per read unit; on a GPU
+        # the loss pools them on the device, where it costs microseconds, not the loading thread's time
         self.widths = target_widths(self.pairs, feature_shapes(self.model, self.s_layers, cfg.data.image_size)) \
-            if st.mode == "cached" else {}
+            if st.mode == "cached" and self.device.type == "cpu" else {}
         self.memory = {} if self.target_bytes() <= st.keep_targets_mb * 2**20 else None
         if dist.world_size() > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
