@@ -322,13 +322,14 @@ def revisit_warning(st: ResolvedStudent, views: int) -> str | None:
             f"{REVISITS_WITHIN_NOISE} (2.0 points at 50, 6.8 at 200); store more views (extract.views)")
 
 
-def check_student(cache: Cache | None, model, st: ResolvedStudent, size: int,
+def check_student(cache: Cache | None, shapes: list[tuple[int, ...]], st: ResolvedStudent,
                   pairs: tuple[tuple[int, int], ...]) -> None:
     """Fail before training when a layer pair (normalized, :class:`stages.models.ModelPlan`) cannot
-    be matched against the cached teacher layer (:func:`stages.spectral.check_pair`)."""
+    be matched against the cached teacher layer (:func:`stages.spectral.check_pair`); ``shapes``
+    are the student's feature shapes at the pairs' layers (:func:`feature_shapes`)."""
     if not has_spectral_term(st.loss.kind, pairs) or cache is None:
         return
-    for (sl, tl), shape in zip(pairs, feature_shapes(model, [s for s, _ in pairs], size)):
+    for (sl, tl), shape in zip(pairs, shapes):
         where = f"{st.name} [{sl}, {tl}]"
         cache.require_width(tl, shape[1], f"layer pair {where}")
         check_pair(shape, (1, *cache.layer(tl).spectrum_shape()), where)
@@ -395,10 +396,11 @@ class Trainer:
         self.rows_used = self.train_rows()
         self._fresh_keys: np.ndarray | None = None  # key hashes of the rows fresh views are drawn for
         self.net: torch.nn.Module = _WithFeatures(self.model, self.s_layers)
+        self.s_shapes = feature_shapes(self.model, self.s_layers, cfg.data.image_size)  # one probe, shared
         # on CPU the cached spectra are pooled to the student's width once per read unit; on a GPU
         # the loss pools them on the device, where it costs microseconds, not the loading thread's time
-        self.widths = target_widths(self.pairs, feature_shapes(self.model, self.s_layers, cfg.data.image_size)) \
-            if st.mode == "cached" and self.device.type == "cpu" else {}
+        self.widths = target_widths(self.pairs, self.s_shapes) if st.mode == "cached" and self.device.type == "cpu" \
+            else {}
         self.memory = {} if self.target_bytes() <= st.keep_targets_mb * 2**20 else None
         if dist.world_size() > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -686,7 +688,7 @@ def _train_into(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher,
         views = "fresh views every epoch" if st.views == "fresh" else f"{tr.views} cached views per image"
         log.info(f"{name}: {st.loss.kind} student {st.model}, {st.mode} teacher targets, {views}, "
                  f"{len(tr.train_labels(0))} train rows per epoch, {tr.device}{ddp}")
-    check_student(cache if st.mode == "cached" else None, tr.model, st, cfg.data.image_size, tr.pairs)
+    check_student(cache if st.mode == "cached" else None, tr.s_shapes, st, tr.pairs)
     if dist.is_main() and (warning := revisit_warning(st, tr.views)):
         log.warning(warning)
     metrics = tr.fit(max_steps=max_steps)

@@ -110,14 +110,14 @@ def test_missing_teacher_layer_is_named(built):
 
 def test_student_wider_than_teacher_fails_before_training(built, tmp_path):
     cfg, runner, recs = built
-    from stages.distill import check_student
+    from stages.distill import check_student, feature_shapes
     from stages import models
 
     cfg2 = config_from_dict(tiny_tree(**{"distill.students[1].kwargs.embed_dim": 64}), workdir=str(tmp_path))
     st = cfg2.student("spectral")
     m = models.create(st.model, st.kwargs, 10)
     with pytest.raises(PipelineError, match=r"layer pair spectral \[0, 0\]: student has 64 channels"):
-        check_student(open_cache(recs["extract"]), m, st, 16, ((0, 0), (1, 3)))
+        check_student(open_cache(recs["extract"]), feature_shapes(m, [0, 1], 16), st, ((0, 0), (1, 3)))
 
 
 @pytest.mark.slow
