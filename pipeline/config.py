@@ -33,18 +33,31 @@ def operational(default: Any, **constraints: Any) -> Any:
     return Field(default, json_schema_extra={"operational": True}, **constraints)
 
 
+def is_operational(field) -> bool:
+    """Whether a pydantic field was declared with :func:`operational`."""
+    return bool((field.json_schema_extra or {}).get("operational"))
+
+
 def decisive(model: BaseModel) -> dict:
-    """``model_dump(mode="json")`` without its operational fields, at every level: what goes into a
-    fingerprint."""
+    """``model_dump(mode="json")`` without its operational fields, at every level (models inside
+    lists and dicts included): what goes into a fingerprint."""
     out = model.model_dump(mode="json")
     for name, field in type(model).model_fields.items():
-        if (field.json_schema_extra or {}).get("operational"):
+        if is_operational(field):
             out.pop(name, None)
-            continue
-        value = getattr(model, name)
-        if isinstance(value, BaseModel):
-            out[name] = decisive(value)
+        else:
+            out[name] = _decisive_value(getattr(model, name), out[name])
     return out
+
+
+def _decisive_value(value: Any, dumped: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return decisive(value)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, BaseModel) for v in value):
+        return [_decisive_value(v, d) for v, d in zip(value, dumped)]
+    if isinstance(value, dict) and any(isinstance(v, BaseModel) for v in value.values()):
+        return {k: _decisive_value(v, dumped[k]) for k, v in value.items()}
+    return dumped
 
 
 class _Model(BaseModel):
@@ -164,6 +177,13 @@ class DataConfig(_Model):
     eval: EvalConfig = EvalConfig()
     on_bad_sample: Literal["skip", "fail"] = "skip"
     decoded_cache_mb: int = operational(256, ge=0)  # decoded images kept per process for later views and epochs
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) <= 0:
+            raise ValueError(f"the std divides the pixels, so each must be > 0, got {list(v)}")
+        return v
 
     @model_validator(mode="after")
     def _source_fields(self) -> "DataConfig":
@@ -321,7 +341,7 @@ class TrainDefaults(_Model):
     warmup_lr: float | None = Field(None, ge=0)  # the lr warmup starts from; null: lr / 100
     min_lr: float = Field(0.0, ge=0)  # the cosine's floor
     mode: Literal["cached", "online"] = "cached"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     num_workers: Workers = operational("auto")
     keep_targets_mb: int = operational(2048, ge=0)  # hold decoded targets in memory when they fit
     device: Literal["auto", "cpu", "cuda"] = operational("auto")
@@ -336,6 +356,10 @@ class TrainDefaults(_Model):
     # evaluate on val, log and checkpoint every N epochs and at the last (other epochs' metrics rows
     # carry their losses, and nan for the val numbers)
     eval_every: int = Field(1, ge=1)
+
+
+# names a student cannot take: analyze keys the teacher's features, tables and plots by it
+RESERVED_NAMES = ("teacher",)
 
 
 class StudentConfig(_Model):
@@ -353,7 +377,7 @@ class StudentConfig(_Model):
     warmup_lr: float | None = Field(None, ge=0)
     min_lr: float | None = Field(None, ge=0)
     mode: Literal["cached", "online"] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0)
     snapshot_every: int | None = Field(None, ge=0)
     views: Views | None = None
     train_per_class: int | None = Field(None, ge=1)
@@ -364,6 +388,11 @@ class StudentConfig(_Model):
     def _name(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9_.=\-]+", v):
             raise ValueError(f"student names use letters, digits, '_', '-', '.', '=', got {v!r}")
+        if v.startswith("."):
+            raise ValueError(f"a student name names folders and files, so it cannot start with '.', got {v!r}")
+        if v in RESERVED_NAMES:
+            raise ValueError(f"{v!r} is reserved: analyze's tables and plots call the teacher so; "
+                             f"name the student otherwise")
         return v
 
     @model_validator(mode="after")
@@ -447,6 +476,11 @@ class DistillConfig(_Model):
     # train students as tasks of an existing Dask distributed scheduler (tcp://host:8786)
     scheduler: str | None = operational(None)
 
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: str | None) -> str | None:
+        return check_scheduler_address(v)
+
     @model_validator(mode="before")
     @classmethod
     def _expand_sweeps(cls, data: Any) -> Any:
@@ -493,19 +527,59 @@ class AnalyzeConfig(_Model):
     workers: int = operational(2, ge=1)
     threads_per_worker: int = operational(1, ge=1)
     scheduler: str | None = operational(None)
-    memory_limit: str = operational("4GiB")
+    memory_limit: str = operational("4GiB")  # per Dask worker: bytes ('4GiB', '2 GB'), 'auto' or a fraction
     batch_size: int = Field(256, ge=1)
     radial_bands: int = Field(4, ge=1)
     teacher_all_layers: bool = True
     max_rows: int | None = Field(None, ge=1)
 
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: str | None) -> str | None:
+        return check_scheduler_address(v)
+
+    @field_validator("memory_limit", mode="before")
+    @classmethod
+    def _memory_limit(cls, v: Any) -> Any:
+        """What a Dask LocalCluster takes as ``memory_limit``: 'auto', a fraction of the machine's
+        memory (0 < x <= 1), or bytes with a unit ('4GiB', '2 GB', '500MB')."""
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)
+        if not isinstance(v, str):
+            return v
+        if v == "auto":
+            return v
+        try:
+            if 0 < float(v) <= 1:
+                return v
+        except ValueError:
+            pass
+        from dask.utils import parse_bytes
+
+        try:
+            if parse_bytes(v) > 0:
+                return v
+        except ValueError:
+            pass
+        raise ValueError("a memory limit is 'auto', a fraction of the machine's memory (0 < x <= 1) or bytes "
+                         "with a unit, e.g. '4GiB'")
+
+
+# a Dask scheduler's address: protocol://host:port (tcp, tls, ucx, inproc, ws, wss) or host:port
+_SCHEDULER = re.compile(r"((tcp|tls|ucx|inproc|ws|wss)://)?[A-Za-z0-9_.\-\[\]:%/]+:\d+|inproc://[^\s]+")
+
+
+def check_scheduler_address(v: str | None) -> str | None:
+    if v is not None and not _SCHEDULER.fullmatch(v):
+        raise ValueError("a Dask scheduler address is protocol://host:port, e.g. tcp://10.0.0.5:8786")
+    return v
+
 
 class PipelineConfig(_Model):
-    workdir: str = "work"
-    # other workdirs (read only) whose up-to-date outputs this one uses, e.g. a lab's shared cache;
-    # operational, like workdir: not part of any fingerprint
-    upstream_workdirs: list[str] = []
-    seed: int = 0
+    workdir: str = operational("work")  # where outputs live: the same outputs wherever they are
+    # other workdirs (read only) whose up-to-date outputs this one uses, e.g. a lab's shared cache
+    upstream_workdirs: list[str] = operational([])
+    seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     extract: ExtractConfig = ExtractConfig()
@@ -685,7 +759,7 @@ def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = load_yaml(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
         out.append((key.strip(), value))
@@ -700,13 +774,19 @@ def load_config(
     """Read, override and validate a pipeline file.  Raises ConfigError with one line."""
     path = Path(path or DEFAULT_CONFIG)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path} line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file "
+                          f"as UTF-8") from None
     try:
-        tree = yaml.safe_load(text) or {}
+        tree = load_yaml(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -714,6 +794,34 @@ def load_config(
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return config_from_dict(tree, overrides, workdir, source=str(path))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last value
+    silently: a second ``extract:`` section would replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' merges; its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base loader names it
+                continue
+            if first is not None:
+                lines = f"lines {first} and {line}" if first != line else f"line {line}"
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice ({lines}); keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """A YAML document as plain Python, a key repeated within one mapping refused."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def unshared(obj: Any) -> Any:

@@ -48,20 +48,43 @@ def student_name(node: str) -> str | None:
     return node[len(STUDENT):] if node.startswith(STUDENT) else None
 
 
+# What decides each stage's output: whole config sections, every field of them (``decisive``: all but
+# the fields declared ``operational`` in pipeline/config.py).  A field of those sections that a stage
+# never reads is left out here, and only here, with the reason; no other list of fields exists, so a
+# field added to the schema enters the fingerprints by itself.
+SECTIONS = {
+    "prepare": ("seed", "data"),
+    "teacher": ("seed", "data", "teacher"),
+    "extract": ("seed", "data", "extract"),
+    "analyze": ("analyze",),
+}
+NOT_READ = {
+    "prepare": {
+        # prepare writes and indexes the source's images and labels; these fields shape the views and
+        # the training that later stages do, and enter their fingerprints (a new augmentation must not
+        # rescan every input shard)
+        "data.num_classes": "checked against the labels by the teacher and extract, not by prepare",
+        "data.mean": "normalization of views: teacher fit, extract, students",
+        "data.std": "normalization of views: teacher fit, extract, students",
+        "data.augment": "the train-view policy: teacher fit, extract, fresh views",
+        "data.eval": "the eval-view policy: teacher evaluation, extract's val rows",
+        "data.on_bad_sample": "prepare records every sample it cannot index; later stages skip or fail on them",
+    },
+}
+
+
+def section_params(cfg: PipelineConfig, stage: str) -> dict:
+    """The parameters of ``stage``: the decisive values of its sections, less what it never reads."""
+    tree = decisive(cfg)
+    params = {name: tree[name] for name in SECTIONS[stage]}
+    for path in NOT_READ.get(stage, {}):
+        section, key = path.split(".", 1)
+        params[section] = {k: v for k, v in params[section].items() if k != key}
+    return params
+
+
 def _prepare_params(cfg: PipelineConfig) -> dict:
-    d = cfg.data
-    return {
-        "seed": cfg.seed,
-        "data": {
-            "source": d.source,
-            "root": d.root,
-            "image_size": d.image_size,
-            "val_fraction": d.val_fraction,
-            "samples_per_shard": d.samples_per_shard,
-            "train_shards": d.train_shards,
-            "val_shards": d.val_shards,
-        },
-    }
+    return section_params(cfg, "prepare")
 
 
 def _prepare_identity(cfg: PipelineConfig) -> dict:
@@ -70,19 +93,8 @@ def _prepare_identity(cfg: PipelineConfig) -> dict:
     return source_identity(cfg)
 
 
-def _preprocess(cfg: PipelineConfig) -> dict:
-    d = cfg.data
-    return {
-        "num_classes": d.num_classes,
-        "mean": list(d.mean),
-        "std": list(d.std),
-        "augment": d.augment.model_dump(mode="json"),
-        "on_bad_sample": d.on_bad_sample,
-    }
-
-
 def _teacher_params(cfg: PipelineConfig) -> dict:
-    return {"seed": cfg.seed, "teacher": decisive(cfg.teacher), "data": _preprocess(cfg)}
+    return section_params(cfg, "teacher")
 
 
 def _teacher_identity(cfg: PipelineConfig) -> dict:
@@ -100,12 +112,7 @@ def _teacher_identity(cfg: PipelineConfig) -> dict:
 def _extract_params(cfg: PipelineConfig) -> dict:
     from cache.layout import FORMAT_VERSION
 
-    return {
-        "cache_format": FORMAT_VERSION,
-        "seed": cfg.seed,
-        "extract": decisive(cfg.extract),
-        "data": _preprocess(cfg),
-    }
+    return {"cache_format": FORMAT_VERSION, **section_params(cfg, "extract")}
 
 
 def student_params(cfg: PipelineConfig, name: str) -> dict:
@@ -119,7 +126,7 @@ def _distill_params(cfg: PipelineConfig) -> dict:
 
 
 def _analyze_params(cfg: PipelineConfig) -> dict:
-    return {"analyze": decisive(cfg.analyze)}
+    return section_params(cfg, "analyze")
 
 
 def _prepare_problems(runner: "Runner", out: Path, lock: dict) -> list[str]:
@@ -135,9 +142,15 @@ def _files_problems(*names: str) -> Callable[["Runner", Path, dict], list[str]]:
     return check
 
 
-def failure_of(runner: "Runner", name: str) -> str | None:
-    """Why student ``name``'s last training failed (its ``failed.json``), or None."""
-    f = runner.student_dir(name) / FAILED
+def failure_path(runner: "Runner", node: str) -> Path:
+    """Where the last failed build of ``node`` is recorded (``failed.json`` in its output folder)."""
+    student = student_name(node)
+    return (runner.student_dir(student) if student is not None else runner.out_dir(node)) / FAILED
+
+
+def failure_of(runner: "Runner", node: str) -> str | None:
+    """Why the last build of ``node`` (a stage, or a student ``distill/<name>``) failed, or None."""
+    f = failure_path(runner, node)
     if not f.exists():
         return None
     try:
@@ -149,7 +162,7 @@ def failure_of(runner: "Runner", name: str) -> str | None:
 def failed_students(runner: "Runner") -> list[str]:
     """One line per student whose last training failed."""
     return [f"student {s.name} failed ({why}); the next run retries it"
-            for s in runner.cfg.distill.students if (why := failure_of(runner, s.name)) is not None]
+            for s in runner.cfg.distill.students if (why := failure_of(runner, student_node(s.name))) is not None]
 
 
 def _distill_problems(runner: "Runner", out: Path, lock: dict) -> list[str]:
@@ -392,8 +405,7 @@ class Runner:
         holder = held_by(self.out_dir(name))
         if holder is not None:
             return State(name, "running", fp, [describe_holder(holder)])
-        student = student_name(name)
-        why = failure_of(self, student) if student is not None else None
+        why = failure_of(self, name)
         if why is not None:
             return State(name, "failed", fp, [why, "the next run retries it"])
         if damage:
@@ -489,7 +501,8 @@ class Runner:
         wait = self.options.get("wait", 0.0)
         if name == "distill":  # the summary: students finishing at once each try to write it; it is quick
             wait = max(wait, SUMMARY_WAIT_S)
-        locks = [OutputLock(final, f"run {name}", wait=wait), *self._read_locks(upstream)] if dist.is_main() else []
+        locks = [OutputLock(final, f"run {name}", wait=wait, workdir=self.workdir), *self._read_locks(upstream)] \
+            if dist.is_main() else []
         entered = []
         try:
             for lk in locks:
@@ -503,6 +516,25 @@ class Runner:
         finally:
             for lk in reversed(entered):
                 lk.__exit__(None, None, None)
+
+    def _entry(self, name: str, entry: Callable[[Context], dict | None], ctx: Context, final: Path) -> dict:
+        """Run a stage's entry; a stage that fails (bad input, a non-finite teacher...) is recorded in
+        ``failed.json`` in its output folder, which ``status`` shows, and the next run retries it.
+        Students record their own failures (:func:`stages.distill.run_student`)."""
+        if student_name(name) is not None:
+            return entry(ctx) or {}
+        record = final / FAILED
+        if dist.is_main():
+            record.unlink(missing_ok=True)
+        try:
+            return entry(ctx) or {}
+        except PipelineError as e:
+            if dist.is_main():
+                try:
+                    atomic_write_json(record, {"stage": name, "fingerprint": ctx.fingerprint, "error": str(e)})
+                except OSError as w:  # a full disk: the stage's own error is what the user needs
+                    log.warning(f"{name}: the failure could not be recorded ({w})")
+            raise
 
     def _build(self, name: str, upstream: dict[str, Record], forced: bool) -> Record:
         st = stage_of(name)
@@ -518,7 +550,7 @@ class Runner:
             if dist.is_main():
                 fresh_dir(out) if forced else out.mkdir(parents=True, exist_ok=True)
             dist.barrier()
-            summary = getattr(mod, st.entry)(ctx) or {}
+            summary = self._entry(name, getattr(mod, st.entry), ctx, final)
         else:
             summary = {}
         dist.barrier()

@@ -64,8 +64,10 @@ class OutputLock:
     no one rebuilds it.  Waits up to ``wait`` seconds, then fails naming the holder."""
 
     def __init__(self, output: str | Path, what: str = "", wait: float = 0.0, shared: bool = False,
-                 create: bool = True):
+                 create: bool = True, workdir: str | Path | None = None):
         self.output = Path(output)
+        # the workdir the output belongs to, named in the remedy when its lock cannot be taken
+        self.workdir = Path(workdir) if workdir is not None else self.output.parent.parent
         self.path = lock_path(self.output)
         self.what = what
         self.wait = wait
@@ -86,8 +88,7 @@ class OutputLock:
                 return self
             raise LockedError(
                 f"{self.path}: cannot take the lock of {self.output} ({describe_os_error(e)}); to build on a "
-                f"workdir you cannot write, run in your own --workdir with --upstream-workdir "
-                f"{self.output.parent.parent}"
+                f"workdir you cannot write, run in your own --workdir with --upstream-workdir {self.workdir}"
             ) from None
         deadline = time.monotonic() + self.wait
         mode = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX

@@ -199,8 +199,9 @@ def teacher_normalization(cfg: PipelineConfig) -> Normalization:
     return Normalization(tuple(cfg.data.mean), tuple(cfg.data.std), "data.mean/std")
 
 
-def meta_depth(name: str, kwargs: dict[str, Any], num_classes: int, where: str) -> int:
-    """The number of intermediates of timm model ``name``, built on the meta device (no weights)."""
+def meta_depth(name: str, kwargs: dict[str, Any], num_classes: int, where: str, image_size: int | None = None) -> int:
+    """The number of intermediates of timm model ``name``, built on the meta device (no weights);
+    with ``image_size``, the model must take inputs of that size (:func:`check_input_size`)."""
     import timm
 
     if not timm.is_model(name):
@@ -217,7 +218,21 @@ def meta_depth(name: str, kwargs: dict[str, Any], num_classes: int, where: str) 
         raise ConfigError(f"{where}.kwargs: timm {name} cannot be built with {kwargs!r}: {e}") from None
     if not hasattr(m, "forward_intermediates"):
         raise ConfigError(f"{where}.model: {name!r} has no forward_intermediates in this timm version")
+    if image_size is not None:
+        check_input_size(m, name, image_size, where)
     return depth(m)
+
+
+def check_input_size(model: torch.nn.Module, name: str, image_size: int, where: str) -> None:
+    """A model with a fixed input size (a timm patch embedding with ``strict_img_size``) must take
+    ``data.image_size`` inputs: every model sees the views the data section builds."""
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    if size is None or not getattr(pe, "strict_img_size", False):
+        return
+    if tuple(size) != (image_size, image_size):
+        raise ConfigError(f"data.image_size: {image_size}, but {where} ({name}) takes {size[0]}x{size[1]} inputs; "
+                          f"set {where}.kwargs.img_size to {image_size}, or data.image_size to {size[0]}")
 
 
 def layer_index(idx: int, depth: int, name: str, where: str) -> int:
@@ -246,7 +261,7 @@ def plan_models(cfg: PipelineConfig) -> ModelPlan:
     if t.fit is not None:
         check_optimizer(t.fit.optimizer, "teacher.fit.optimizer")
     check_optimizer(cfg.distill.defaults.optimizer, "distill.defaults.optimizer")
-    tdepth = meta_depth(t.model, t.kwargs, cfg.data.num_classes, "teacher")
+    tdepth = meta_depth(t.model, t.kwargs, cfg.data.num_classes, "teacher", cfg.data.image_size)
     cached: list[int] = []
     for i, layer in enumerate(cfg.extract.layers):
         norm = layer_index(layer, tdepth, t.model, f"extract.layers[{i}]")
@@ -258,7 +273,7 @@ def plan_models(cfg: PipelineConfig) -> ModelPlan:
         where = f"distill.students[{i}]"
         if s.optimizer:
             check_optimizer(s.optimizer, f"{where}.optimizer")
-        depths[s.name] = meta_depth(s.model, s.kwargs, cfg.data.num_classes, where)
+        depths[s.name] = meta_depth(s.model, s.kwargs, cfg.data.num_classes, where, cfg.data.image_size)
         resolved = []
         for j, (sl, tl) in enumerate(s.layers):
             sn = layer_index(sl, depths[s.name], s.model, f"{where}.layers[{j}][0]")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +125,190 @@ def test_diff_names_the_changed_leaves():
     assert diff({"l": []}, {"l": [1]}) == ["l[0]"]
     assert diff({"x": 1, "y": {"z": [2, 3]}}, {"x": 2, "y": {"z": [2, 4]}}) == ["x", "y.z[1]"]
     assert diff({"x": 1}, {"x": 1}) == []
+
+
+# ----------------------------------------------------------------------------- every leaf of the schema
+
+# a sweep in the base config, so that its fields are leaves to change too
+SWEEP = {"base": {"name": "sw", "model": "deit_tiny_patch16_224", "loss": {"kind": "none"},
+                  "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}},
+         "grid": {"seed": [0, 1]}, "reference": {"seed": 0}}
+
+# new valid values for the leaves the generic rule (numbers, booleans, choices) cannot make
+VALUES = {
+    "workdir": "elsewhere",
+    "upstream_workdirs": ["/somewhere/shared"],
+    "data.root": "/data/images",
+    "data.train_shards": "/data/train-{000000..000003}.tar",
+    "data.val_shards": "/data/val-000000.tar",
+    "data.mean": [0.4, 0.5, 0.5],
+    "data.std": [0.25, 0.5, 0.5],
+    "data.augment.scale": [0.5, 1.0],
+    "data.augment.ratio": [0.75, 1.25],
+    "data.augment.auto_augment": "rand-m9-mstd0.5-inc1",
+    "data.augment.color_jitter": 0.4,
+    "data.eval.crop_pct": 0.875,
+    "teacher.model": "vit_tiny_patch16_224",
+    "teacher.kwargs": {**TINY["teacher"]["kwargs"], "embed_dim": 48},
+    "teacher.mean": [0.4, 0.4, 0.4],
+    "teacher.std": [0.3, 0.3, 0.3],
+    "teacher.fit.optimizer": "sgd",
+    "teacher.fit.warmup_lr": 1e-5,
+    "extract.layers": [0, 1],
+    "extract.store": ["logits", "spectra", "features"],
+    "extract.num_workers": 1,
+    "extract.compress.pool": 8,
+    "distill.defaults.optimizer": "sgd",
+    "distill.defaults.num_workers": 1,
+    "distill.defaults.warmup_lr": 1e-5,
+    "distill.defaults.views": 1,
+    "distill.defaults.train_per_class": 5,
+    "distill.students[0].name": "renamed",
+    "distill.students[0].model": "vit_tiny_patch16_224",
+    "distill.students[0].kwargs": {**TINY["distill"]["students"][0]["kwargs"], "embed_dim": 24},
+    "distill.students[0].layers": [[1, 0]],
+    "distill.students[0].optimizer": "sgd",
+    "distill.students[0].mode": "online",
+    "distill.students[0].views": 1,
+    "distill.sweep[0].base": {**SWEEP["base"], "epochs": 3},
+    "distill.sweep[0].grid": {"seed": [0, 2]},
+    "distill.sweep[0].reference": None,
+    "distill.scheduler": "tcp://127.0.0.1:8786",
+    "analyze.scheduler": "tcp://127.0.0.1:8786",
+    "analyze.memory_limit": "1GiB",
+}
+# leaves that need a file to exist: the prepare's shard list and the teacher's checkpoint are read
+FILE_VALUES = ("data.source", "teacher.checkpoint")
+
+
+def schema_leaves(model, prefix: str = ""):
+    """(dotted path, field) of every leaf of a config model; a list of models is walked at [0]."""
+    import typing
+
+    from pydantic import BaseModel
+
+    def model_in(ann):
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            return ann, ""
+        args = typing.get_args(ann)
+        if typing.get_origin(ann) is list and args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            return args[0], "[0]"
+        return next(((a, "") for a in args if isinstance(a, type) and issubclass(a, BaseModel)), (None, ""))
+
+    for name, f in model.model_fields.items():
+        sub, index = model_in(f.annotation)
+        if sub is None:
+            yield prefix + name, f
+        else:
+            yield from schema_leaves(sub, f"{prefix}{name}{index}.")
+
+
+def _generic_value(field, current):
+    """Another valid value of a plain number, boolean or choice field, or None when there is no rule."""
+    import typing
+
+    import annotated_types as at
+
+    if isinstance(current, bool):
+        return not current
+    choices = [a for a in typing.get_args(field.annotation) if isinstance(a, str)]
+    if typing.get_origin(field.annotation) is typing.Literal and len(choices) > 1:
+        return next(c for c in choices if c != current)
+    highs = [m.le for m in field.metadata if isinstance(m, at.Le)] + [m.lt for m in field.metadata
+                                                                      if isinstance(m, at.Lt)]
+    hi = min(highs, default=float("inf"))
+    if isinstance(current, int):
+        return current + 1 if current + 1 <= hi else current - 1
+    if isinstance(current, float):
+        return current / 2 if current > 0 else min(0.1, hi / 2)
+    if current is None and field.annotation in (int | None, typing.Optional[int]):
+        return 3
+    if current is None and field.annotation in (float | None, typing.Optional[float]):
+        return 0.5
+    return None
+
+
+def _leaf_value(path: str, field, current, tmp_path):
+    if path == "data.source":  # shards: files whose sizes prepare's identity reads
+        for name in ("train.tar", "val.tar"):
+            (tmp_path / name).write_bytes(b"x")
+        return {"data.source": "shards", "data.train_shards": str(tmp_path / "train.tar"),
+                "data.val_shards": str(tmp_path / "val.tar")}
+    if path == "teacher.checkpoint":
+        (tmp_path / "teacher.pt").write_bytes(b"weights")
+        return {path: str(tmp_path / "teacher.pt")}
+    value = VALUES[path] if path in VALUES else _generic_value(field, current)
+    assert value is not None or path in VALUES, f"{path}: no new value for this field; add one to VALUES"
+    if path in ("teacher.mean", "teacher.std"):  # they go together
+        return {"teacher.mean": VALUES["teacher.mean"], "teacher.std": VALUES["teacher.std"]}
+    return {path: value}
+
+
+def _current(tree: dict, path: str):
+    import re
+
+    cur = tree
+    for part in [p for p in re.split(r"\.|\[(\d+)\]", path) if p]:
+        cur = cur[int(part)] if isinstance(cur, list) else cur.get(part) if isinstance(cur, dict) else None
+    return cur
+
+
+def node_fingerprints(tree: dict) -> dict[str, str]:
+    r = Runner(config_from_dict(tree))
+    return {n: r.fingerprint_of(n)[0] for n in r.nodes()}
+
+
+def test_every_schema_leaf_changes_a_fingerprint_unless_operational(tmp_path):
+    """Each leaf of the config schema, set to another valid value, changes at least one node's
+    fingerprint, and an operational one changes none: no field drops out of the fingerprints."""
+    from pipeline.config import PipelineConfig, is_operational
+
+    import copy
+
+    def tree_with(change: dict) -> dict:
+        return tiny_tree(**{"distill.sweep": [copy.deepcopy(SWEEP)], "workdir": str(tmp_path / "w"), **change})
+
+    base_tree = tree_with({})
+    base_cfg = config_from_dict(base_tree).model_dump(mode="json")
+    base = node_fingerprints(base_tree)
+    missed, moved = [], []
+    leaves = list(schema_leaves(PipelineConfig))
+    assert len(leaves) > 100
+    for path, field in leaves:
+        change = _leaf_value(path, field, _current(base_cfg, path), tmp_path)
+        got = node_fingerprints(tree_with(change))
+        changed = got != base
+        if is_operational(field) and changed:
+            moved.append(path)
+        elif not is_operational(field) and not changed:
+            missed.append(path)
+    assert not missed, f"fields that change no fingerprint (declare them operational or add them to a stage): {missed}"
+    assert not moved, f"operational fields that change fingerprints: {moved}"
+
+
+@pytest.mark.slow
+def test_operational_settings_change_no_output(built, tmp_path):
+    """A student trained with loader workers 0 or 1, its targets held in memory or read every epoch,
+    ends with the same weights and losses, bit for bit: operational fields decide no output."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from tests.conftest import copy_upstream
+
+    _, _, recs = built
+    outputs = []
+    for i, change in enumerate([{}, {"distill.defaults.num_workers": 1},
+                                {"distill.defaults.keep_targets_mb": 0, "data.decoded_cache_mb": 0}]):
+        wd = copy_upstream(recs, tmp_path / f"w{i}")
+        r = Runner(config_from_dict(tiny_tree(**change), workdir=str(wd)))
+        rec = r.run("distill/spectral")["distill/spectral"]
+        state = torch.load(Path(rec.path) / "final.pt", weights_only=True)["state_dict"]
+        losses = pq.read_table(Path(rec.path) / "metrics.parquet").select(["loss_total", "loss_spec"]).to_pylist()
+        outputs.append((rec.lock["fingerprint"], state, losses))
+    fp0, state0, losses0 = outputs[0]
+    for fp, state, losses in outputs[1:]:
+        assert fp == fp0
+        assert losses == losses0
+        assert state.keys() == state0.keys()
+        assert all(np.array_equal(state[k].numpy(), state0[k].numpy()) for k in state0)
