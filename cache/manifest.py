@@ -1,6 +1,8 @@
 """The manifest: one row per cache row, as typed Parquet columns readable without the project.
 
-``row, split, view, key, label, url, offset, size, crc32, shard`` and one column per view
+``row, split, view, key, label, url, offset, size, crc32, cls_offset, cls_size, cls_crc32, shard``
+(the image member's byte range and crc32, then the label member's: -1 where not recorded, and
+absent from older manifests) and one column per view
 parameter (``crop_top, crop_left, crop_height, crop_width, flip, interp`` and the policy's others:
 whatever :class:`cache.rows.Rows` carries; a column with a second axis is a fixed-size list, and a
 column of codes names what they mean in its field metadata, ``{"codes": "name0,name1,..."}``).
@@ -17,10 +19,11 @@ import pyarrow as pa
 
 from pipeline.fsutil import recorded_path, resolve_recorded
 
-from .rows import Rows, Samples
+from .rows import RECORDED_COLUMNS, Rows, Samples
 
 # the columns that are not view parameters
-ROW_COLUMNS = ("row", "split", "view", "key", "label", "url", "offset", "size", "crc32", "shard")
+ROW_COLUMNS = ("row", "split", "view", "key", "label", "url", "offset", "size", "crc32", "cls_offset", "cls_size",
+               "cls_crc32", "shard")
 
 
 def manifest_table(rows: Rows, blocks: list[dict], rows_per_shard: int, cache_dir: Path, workdir: Path,
@@ -45,7 +48,7 @@ def manifest_table(rows: Rows, blocks: list[dict], rows_per_shard: int, cache_di
         "url": pa.DictionaryArray.from_arrays(s.url[rows.sample], recorded),
         "offset": s.offset[rows.sample],
         "size": s.size[rows.sample],
-        "crc32": s.crc32[rows.sample],
+        **{c: getattr(s, c)[rows.sample] for c in RECORDED_COLUMNS},
         **{f: _column(c) for f, c in rows.params.items()},
         "shard": (np.arange(n) // rows_per_shard).astype(np.int32),
     }
@@ -86,8 +89,9 @@ def rows_of_manifest(m: pa.Table, base: Path) -> Rows:
 
     offset = col("offset").astype(np.int64)
     _, first, sample = np.unique((url_idx << 40) | offset, return_index=True, return_inverse=True)
+    recorded = {c: col(c)[first].astype(np.int64) for c in RECORDED_COLUMNS if c in m.column_names}  # older: fewer
     samples = Samples(urls, url_idx[first].astype(np.int32), m.column("key").combine_chunks().take(pa.array(first)),
                       col("label")[first].astype(np.int64), offset[first], col("size")[first].astype(np.int64),
-                      col("crc32")[first].astype(np.int64) if "crc32" in m.column_names else None)
+                      **recorded)
     params = [c for c in m.column_names if c not in ROW_COLUMNS]
-    return Rows(samples, sample.reshape(-1), {f: col(f) for f in params})
+    return Rows(samples, sample.reshape(-1), {f: col(f) for f in params}, extracted=True)

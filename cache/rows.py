@@ -1,10 +1,10 @@
 """Samples and rows as columns: the data model of the cache's manifest and of every loader.
 
 A :class:`Samples` table holds the shard urls once and, per sample, an index into them, the key
-(Arrow strings), the label and the image member's byte range; :class:`Rows` adds, per row, the
-index of its sample and one numpy column per view parameter.  No Python object per sample or row:
-millions of rows cost tens of bytes each, and processes forked from the one that holds them (data
-loader workers) share them without copy-on-read growth.
+(Arrow strings), the label, and the byte range and crc32 of its image and label members;
+:class:`Rows` adds, per row, the index of its sample and one numpy column per view parameter.  No
+Python object per sample or row: millions of rows cost tens of bytes each, and processes forked
+from the one that holds them (data loader workers) share them without copy-on-read growth.
 """
 
 from __future__ import annotations
@@ -23,13 +23,23 @@ class Sample:
     offset: int
     size: int
     crc32: int = -1  # of the image bytes as indexed; -1: not recorded
+    cls_offset: int = -1  # the label member's byte range and crc32 as indexed; -1: not recorded
+    cls_size: int = -1
+    cls_crc32: int = -1
+
+
+# the per-sample integer columns of a Samples table after the url index and the key, in order
+SAMPLE_COLUMNS = ("label", "offset", "size", "crc32", "cls_offset", "cls_size", "cls_crc32")
+# the columns that are -1 when not recorded (an older index or manifest): readers then skip the check
+RECORDED_COLUMNS = ("crc32", "cls_offset", "cls_size", "cls_crc32")
 
 
 @dataclass
 class Samples:
     """Samples as columns: ``urls`` once, then per sample an index into them, the key (Arrow
-    strings), the label, the image member's byte offset and size in its tar, and the crc32 of its
-    bytes when it was indexed (-1: not recorded), which readers check."""
+    strings), the label, the image member's byte offset and size in its tar and the crc32 of its
+    bytes when it was indexed, and the same three of its label (``cls``) member: readers check both
+    (-1: not recorded, not checked)."""
 
     urls: list[str]
     url: np.ndarray  # int32 index into urls
@@ -38,10 +48,14 @@ class Samples:
     offset: np.ndarray  # int64
     size: np.ndarray  # int64
     crc32: np.ndarray | None = None  # int64; None: not recorded for any sample
+    cls_offset: np.ndarray | None = None  # int64, the label member's; None: not recorded for any sample
+    cls_size: np.ndarray | None = None
+    cls_crc32: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if self.crc32 is None:
-            self.crc32 = np.full(len(self.label), -1, dtype=np.int64)
+        for c in RECORDED_COLUMNS:
+            if getattr(self, c) is None:
+                setattr(self, c, np.full(len(self.label), -1, dtype=np.int64))
 
     @classmethod
     def of(cls, samples: list[Sample]) -> Samples:
@@ -49,10 +63,7 @@ class Samples:
         where = {u: i for i, u in enumerate(urls)}
         return cls(urls, np.array([where[s.url] for s in samples], dtype=np.int32),
                    pa.array([s.key for s in samples], type=pa.string()),
-                   np.array([s.label for s in samples], dtype=np.int64),
-                   np.array([s.offset for s in samples], dtype=np.int64),
-                   np.array([s.size for s in samples], dtype=np.int64),
-                   np.array([s.crc32 for s in samples], dtype=np.int64))
+                   *(np.array([getattr(s, c) for s in samples], dtype=np.int64) for c in SAMPLE_COLUMNS))
 
     @classmethod
     def concat(cls, parts: list[Samples]) -> Samples:
@@ -62,20 +73,20 @@ class Samples:
         return cls(urls, np.concatenate([r[p.url] for r, p in zip(remap, parts)] or [np.zeros(0, np.int32)]),
                    pa.concat_arrays([p.key for p in parts]) if parts else pa.array([], pa.string()),
                    *(np.concatenate([getattr(p, c) for p in parts] or [np.zeros(0, np.int64)])
-                     for c in ("label", "offset", "size", "crc32")))
+                     for c in SAMPLE_COLUMNS))
 
     def __len__(self) -> int:
         return len(self.label)
 
     def take(self, idx: np.ndarray) -> Samples:
         idx = np.asarray(idx, dtype=np.int64)
-        return Samples(self.urls, self.url[idx], self.key.take(pa.array(idx)), self.label[idx], self.offset[idx],
-                       self.size[idx], self.crc32[idx])
+        return Samples(self.urls, self.url[idx], self.key.take(pa.array(idx)),
+                       *(getattr(self, c)[idx] for c in SAMPLE_COLUMNS))
 
     def sample(self, i: int) -> Sample:
         """Sample ``i`` as one object (for messages and tests, never on the hot path)."""
-        return Sample(self.key[i].as_py(), int(self.label[i]), self.urls[self.url[i]], int(self.offset[i]),
-                      int(self.size[i]), int(self.crc32[i]))
+        return Sample(self.key[i].as_py(), int(self.label[i]), self.urls[self.url[i]],
+                      *(int(getattr(self, c)[i]) for c in SAMPLE_COLUMNS[1:]))
 
     def key_hashes(self) -> np.ndarray:
         """A 64-bit FNV-1a hash of each key's UTF-8 bytes (vectorized over the Arrow buffers): what
@@ -109,12 +120,14 @@ def string_hashes(strings: pa.Array) -> np.ndarray:
 class Rows:
     """Rows as columns: row ``i`` is view ``params[*][i]`` of sample ``sample[i]`` of ``samples``.
 
-    No Python object per row: a row costs its sample index and its view parameters.
+    No Python object per row: a row costs its sample index and its view parameters.  ``extracted``:
+    the rows of a cache's manifest, whose images extract read (what a changed image is reported as).
     """
 
     samples: Samples
     sample: np.ndarray  # int64 index into samples, per row
     params: dict[str, np.ndarray]  # one column per view parameter (stages.views.ViewPolicy.fields); (n, k) for lists
+    extracted: bool = False
 
     def __len__(self) -> int:
         return len(self.sample)
@@ -138,7 +151,7 @@ class Rows:
             c = c.copy()
             c[start : start + len(params[f])] = params[f]
             cols[f] = c
-        return Rows(self.samples, self.sample, cols)
+        return Rows(self.samples, self.sample, cols, self.extracted)
 
     @classmethod
     def concat(cls, parts: list[Rows]) -> Rows:
@@ -146,4 +159,4 @@ class Rows:
         samples = parts[0].samples
         assert all(p.samples is samples for p in parts)
         return cls(samples, np.concatenate([p.sample for p in parts]),
-                   {f: np.concatenate([p.params[f] for p in parts]) for f in parts[0].params})
+                   {f: np.concatenate([p.params[f] for p in parts]) for f in parts[0].params}, parts[0].extracted)

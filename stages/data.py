@@ -9,6 +9,11 @@ Rows are columns (:class:`cache.rows.Rows`: a :class:`cache.rows.Samples` table,
 and one numpy column per view parameter); view parameters are drawn for whole columns at once by
 :func:`stages.views.sample_views` from counter-based random numbers keyed by (seed, sample key,
 stream), so a sample's views never depend on where the shards list it.
+
+Every read of a sample checks its image and label bytes against the crc32s prepare recorded: a
+sample whose bytes changed or cannot be read raises :class:`SourceChanged` (one line naming the tar
+and the key, also from loader worker processes); only an image that still matches but does not
+decode is a bad row (``ok = False``), which the caller records or fails on.
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ from pipeline.errors import PipelineError
 from cache.rows import Rows, Samples  # noqa: F401  (the row table)
 
 from .views import ViewPolicy, erase, mix, random_bits, view_array
+
+
+class SourceChanged(PipelineError):
+    """A sample's bytes are not those prepare indexed (its image's or label's crc32 differs, the
+    label says another class) or cannot be read: an error wherever it is read, never a bad row."""
 
 
 class ImageReader:
@@ -126,8 +136,9 @@ class ViewDataset(torch.utils.data.Dataset):
     Pixels are uint8 (3, size, size), a quarter of the bytes of float across worker processes;
     consumers normalize whole batches with :meth:`normalize` (on the GPU when there is one), which
     also applies the rows' random erasing.
-    A sample whose image cannot be read or decoded returns zero pixels and ``ok = False`` (the
-    caller records or fails on it), so one bad image never kills a worker.
+    A sample whose image bytes are the indexed ones but do not decode returns zero pixels and
+    ``ok = False`` (the caller records or fails on it), so one bad image never kills a worker; one
+    whose image or label bytes changed or cannot be read raises :class:`SourceChanged`.
     """
 
     def __init__(self, rows: Rows, size: int, mean, std, cache_mb: float = 0, policy: ViewPolicy | None = None):
@@ -148,22 +159,50 @@ class ViewDataset(torch.utils.data.Dataset):
         mean, std = (norm.mean, norm.std) if norm is not None else (data.mean, data.std)
         return cls(rows, data.image_size, mean, std, cache_mb=data.decoded_cache_mb, policy=ViewPolicy.of(data))
 
-    def image(self, j: int) -> Image.Image:
+    def image(self, j: int, row: int | None = None) -> Image.Image:
         """The decoded RGB image of sample ``j`` of the rows' table (from the decoded-image cache
-        when it is there)."""
+        when it is there), its bytes and its label's checked (:meth:`checked_bytes`); ``row``: the
+        row it is read for, for messages."""
         s = self.rows.samples
         k = (int(s.url[j]), int(s.offset[j]))
         img = self._images.get(k)
         if img is None:
-            data = self.reader.read(s.urls[k[0]], k[1], int(s.size[j]))
-            if s.crc32[j] >= 0 and zlib.crc32(data) != s.crc32[j]:
-                raise OSError(f"image bytes of {s.key[j]} changed since they were indexed (crc32 mismatch)")
-            img = decode_image(data)
+            img = decode_image(self.checked_bytes(j, row))
             nbytes = img.width * img.height * 3 + 1024  # pixels + the object's own overhead
             if nbytes <= self._cache_left:
                 self._images[k] = img
                 self._cache_left -= nbytes
         return img
+
+    def checked_bytes(self, j: int, row: int | None = None) -> bytes:
+        """Sample ``j``'s image bytes, after checking them and its label member against the crc32s
+        prepare recorded (where recorded) and the label against the indexed one; a difference or a
+        failed read raises :class:`SourceChanged`."""
+        s = self.rows.samples
+        data = self._read_member(j, row, "image", int(s.offset[j]), int(s.size[j]), int(s.crc32[j]))
+        if s.cls_crc32[j] >= 0:
+            cls = self._read_member(j, row, "label", int(s.cls_offset[j]), int(s.cls_size[j]), int(s.cls_crc32[j]))
+            if _label_value(cls) != int(s.label[j]):
+                raise self._changed(j, row, "label", f"says {cls[:20]!r}, the index {int(s.label[j])}")
+        return data
+
+    def _read_member(self, j: int, row: int | None, what: str, offset: int, size: int, crc: int) -> bytes:
+        s = self.rows.samples
+        try:
+            data = self.reader.read(s.urls[s.url[j]], offset, size)
+        except (OSError, ValueError) as e:
+            raise self._changed(j, row, what, f"cannot be read now ({e})") from None
+        if crc >= 0 and zlib.crc32(data) != crc:
+            raise self._changed(j, row, what, "changed since prepare indexed it (crc32 mismatch)")
+        return data
+
+    def _changed(self, j: int, row: int | None, what: str, how: str) -> SourceChanged:
+        s = self.rows.samples
+        where = f" (row {row})" if row is not None else ""
+        read = " was read at extract time and" if self.rows.extracted else ""
+        return SourceChanged(f"{s.urls[s.url[j]]}: the {what} of sample {s.key[j]}{where}{read} {how}; the source "
+                             f"shards changed after prepare indexed them: restore them, or rerun prepare and the "
+                             f"stages after it with --force")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -252,16 +291,27 @@ class ViewDataset(torch.utils.data.Dataset):
         return pixels, torch.from_numpy(y), torch.from_numpy(ok), torch.from_numpy(idx)
 
     def _views(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (n, size, size, 3) views of rows ``idx`` and whether each could be built."""
+        """uint8 (n, size, size, 3) views of rows ``idx`` and whether each could be built (a changed
+        or unreadable sample raises :class:`SourceChanged`)."""
         x = np.zeros((len(idx), self.size, self.size, 3), dtype=np.uint8)
         ok = np.ones(len(idx), dtype=bool)
         sample = self.rows.sample[idx]
         for j, i in enumerate(idx):
             try:
-                x[j] = view_array(self.image(int(sample[j])), self.rows.view_params(int(i)), self.size, self.fill)
-            except Exception:  # noqa: BLE001 - any decode failure marks the row bad
+                x[j] = view_array(self.image(int(sample[j]), int(i)), self.rows.view_params(int(i)), self.size,
+                                  self.fill)
+            except SourceChanged:
+                raise
+            except Exception:  # noqa: BLE001 - any decode failure of the indexed bytes marks the row bad
                 ok[j] = False
         return x, ok
+
+
+def _label_value(data: bytes) -> int | None:
+    try:
+        return int(data.decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        return None
 
 
 class BatchViews(torch.utils.data.Dataset):
@@ -271,16 +321,31 @@ class BatchViews(torch.utils.data.Dataset):
         self.views = views
 
     def __getitem__(self, indices):
-        return self.views.batch(indices)
+        try:
+            return self.views.batch(indices)
+        except SourceChanged as e:  # handed to the iterating process as it is (see ViewLoader)
+            return e
+
+
+class ViewLoader(torch.utils.data.DataLoader):
+    """A DataLoader of :class:`BatchViews`: a batch that met a changed sample is raised where the
+    batches are iterated as the worker's one-line :class:`SourceChanged` (torch would re-raise a
+    worker's exception wrapped in its traceback)."""
+
+    def __iter__(self):
+        for item in super().__iter__():
+            if isinstance(item, SourceChanged):
+                raise item
+            yield item
 
 
 def view_loader(ds: ViewDataset, batches, workers: int = 0, pin_memory: bool = False, prefetch: int = 2,
-                generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+                generator: torch.Generator | None = None) -> ViewLoader:
     """The one loader of views: ``batches`` (any iterable of lists of row indices) sets the order:
     :func:`sequential_batches`, :func:`shuffled_batches`, shard by shard (extract), chunk-aligned
     units (distill).  Yields (uint8 pixels (B, 3, size, size), labels, ok, row indices), built in
-    ``workers`` processes (0: in this one)."""
-    return torch.utils.data.DataLoader(
+    ``workers`` processes (0: in this one); a changed sample raises :class:`SourceChanged`."""
+    return ViewLoader(
         BatchViews(ds), sampler=batches, batch_size=None, num_workers=workers, pin_memory=pin_memory,
         prefetch_factor=prefetch if workers > 0 else None, persistent_workers=False, generator=generator,
     )

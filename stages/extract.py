@@ -13,7 +13,9 @@
    :mod:`cache.codec` (Hermitian-packed float16 by default, int8 with ``quantize: int8``).
 3. Write: rows are grouped by Zarr shard; DataLoader workers decode and build views while the
    teacher runs, and ``extract.writers`` threads compress and write finished shards behind a
-   bounded queue.  Under torchrun rank r owns the shards s with s % world == r.
+   bounded queue.  Under torchrun rank r owns the shards s with s % world == r.  A batch whose
+   stored values (a read row's, in the stored dtype) are not finite stops the pass naming the
+   array and rows: the cache is never marked complete with them.
 """
 
 from __future__ import annotations
@@ -284,7 +286,7 @@ def _teacher_pass(cfg, model, device, rows: Rows, spec: CacheSpec, todo: list[in
     waiting for the writers."""
     e = cfg.extract
     ds = ViewDataset.for_config(rows, cfg.data, models.teacher_normalization(cfg))
-    shards = _ShardBuffers(spec, _Writers(writer, e.writers))
+    shards = _ShardBuffers(spec, _Writers(writer, e.writers), writer.path)
     indices = [layer.index for layer in spec.layers]
     bar = tqdm(total=n_todo, desc="extract", unit="row", disable=not dist.is_main() or None, smoothing=0.1)
     seconds = {"data": 0.0, "teacher": 0.0, "spectra": 0.0, "writer": 0.0}
@@ -360,8 +362,8 @@ class _ShardBuffers:
     """The rows of the shard being filled, as float16/uint8 arrays; a finished shard goes to the
     writers.  Batches arrive shard by shard (:class:`ShardBatches`)."""
 
-    def __init__(self, spec: CacheSpec, writers: _Writers):
-        self.spec, self.writers = spec, writers
+    def __init__(self, spec: CacheSpec, writers: _Writers, path: Path | None = None):
+        self.spec, self.writers, self.path = spec, writers, path
         self.arrays = spec.arrays()
         self.shard, self.buf, self.bad = -1, {}, []
 
@@ -381,14 +383,18 @@ class _ShardBuffers:
         return waited
 
     def add(self, idx: np.ndarray, out: dict[str, torch.Tensor], ok: np.ndarray, bad: list[dict]) -> None:
-        """Rows ``idx`` of the current shard: the arrays of each dtype in one device-to-host copy."""
+        """Rows ``idx`` of the current shard: the arrays of each dtype in one device-to-host copy,
+        after checking that the read rows' values are finite in the stored dtype."""
         local = idx - self.shard * self.spec.rows_per_shard
         by_dtype: dict[str, list[str]] = {}
         for n in out:
             by_dtype.setdefault(self.arrays[n][1], []).append(n)
         for dtype, names in by_dtype.items():
             torch_dtype = getattr(torch, dtype)
-            flat = torch.cat([out[n].to(torch_dtype).reshape(len(idx), -1) for n in names], dim=1).cpu().numpy()
+            flat = torch.cat([out[n].to(torch_dtype).reshape(len(idx), -1) for n in names], dim=1)
+            if flat.is_floating_point() and (_nonfinite_rows(flat) & ok).any():
+                self._refuse_nonfinite(idx, out, ok, names, torch_dtype)
+            flat = flat.cpu().numpy()
             flat[~ok] = 0
             col = 0
             for n in names:
@@ -399,5 +405,28 @@ class _ShardBuffers:
         self.buf["valid"][local] = ok.astype(np.uint8)
         self.bad += bad
 
+    def _refuse_nonfinite(self, idx: np.ndarray, out: dict[str, torch.Tensor], ok: np.ndarray, names: list[str],
+                          dtype: torch.dtype) -> None:
+        """Raise naming the first array of ``names`` with a non-finite value on a read row of the batch."""
+        for n in names:
+            rows = np.flatnonzero(_nonfinite_rows(out[n].to(dtype).reshape(len(idx), -1)) & ok)
+            if len(rows):
+                raise PipelineError(
+                    f"{self.path}: {n} is not finite (nan or inf in {dtype}) on {len(rows)} of rows "
+                    f"{int(idx[0])}..{int(idx[-1])} of shard {self.shard} (first: row {int(idx[rows[0]])}); the "
+                    f"teacher's outputs are not finite, the cache is left incomplete: check the teacher's weights "
+                    f"and data.mean/std")
+
     def close(self) -> None:
         self.writers.close()
+
+
+def _nonfinite_rows(flat: torch.Tensor) -> np.ndarray:
+    """Per row of a (B, n) float batch, whether any value is nan or inf: on the device on a GPU, with
+    numpy on the CPU (float16 by its exponent bits: several times faster there than ``isfinite``)."""
+    if flat.device.type != "cpu":
+        return (~torch.isfinite(flat).all(dim=1)).cpu().numpy()
+    a = flat.numpy()
+    if a.dtype == np.float16:
+        return ((a.view(np.uint16) & 0x7C00) == 0x7C00).any(axis=1)
+    return ~np.isfinite(a).all(axis=1)

@@ -6,9 +6,11 @@ by ``data.train_shards`` / ``data.val_shards``: no tar is written).  Tars are by
 fixed mtime, owner and order.
 
 Outputs: ``shards.json`` (the shard lists, the sizes of the shards prepare wrote, the samples that
-could not be indexed) and ``index.parquet`` (split, key, url, label, offset, size of every sample:
-the scan every later stage reads instead of scanning again).  Both are covered by digests in the
-stage's record, checked by :func:`stages.shards.load_index` and by ``status``.
+could not be indexed) and ``index.parquet`` (split, key, url, label, and the offset, size and crc32
+of the image and the label member of every sample: the scan every later stage reads instead of
+scanning again).  Both are covered by digests in the stage's record, checked by
+:func:`stages.shards.load_index` and by ``status``.  Refused: a shard list entry that is not a
+regular file, a sample key held twice, and a split with no samples.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from pipeline.fingerprint import file_digest
 from pipeline.fsutil import (atomic_write, atomic_write_bytes, atomic_write_json, read_json, recorded_path,
                             resolve_recorded)
 
-from .shards import IMAGE_EXTS, INDEX, expand_urls, scan_shards
+from .shards import (IMAGE_EXTS, INDEX, RECORDED_COLUMNS, BadSample, Samples, check_unique_keys, expand_urls,
+                     require_regular_file, scan_shards)
 
 log = logging.getLogger("pipeline")
 
@@ -46,6 +49,7 @@ def source_identity(cfg: PipelineConfig) -> dict:
         for split, pat in (("train", d.train_shards), ("val", d.val_shards)):
             entries = []
             for url in expand_urls(pat):
+                require_regular_file(url, f"data.{split}_shards")
                 fs, path = fsspec.core.url_to_fs(url)
                 try:
                     entries.append([url, fs.size(path)])
@@ -168,7 +172,7 @@ def run(ctx) -> dict:
     }
     if d.source != "shards":  # the shards prepare wrote: checked by status (output_problems)
         manifest["sizes"] = {u: os.path.getsize(resolve_recorded(u, out)) for u in manifest["train"] + manifest["val"]}
-    index, skipped = index_shards(train, val, out, root)
+    index, skipped = index_shards(train, val, out, root, d.source)
     manifest["skipped"] = skipped
     atomic_write_bytes(out / INDEX, [index])
     atomic_write_json(out / "shards.json", manifest)
@@ -176,27 +180,44 @@ def run(ctx) -> dict:
             "shards_json_sha256": file_digest(out / "shards.json"), "index_sha256": hashlib.sha256(index).hexdigest()}
 
 
-def index_shards(train: list[str], val: list[str], out: Path, root: Path) -> tuple[bytes, list[dict]]:
+def index_shards(train: list[str], val: list[str], out: Path, root: Path, source: str = "shards"
+                 ) -> tuple[bytes, list[dict]]:
     """Scan the shards' tar headers once: the index's Parquet bytes (urls recorded relative to
-    ``out``) and the samples that could not be indexed."""
+    ``out``) and the samples that could not be indexed.  A split without samples and a key held
+    twice are refused."""
     parts, skipped = [], []
     for split, urls in (("train", train), ("val", val)):
         samples, bad = scan_shards(urls)
+        require_samples(split, urls, samples, bad, source)
         parts.append((split, samples))
         skipped += [{"split": split, "key": b.key, "url": recorded_path(b.url, out, root), "error": b.error}
                     for b in bad]
-    cols = {"split": [], "key": [], "url": [], "label": [], "offset": [], "size": [], "crc32": []}
+    check_unique_keys(Samples.concat([s for _, s in parts]))
+    columns = ("label", "offset", "size", *RECORDED_COLUMNS)
+    cols = {"split": [], "key": [], "url": [], **{c: [] for c in columns}}
     for split, s in parts:
         recorded = [recorded_path(u, out, root) for u in s.urls]
         cols["split"].append(pa.DictionaryArray.from_arrays(np.zeros(len(s), np.int32), [split]))
         cols["key"].append(s.key)
         cols["url"].append(pa.DictionaryArray.from_arrays(s.url, pa.array(recorded, pa.string())))
-        for c in ("label", "offset", "size", "crc32"):
+        for c in columns:
             cols[c].append(pa.array(getattr(s, c)))
     table = pa.table({k: pa.chunked_array(v) for k, v in cols.items()})
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue(), skipped
+
+
+def require_samples(split: str, urls: list[str], samples: Samples, bad: list[BadSample], source: str) -> None:
+    """Refuse a split without samples, naming it and its shards: every later stage would run on
+    nothing (a teacher evaluated at 0%, a cache without val rows)."""
+    if len(samples):
+        return
+    shown = ", ".join(urls[:3]) + (f", ... ({len(urls)} shards)" if len(urls) > 3 else "")
+    why = f"; {len(bad)} skipped, first {bad[0].key}: {bad[0].error}" if bad else ""
+    field, fix = ((f"data.{split}_shards", "list shards that hold samples") if source == "shards" else
+                  (f"data.source {source}", "add images or change data.val_fraction"))
+    raise PipelineError(f"{field}: the {split} split has no samples (shards: {shown or 'none'}{why}); {fix}")
 
 
 def output_problems(out: Path, lock: dict) -> list[str]:

@@ -2,8 +2,10 @@
 
 A webdataset shard is a tar of samples ``<key>.<ext>``; each sample here has an image member
 (png/jpg/jpeg/webp) and a ``cls`` label.  :func:`scan_shards` reads each tar once (prepare does,
-into ``index.parquet``) and returns, per sample, where its image bytes sit (url, offset, size) and
-their crc32, so any stage can rebuild any sample's view, checked, without scanning again.  The
+into ``index.parquet``) and returns, per sample, where its image and label bytes sit (url, offset,
+size) and their crc32s, so any stage can rebuild any sample's view, checked, without scanning
+again.  Input rules: shards are regular files (:func:`require_regular_file`), a key names one
+sample in all the shards (:func:`check_unique_keys`), and member names are UTF-8.  The
 table is columnar (:class:`cache.rows.Samples`): numpy and Arrow columns, no Python object per
 sample, so millions of samples cost tens of bytes each and DataLoader workers share them without
 copy-on-read growth.
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import stat
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -25,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from braceexpand import braceexpand
 
-from cache.rows import Sample, Samples, string_hashes  # noqa: F401  (the sample table)
+from cache.rows import RECORDED_COLUMNS, SAMPLE_COLUMNS, Sample, Samples, string_hashes  # noqa: F401  (the sample table)
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import file_digest
 from pipeline.fsutil import read_json, resolve_recorded
@@ -61,18 +65,73 @@ def _split_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :].lower()
 
 
+def require_regular_file(url: str, field: str | None = None) -> None:
+    """Refuse a local shard path that is missing or not a regular file (a FIFO would block its
+    reader forever, a directory or device is no tar), before anything opens it.  ``field``: the
+    config field that lists it, for the message.  Other filesystems' urls are left to their reads."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = fsspec.core.url_to_fs(url)
+    if not isinstance(fs, LocalFileSystem):
+        return
+    where = f"{field}: {url}" if field else url
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise PipelineError(f"{where} does not exist") from None
+    except OSError as e:
+        raise PipelineError(f"{where} cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise PipelineError(f"{where} is {_file_kind(mode)}, not a regular file; list only tar files")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISDIR, "a directory"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((what for test, what in kinds if test(mode)), "not a file")
+
+
+def readable_name(name: str) -> str:
+    """A tar member name as printable text: bytes that are not UTF-8 (kept by tarfile as surrogates)
+    shown as ``\\xe9``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _record_member(rec: dict, role: str, m: tarfile.TarInfo, value, key: str, url: str) -> None:
+    """``rec[role] = value`` for member ``m`` of sample ``key``; a second member in the same role
+    (the key repeated in the tar) is refused, naming both."""
+    if role in rec:
+        name, offset = rec[role + "_member"]
+        what = "image" if role == "img" else "label"
+        raise PipelineError(f"{url}: sample key {key!r} is repeated: {what} members {name} (byte {offset}) and "
+                            f"{m.name} (byte {m.offset}); one would replace the other, remove or rename one")
+    rec[role], rec[role + "_member"] = value, (m.name, m.offset)
+
+
 def scan_shard(url: str) -> tuple[list[Sample], list[BadSample]]:
-    """Index one tar: image member offsets, sizes and crc32s, and labels.  A truncated tar yields what
-    precedes the cut."""
+    """Index one tar: image and label member offsets, sizes and crc32s, and labels.  A truncated
+    tar yields what precedes the cut; a sample whose member name is not UTF-8 is a bad sample; a key
+    with two image or two label members is an error naming both."""
+    require_regular_file(url)
     samples: dict[str, dict] = {}
     bad: list[BadSample] = []
+    not_utf8: dict[str, str] = {}  # readable key -> the first such member's readable name
+    cut: BadSample | None = None
     try:
         f = fsspec.open(url, "rb").open()
     except (OSError, ValueError) as e:
         raise PipelineError(f"{url}: cannot open shard ({e})") from None
     with f:
         try:
-            tf = tarfile.open(fileobj=f, mode="r:")
+            tf = tarfile.open(fileobj=f, mode="r:", encoding="utf-8", errors="surrogateescape")
         except tarfile.TarError as e:
             return [], [BadSample("<shard>", url, f"not a tar file: {e}")]
         last_key = "<start>"
@@ -81,32 +140,64 @@ def scan_shard(url: str) -> tuple[list[Sample], list[BadSample]]:
                 if not m.isfile():
                     continue
                 key, ext = _split_name(m.name)
+                if not _is_utf8(m.name):
+                    last_key = readable_name(key)
+                    not_utf8.setdefault(last_key, readable_name(m.name))
+                    continue
                 last_key = key
                 rec = samples.setdefault(key, {})
                 if ext in IMAGE_EXTS:  # the bytes are read once, for the crc32 every later read checks
-                    rec["img"] = (m.offset_data, m.size, zlib.crc32(tf.extractfile(m).read()))
+                    _record_member(rec, "img", m, (m.offset_data, m.size, zlib.crc32(tf.extractfile(m).read())),
+                                   key, url)
                 elif ext == "cls":
                     data = tf.extractfile(m).read()
+                    _record_member(rec, "cls", m, (m.offset_data, m.size, zlib.crc32(data)), key, url)
                     try:
-                        rec["cls"] = int(data.decode().strip())
+                        rec["label"] = int(data.decode().strip())
                     except ValueError:
                         rec["err"] = f"bad cls value {data[:20]!r}"
         except (tarfile.TarError, EOFError, OSError) as e:
-            bad.append(BadSample(last_key, url, f"truncated or corrupt tar after this key: {e}"))
-            # the last sample may be partial: drop it unless both members were read whole
+            cut = BadSample(last_key, url, f"truncated or corrupt tar after this key: {e}")
+            bad.append(cut)
+            # the last sample may be partial: it is dropped below
     out: list[Sample] = []
     for key, rec in samples.items():
+        if key in not_utf8:
+            continue
         if "err" in rec:
             bad.append(BadSample(key, url, rec["err"]))
         elif "img" not in rec or "cls" not in rec:
             missing = "image" if "img" not in rec else "cls label"
             bad.append(BadSample(key, url, f"sample has no {missing}"))
         else:
-            off, size, crc = rec["img"]
-            out.append(Sample(key, rec["cls"], url, off, size, crc))
-    if bad and bad[-1].error.startswith("truncated") and out and out[-1].key == bad[-1].key:
+            out.append(Sample(key, rec["label"], url, *rec["img"], *rec["cls"]))
+    bad += [BadSample(key, url, f"member name {name} is not UTF-8; rename it") for key, name in not_utf8.items()]
+    if cut is not None and out and out[-1].key == cut.key:
         out.pop()
     return out, bad
+
+
+def check_unique_keys(samples: Samples) -> None:
+    """Refuse a sample key held by two samples of the shards (two tars, or train and val), naming
+    both tars and members: views and row layouts are keyed by it, and one sample would shadow the other."""
+    if len(samples) < 2:
+        return
+    t = pa.table({"key": samples.key, "i": np.arange(len(samples))})
+    g = t.group_by("key").aggregate([("i", "min"), ("i", "max")])
+    dup = g.filter(pc.not_equal(g["i_min"], g["i_max"]))
+    if dup.num_rows:
+        a, b = (samples.sample(int(dup[c][0].as_py())) for c in ("i_min", "i_max"))
+        raise PipelineError(f"sample key {a.key!r} is in {a.url} ({_members(a.url, a.key)}) and in {b.url} "
+                            f"({_members(b.url, b.key)}); keys must be unique across data.train_shards and "
+                            f"data.val_shards: remove or rename one")
+
+
+def _members(url: str, key: str) -> str:
+    """The names of the members of sample ``key`` in tar ``url`` (for messages: one more header scan)."""
+    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:", encoding="utf-8",
+                                                    errors="surrogateescape") as tf:
+        names = [m.name for m in tf if m.isfile() and _split_name(m.name)[0] == key]
+    return "members " + ", ".join(names)
 
 
 def check_labels(samples: Samples, num_classes: int) -> None:
@@ -154,9 +245,9 @@ def load_index(record) -> tuple[Samples, Samples, list[dict]]:
             pa.array([], pa.int32()), pa.array([], pa.string()))
         urls = [resolve_recorded(u, path) for u in url.dictionary.to_pylist()]
         key = t.column("key").chunk(0) if t.num_rows else pa.array([], pa.string())
-        crc = t.column("crc32").to_numpy() if "crc32" in t.column_names else None  # older indexes have none
+        recorded = {c: t.column(c).to_numpy() for c in RECORDED_COLUMNS if c in t.column_names}  # older: fewer
         out.append(Samples(urls, url.indices.to_numpy(zero_copy_only=False).astype(np.int32), key,
-                           *(t.column(c).to_numpy() for c in ("label", "offset", "size")), crc))
+                           *(t.column(c).to_numpy() for c in ("label", "offset", "size")), **recorded))
     return out[0], out[1], skipped
 
 
