@@ -24,6 +24,8 @@ whatever the encoding.
 
 from __future__ import annotations
 
+import copy
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,11 +140,48 @@ class CacheSpec:
             comp = BloscCodec(cname=cname, clevel=self.clevel, shuffle="bitshuffle")
         return [comp, Crc32cCodec()]
 
+    def array_args(self, name: str) -> dict:
+        """The keyword arguments of ``zarr.Group.create_array`` that make array ``name``: its shape,
+        dtype, inner chunks (:meth:`chunk_rows`), row shards, codecs (:meth:`compressors`, crc32c
+        last), fill value 0 and dimension names.  The reader compares every array's metadata with
+        what these give (:meth:`array_metadata`)."""
+        shape, dtype = self.arrays()[name]
+        return {"shape": (self.rows, *shape), "dtype": dtype, "chunks": (self.chunk_rows(shape, dtype), *shape),
+                "shards": (self.rows_per_shard, *shape), "compressors": self.compressors(), "fill_value": 0,
+                "dimension_names": ["row", *[f"d{i}" for i in range(len(shape))]]}
+
+    def array_metadata(self, name: str) -> dict:
+        """The metadata (``zarr.json`` parsed, attributes left out) that :meth:`array_args` give array
+        ``name``: zarr builds it in memory from those arguments, so the codec chain (the sharding
+        codec, its inner codecs and their configurations, the index codecs, every crc32c) is zarr's own
+        serialization of this spec."""
+        import zarr
+
+        args = self.array_args(name)
+        key = repr({**args, "compressors": [c.to_dict() for c in args["compressors"]]})
+        if key not in _METADATA:
+            arr = zarr.open_group(zarr.storage.MemoryStore(), mode="w").create_array("a", **args)
+            _METADATA[key] = array_json(arr)
+        return copy.deepcopy(_METADATA[key])
+
     def bytes_per_row(self) -> dict[str, int]:
         return {
             name: int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
             for name, (shape, dt) in self.arrays().items()
         }
+
+
+_METADATA: dict[str, dict] = {}  # CacheSpec.array_metadata by its arguments: built once per process
+
+
+def array_json(arr) -> dict:
+    """An open array's metadata as zarr serializes it into ``zarr.json`` (parsed), attributes left out."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    raw = arr.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+    meta = json.loads(raw)
+    meta.pop("attributes", None)
+    return meta
 
 
 def layer_array(kind: str, layer_name: str) -> str:

@@ -2,7 +2,8 @@
 
 A cache is opened only when its recorded digests hold: the manifest's bytes, the shard index's
 bytes and the attributes that decide meaning (layers, row blocks, shapes) hash to what extract
-recorded, and every array's metadata matches the recorded spec.  A row is read only from a shard
+recorded, and every array's metadata, its whole codec chain included, is what the recorded spec
+gives it.  A row is read only from a shard
 file that exists with the size extract wrote (zarr would read a missing or empty shard as zeros);
 zarr's crc32c then checks every chunk's bytes.
 """
@@ -24,8 +25,8 @@ from pipeline.fingerprint import diff
 
 from .codec import decode
 from .shardfile import ShardCorrupt, ShardDecoder
-from .layout import (FORMAT_VERSION, MANIFEST, SHARD_INDEX, CacheSpec, layer_array, meaning_digest, shard_key,
-                     spec_from_attrs)
+from .layout import (FORMAT_VERSION, MANIFEST, SHARD_INDEX, CacheSpec, array_json, layer_array, meaning_digest,
+                     shard_key, spec_from_attrs)
 
 
 CACHE_DIR = "cache.zarr"  # the cache's folder inside an extract output
@@ -113,17 +114,27 @@ class Cache:
         return integrity
 
     def _check_arrays(self) -> None:
-        """Every array's shape, dtype and shard/chunk shape against the recorded spec."""
+        """Every array's metadata against what the recorded spec gives it (:meth:`CacheSpec.array_metadata`):
+        shape, dtype and shards first, then all of it, the full codec chain included (a removed
+        crc32c would switch the chunks' checksums off)."""
         for name, (row_shape, dtype) in self.spec.arrays().items():
             arr = self.array(name)
             want = (self.spec.rows, *row_shape)
             shards = getattr(arr, "shards", None) or arr.chunks
+            where = self.path / name / "zarr.json"
             if (tuple(arr.shape) != want or str(arr.dtype) != dtype or tuple(shards) != (self.spec.rows_per_shard,
                                                                                            *row_shape)):
                 raise PipelineError(
-                    f"{self.path / name / 'zarr.json'}: array is {tuple(arr.shape)} {arr.dtype} in shards of "
+                    f"{where}: array is {tuple(arr.shape)} {arr.dtype} in shards of "
                     f"{tuple(shards)}, the cache records {want} {dtype} in shards of "
                     f"{(self.spec.rows_per_shard, *row_shape)}; refusing the cache"
+                )
+            changed = diff(self.spec.array_metadata(name), array_json(arr))
+            if changed:
+                raise PipelineError(
+                    f"{where}: the array's metadata is not what the cache's spec gives it (differs in: "
+                    f"{', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}); refusing the cache "
+                    f"(rerun extract --force)"
                 )
 
     @property
@@ -213,7 +224,8 @@ class Cache:
         self._checked.add((name, s))
 
     def decoder(self, name: str) -> ShardDecoder | None:
-        """The one-pass reader of array ``name`` (None: a layout only zarr reads, or ``one_pass`` off)."""
+        """The one-pass reader of array ``name`` (None: ``one_pass`` off, or a compressor of the spec's
+        chain, checked at open, that only zarr decodes)."""
         if not self.one_pass:
             return None
         if name not in self._decoders:
@@ -223,7 +235,8 @@ class Cache:
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of one array; a missing, resized or corrupt shard file is named.
         Shard files are read in one pass each (:class:`cache.shardfile.ShardDecoder`), every
-        chunk's crc32c checked; a layout it does not know is read through zarr."""
+        chunk's crc32c checked (the chain, crc32c included, was checked at open, so a read through
+        zarr checks them too)."""
         rps = self.spec.rows_per_shard
         for s in range(start // rps, (max(start, stop - 1)) // rps + 1):
             self.check_shard_file(name, s)

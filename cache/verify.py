@@ -1,16 +1,25 @@
 """``python -m pipeline verify``: check a stage's output against the current config, byte by byte.
 
 Each problem is one line naming the shard, array or row at fault; an empty list means sound.
+
+Outputs other than the cache (a student's ``final.pt``, analyze's tables) are checked against the
+sha256 of each file that their record holds (``summary["sha256"]``, :func:`file_digests`): the
+stage's ``problems`` check compares them (:func:`digest_problems`, so a damaged output is stale and
+``status`` names it), and a reader checks the bytes it reads (:func:`recorded_bytes`,
+:func:`recorded_file`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError
+from pipeline.fingerprint import file_digest
 
 from .layout import MANIFEST, marker_name
 from .reader import Cache, cache_path
@@ -137,4 +146,98 @@ def verify_stage(runner, stage: str) -> list[str]:
         teacher_rec = runner.record("teacher")
         digest = teacher_rec.summary.get("weights_sha256") if teacher_rec else None
         return verify_cache(cache_path(rec), fp, digest)
-    return []  # distill: the record exists, so the students' locks, final.pt and metrics were checked
+    return []  # distill: the record exists, so the students' files were checked against their sha256
+
+
+# ----------------------------------------------------------------------------- recorded output files
+
+DIGESTS = "sha256"  # the summary key of a record: output file name -> sha256 of its bytes
+
+
+def file_digests(folder: Path, names: Iterable[str]) -> dict[str, str]:
+    """File name -> sha256 of its bytes, for the files ``names`` of ``folder`` (what a record keeps)."""
+    out = {}
+    for n in names:
+        path = Path(folder) / n
+        try:
+            out[n] = file_digest(path)
+        except OSError as e:
+            raise PipelineError(f"{path}: cannot be read to record its sha256 ({e.strerror}); "
+                                f"rerun the stage with --force") from None
+    return out
+
+
+def digest_problems(folder: Path, summary: dict, required: Iterable[str]) -> list[str]:
+    """One line per file of ``folder`` whose recorded sha256 (``summary["sha256"]``) it no longer
+    has, or that is gone, and per ``required`` file the record holds no digest of (an output
+    recorded by an older version)."""
+    folder = Path(folder)
+    recorded = summary.get(DIGESTS) or {}
+    problems = [f"{folder / 'lock.json'}: records no sha256 of {n} (written by an older version); "
+                f"the next run rebuilds it" for n in required if n not in recorded]
+    for name, want in sorted(recorded.items()):
+        path = folder / name
+        try:
+            got = file_digest(path)
+        except FileNotFoundError:
+            problems.append(f"{path} is missing")
+            continue
+        except OSError as e:
+            problems.append(f"{path}: cannot be read ({e.strerror})")
+            continue
+        if got != want:
+            problems.append(f"{path}: sha256 mismatch, not the file its stage wrote")
+    return problems
+
+
+def required_record(runner, node: str):
+    """The complete record of ``node`` for the current config, or a PipelineError naming why there is
+    none (each damaged file, as ``status`` names it)."""
+    rec, damage = runner.checked_record(node)
+    if rec is None:
+        why = "; ".join(damage) or f"no complete output for the current config under {runner.out_dir(node)}"
+        raise PipelineError(f"{node}: {why}; run `python -m pipeline run {node}`")
+    return rec
+
+
+def _recorded_digest(rec, name: str) -> str:
+    want = (rec.summary.get(DIGESTS) or {}).get(name)
+    if want is None:
+        raise PipelineError(f"{Path(rec.path) / 'lock.json'}: records no sha256 of {name}; "
+                            f"rerun `python -m pipeline run {rec.stage} --force`")
+    return want
+
+
+def _mismatch(rec, path: Path) -> PipelineError:
+    return PipelineError(f"{path}: sha256 mismatch, not the file {rec.stage} recorded in its lock.json; "
+                         f"rerun `python -m pipeline run {rec.stage}`")
+
+
+def recorded_bytes(rec, name: str) -> bytes:
+    """The bytes of output file ``name`` of record ``rec``, read once and checked against the sha256
+    the record holds (a reader parses these bytes, never the file again)."""
+    path = Path(rec.path) / name
+    want = _recorded_digest(rec, name)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot be read ({e.strerror}); rerun `python -m pipeline run {rec.stage}`"
+                            ) from None
+    if hashlib.sha256(data).hexdigest() != want:
+        raise _mismatch(rec, path)
+    return data
+
+
+def recorded_file(rec, name: str) -> Path:
+    """The path of output file ``name`` of record ``rec`` once its bytes hash to the recorded sha256
+    (for a library that reads a path: torch's checkpoints)."""
+    path = Path(rec.path) / name
+    want = _recorded_digest(rec, name)
+    try:
+        got = file_digest(path)
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot be read ({e.strerror}); rerun `python -m pipeline run {rec.stage}`"
+                            ) from None
+    if got != want:
+        raise _mismatch(rec, path)
+    return path

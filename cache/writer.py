@@ -77,18 +77,8 @@ class CacheWriter:
             full["integrity"] = {"manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
                                  "meaning_sha256": meaning_digest(full)}
             g.attrs.update(full)
-            for name, (shape, dtype) in self.spec.arrays().items():
-                n = self.spec.chunk_rows(shape, dtype)
-                g.create_array(
-                    name,
-                    shape=(self.spec.rows, *shape),
-                    dtype=dtype,
-                    chunks=(n, *shape),
-                    shards=(self.spec.rows_per_shard, *shape),
-                    compressors=self.spec.compressors(),
-                    fill_value=0,
-                    dimension_names=["row", *[f"d{i}" for i in range(len(shape))]],
-                )
+            for name in self.spec.arrays():
+                g.create_array(name, **self.spec.array_args(name))  # the reader checks the same arguments
             atomic_write_bytes(self.path / MANIFEST, [manifest_bytes])
             (self.path / COMPLETE_DIR).mkdir(exist_ok=True)
             self.group = g

@@ -135,6 +135,15 @@ def _prepare_problems(runner: "Runner", out: Path, lock: dict) -> list[str]:
     return output_problems(out, lock)
 
 
+def _module_problems(module: str) -> Callable[["Runner", Path, dict], list[str]]:
+    """The ``output_problems(runner, out, lock)`` of a stage module: its files against the digests
+    its record holds."""
+    def check(runner: "Runner", out: Path, lock: dict) -> list[str]:
+        return importlib.import_module(module).output_problems(runner, out, lock)
+
+    return check
+
+
 def _files_problems(*names: str) -> Callable[["Runner", Path, dict], list[str]]:
     def check(runner: "Runner", out: Path, lock: dict) -> list[str]:
         return [f"{out / n} is missing" for n in names if not (out / n).exists()]
@@ -199,7 +208,7 @@ GRAPH: dict[str, Stage] = {
     "distill": Stage("distill", ("extract",), _distill_params, module="stages.distill", distributed=True,
                      problems=_distill_problems),
     "analyze": Stage("analyze", ("distill",), _analyze_params, module="stages.analyze",
-                     problems=_files_problems("report.md")),
+                     problems=_module_problems("stages.analyze")),
 }
 
 
@@ -207,7 +216,7 @@ def student_stage(node: str) -> Stage:
     """The graph node of one student: upstream extract, parameters the student's own config."""
     name = student_name(node)
     return Stage(node, ("extract",), lambda cfg: {"student": student_params(cfg, name)}, module="stages.distill",
-                 entry="run_student", distributed=True, problems=_files_problems("final.pt", "metrics.parquet"))
+                 entry="run_student", distributed=True, problems=_module_problems("stages.distill"))
 
 
 def stage_of(node: str) -> Stage:
@@ -320,15 +329,20 @@ class Runner:
         return self._fp[name]
 
     def _upstream_identity(self, name: str) -> dict:
-        """Identity that only an upstream run knows: the digest of the teacher's weights.
+        """Identity that only an upstream run knows: the digest of the teacher's weights for extract,
+        each student's recorded file digests for analyze.
 
         A refit teacher (``run teacher --force``, or a fit that is not bit-stable) gives new weights
-        under the same config; the cache made from the old weights must then be stale.
+        under the same config; the cache made from the old weights must then be stale, and so must an
+        analysis of students whose weights were trained again.
         """
-        if name != "extract":
-            return {}
-        rec = self.record("teacher")
-        return {"teacher_weights_sha256": rec.summary.get("weights_sha256") if rec else None}
+        if name == "extract":
+            rec = self.record("teacher")
+            return {"teacher_weights_sha256": rec.summary.get("weights_sha256") if rec else None}
+        if name == "analyze":
+            recs = {s.name: self.record(student_node(s.name)) for s in self.cfg.distill.students}
+            return {"students_sha256": {n: r.summary.get("sha256") if r else None for n, r in recs.items()}}
+        return {}
 
     def out_dir(self, name: str, fp: str | None = None, workdir: Path | None = None) -> Path:
         """The output folder of node ``name`` in ``workdir`` (default: this one)."""
@@ -440,6 +454,8 @@ class Runner:
         for name in plan:
             if name == "distill" and failed:
                 break
+            if name == "analyze":  # its identity holds the students' digests: they may have been built since
+                self._fp.pop(name, None)
             missing = self._incomplete_students() if name == "distill" else []
             if missing:
                 if target == "distill" or student_name(target) is not None:

@@ -23,21 +23,27 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from cache.features import FeatureStore
+from cache.features import FeatureStore, store_digests, store_problems
 from cache.reader import open_cache
+from cache.verify import DIGESTS, digest_problems, file_digests, recorded_bytes, required_record
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write, atomic_write_text
+from pipeline.graph import student_node
 
 from . import models
 from .data import ViewDataset, sequential_batches, view_loader
-from .dynamics import SNAPSHOTS, plot_dynamics, read_snapshots, report_section, student_dynamics
+from .dynamics import plot_dynamics, read_snapshots, report_section, save_figure, student_dynamics
 from .spectral import (channel_entropy_sum, channel_spectrum_sum, inverse_spectrum, profile_distance,  # noqa: F401
                        radial_energy_sum)
 
 log = logging.getLogger("pipeline")
 
 TEACHER = "teacher"
+FEATURES = "features.zarr"
+FEATURE_DIGESTS = "features_sha256"  # the record's summary key: features.zarr's node -> sha256 (store_digests)
+TABLES = ("intensity", "channel_spectra", "radial_energy", "profile_distance", "layer_pairs", "dynamics")
+REPORT = "report.md"
 
 
 # ----------------------------------------------------------------------------- dask metrics
@@ -112,7 +118,7 @@ def write_model_features(store: FeatureStore, label: str, model, indices: list[i
             for buf, f in zip(bufs, feats):
                 buf[rows_here - a0 - s] = f.float().cpu().numpy().astype(np.float16)
         for arr, buf in zip(arrays, bufs):
-            arr[s:e] = buf
+            store.write_shard(arr, s // rows_per_shard, buf)
 
 
 def write_cached_teacher_layers(store: FeatureStore, cache, rows: tuple[int, int], rows_per_shard: int) -> list[int]:
@@ -132,7 +138,7 @@ def write_cached_teacher_layers(store: FeatureStore, cache, rows: tuple[int, int
             else:
                 spectra = torch.from_numpy(cache.read_layer("spectra", layer.index, a0 + s, a0 + e))
                 block = inverse_spectrum(spectra, layer.width).numpy().astype(np.float16)
-            arr[s:e] = block
+            store.write_shard(arr, s // rows_per_shard, block)
         done.append(layer.index)
     return done
 
@@ -162,7 +168,7 @@ def plot_across_depth(int_rows: list[dict], quantity: str, ylabel: str, title: s
     ax.grid(alpha=0.3)
     legend = ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     shown = {"legend": [t.get_text() for t in legend.get_texts()], "xlabel": ax.get_xlabel(),
              "ylabel": ax.get_ylabel(), "lines": {l.get_label(): len(l.get_xdata()) for l in ax.get_lines()}}
     plt.close(fig)
@@ -190,13 +196,21 @@ def _plot_spectra(rows: list[dict], model: str, path: Path) -> None:
     ax.set_title(f"Channel spectra per layer: {model}")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
 def _write_table(path: Path, rows: list[dict]) -> None:
     t = pa.Table.from_pylist(rows)
     atomic_write(path, lambda f: pq.write_table(t, f))
+
+
+def _read_recorded_table(rec, name: str) -> pa.Table:
+    """A table of analyze's record ``rec``, its bytes checked against the recorded sha256."""
+    try:
+        return pq.read_table(pa.BufferReader(recorded_bytes(rec, name)))
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{Path(rec.path) / name}: cannot read the table ({e}); rerun analyze --force") from None
 
 
 def spectrum_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -252,10 +266,11 @@ def run(ctx) -> dict:
     vb = cache.block("val", 0)
     rows = (vb.start, vb.stop if cfg.analyze.max_rows is None else min(vb.stop, vb.start + cfg.analyze.max_rows))
     models_seen = write_features(ctx, cache, rows)
-    metrics = compute_metrics(cfg, Path(ctx.out) / "features.zarr", models_seen.layer_index)
+    metrics = compute_metrics(cfg, Path(ctx.out) / FEATURES, models_seen.layer_index)
     tables = metric_tables(cfg, metrics, models_seen, _snapshots(ctx.runner))
     out = Path(ctx.out)
-    for name in ("intensity", "channel_spectra", "radial_energy", "profile_distance", "layer_pairs", "dynamics"):
+    written = [f"{name}.parquet" for name in TABLES if tables[name]]
+    for name in TABLES:
         if tables[name]:
             _write_table(out / f"{name}.parquet", tables[name])
     figure = plot_across_depth(tables["intensity"], "intensity", "intensity L(X) = mean_f |FFT_C(X)| / C",
@@ -269,13 +284,26 @@ def run(ctx) -> dict:
     if tables["dynamics"]:
         plots += plot_dynamics(tables["dynamics"], out)
     report = make_report(cfg, tables, plots, rows[1] - rows[0], models_seen.kinds)
-    atomic_write_text(out / "report.md", report)
-    log.info(f"analyze: report at {out / 'report.md'}")
+    atomic_write_text(out / REPORT, report)
+    log.info(f"analyze: report at {out / REPORT}")
     t_rows = sorted((r for r in tables["intensity"] if r["model"] == TEACHER), key=lambda r: r["layer"])
     return {"models": list(models_seen.layer_index), "val_rows": rows[1] - rows[0],
             "seconds": round(time.time() - t0, 1),
             "profile_distance": {r["model"]: r["profile_distance"] for r in tables["profile_distance"]},
-            "top_teacher_layers": top_layers(t_rows, 3), "intensity_figure": figure}
+            "top_teacher_layers": top_layers(t_rows, 3), "intensity_figure": figure,
+            DIGESTS: file_digests(out, [*written, *plots, REPORT]), FEATURE_DIGESTS: store_digests(out / FEATURES)}
+
+
+def output_problems(runner, out: Path, lock: dict) -> list[str]:
+    """What is wrong with analyze's output ``out`` now: a table, plot or the report missing or not
+    the bytes its record's sha256 says, or ``features.zarr`` not as analyze wrote it
+    (:func:`cache.features.store_problems`)."""
+    summary = lock.get("summary", {})
+    problems = digest_problems(out, summary, ("intensity.parquet", REPORT))
+    if FEATURE_DIGESTS not in summary:
+        return problems + [f"{out / 'lock.json'}: records no digest of {FEATURES} (written by an older version); "
+                           f"the next run rebuilds it"]
+    return problems + store_problems(out / FEATURES, summary[FEATURE_DIGESTS])
 
 
 @dataclass
@@ -298,7 +326,7 @@ def write_features(ctx, cache, rows: tuple[int, int]) -> ModelsSeen:
     rows_per_shard = cache.spec.rows_per_shard
     dataset = ViewDataset.for_config(cache.rows(), cfg.data)
     device = models.resolve_device(cfg.teacher.device)
-    store = FeatureStore.create(Path(ctx.out) / "features.zarr")
+    store = FeatureStore.create(Path(ctx.out) / FEATURES)
     seen = ModelsSeen()
     teacher = models.load_teacher(ctx.upstream["teacher"], cfg)
     tdepth = models.depth(teacher)
@@ -384,10 +412,11 @@ def _pair_rows(name: str, pairs: list[tuple[int, int]], metrics: dict) -> list[d
 
 
 def _snapshots(runner) -> dict[str, list[dict]]:
-    """Each student's snapshot records (distill's ``snapshots.parquet``), where it kept any."""
+    """Each student's snapshot records (distill's ``snapshots.parquet``, checked against the sha256
+    its record holds), where it keeps any."""
     out = {}
     for s in runner.cfg.distill.students:
-        snaps = read_snapshots(runner.student_dir(s.name) / SNAPSHOTS)
+        snaps = read_snapshots(required_record(runner, student_node(s.name)))
         if snaps:
             out[s.name] = snaps
     return out
@@ -484,11 +513,10 @@ def propose_layers(intensities: list[float], k: int, method: str, student_depth:
 
 
 def select_layers_cli(runner, k: int, method: str, student_depth: int | None) -> str:
-    rec = runner.record("analyze")
-    if rec is None:
+    if runner.record("analyze") is None:
         runner.run("analyze")
-        rec = runner.record("analyze")
-    t = pq.read_table(Path(rec.path) / "intensity.parquet").to_pylist()
+    rec = required_record(runner, "analyze")
+    t = _read_recorded_table(rec, "intensity.parquet").to_pylist()
     t_rows = sorted((r for r in t if r["model"] == TEACHER), key=lambda r: r["layer"])
     vals = [r["intensity"] for r in t_rows]
     pairs = propose_layers(vals, k, method, student_depth)

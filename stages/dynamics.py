@@ -22,9 +22,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cache.verify import DIGESTS, recorded_bytes
 from pipeline.errors import PipelineError
+from pipeline.fsutil import atomic_write
 
 from .spectral import band_energy, profile_distance
 
@@ -74,12 +77,16 @@ def student_dynamics(name: str, kind: str, seed: int, snapshots: list[dict], tea
     return rows
 
 
-def read_snapshots(path: Path) -> list[dict]:
-    """A student's snapshot records; none when it kept none; a damaged file is named."""
-    if not path.exists():
+def read_snapshots(rec) -> list[dict]:
+    """The snapshot records of a student's record ``rec``: none when it keeps none (no sha256 of
+    ``snapshots.parquet`` recorded), else the file's bytes checked against that sha256; a missing,
+    changed or unreadable file is named."""
+    if SNAPSHOTS not in (rec.summary.get(DIGESTS) or {}):
         return []
+    path = Path(rec.path) / SNAPSHOTS
+    data = recorded_bytes(rec, SNAPSHOTS)
     try:
-        rows = pq.read_table(path).to_pylist()
+        rows = pq.read_table(pa.BufferReader(data)).to_pylist()
     except (OSError, ValueError) as e:
         raise PipelineError(f"{path}: cannot read the snapshots ({e}); rerun the student with --force") from None
     if rows and not SNAPSHOT_COLUMNS <= set(rows[0]):
@@ -140,6 +147,12 @@ def report_section(rows: list[dict], kinds: dict[str, str]) -> list[str]:
     return lines + [""]
 
 
+def save_figure(fig, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, written atomically (a failed write names the file and the cause:
+    :class:`pipeline.fsutil.WriteError`)."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+
+
 def plot_dynamics(rows: list[dict], out: Path) -> list[str]:
     """One heatmap per student and the distance curves; returns the file names written."""
     import matplotlib
@@ -165,7 +178,7 @@ def plot_dynamics(rows: list[dict], out: Path) -> list[str]:
         ax.set_title(f"{name}: intensity / teacher's at the same relative depth")
         fig.colorbar(im, ax=ax, label="ratio (1 = teacher)")
         fig.tight_layout()
-        fig.savefig(out / f"dynamics_{name}.png")
+        save_figure(fig, out / f"dynamics_{name}.png")
         plt.close(fig)
         written.append(f"dynamics_{name}.png")
     fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=120)
@@ -177,6 +190,6 @@ def plot_dynamics(rows: list[dict], out: Path) -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "dynamics_distance.png")
+    save_figure(fig, out / "dynamics_distance.png")
     plt.close(fig)
     return written + ["dynamics_distance.png"]
