@@ -7,10 +7,12 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from . import dist
-from .config import ConfigError, check_models, load_config
+from .config import DEFAULT_CONFIG, ConfigError, check_models, load_config
 from .errors import PipelineError
+from .fsutil import atomic_write_text
 from .graph import STAGES, STUDENT, Runner, student_name
 from .locking import LockedError
 
@@ -64,7 +66,7 @@ def _common(defaults: bool) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     common = _common(defaults=False)
     p = argparse.ArgumentParser(
-        prog="python -m pipeline",
+        prog="spectralkd",
         description="SpectralKD: run a teacher once, distill many students from its cache, analyze on Dask.",
         parents=[_common(defaults=True)],
     )
@@ -80,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status", parents=[common], help="show each stage and student: up to date / stale / missing")
     v = sub.add_parser("verify", parents=[common], help="check a stage's output against the config")
     v.add_argument("stage", nargs="?", default="extract", help="extract | distill | distill/<student>")
+    i = sub.add_parser("init", parents=[common], help="write the embedded default (or a recipe) as ./pipeline.yaml")
+    i.add_argument("--recipe", default="default", help="a shipped recipe (see `recipes`)")
+    i.add_argument("--force", action="store_true", help="replace an existing file")
+    sub.add_parser("recipes", parents=[common], help="list the shipped recipes")
     s = sub.add_parser("select-layers", parents=[common], help="propose teacher layers from intensities")
     s.add_argument("--k", type=int, default=4, help="how many layers to propose")
     s.add_argument("--method", choices=["top", "ends"], default="top")
@@ -109,10 +115,21 @@ def _print_status(runner: Runner) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; errors are one line on stderr (exit 2 for config and input problems)."""
+    """Run one command; errors are one line on stderr (exit 2 for config and input problems).  SIGTERM
+    stops it as Ctrl-C does (exit 130, completed work kept)."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
     args = parse_args(argv)
     setup_logging(args.debug)
+    on_main_thread = threading.current_thread() is threading.main_thread()  # where handlers can be set
+    previous = signal.signal(signal.SIGTERM, interrupt) if on_main_thread else None
     try:
+        if args.command in CONFIG_FREE:
+            return COMMANDS[args.command](None, args)
         cfg = load_config(args.config, args.overrides, args.workdir)
         if args.upstream_workdirs:
             cfg.upstream_workdirs = args.upstream_workdirs
@@ -130,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def cmd_status(cfg, args) -> int:
@@ -223,7 +243,31 @@ def cmd_select_layers(cfg, args) -> int:
     return 0
 
 
-COMMANDS = {"status": cmd_status, "run": cmd_run, "verify": cmd_verify, "select-layers": cmd_select_layers}
+def cmd_init(cfg, args) -> int:
+    """Write the embedded default, or a shipped recipe, as a pipeline file to start from."""
+    from .recipes import recipe_text
+
+    dest = Path(args.config or DEFAULT_CONFIG)
+    text = recipe_text(args.recipe)
+    if dest.exists() and not args.force:
+        raise ConfigError(f"{dest}: already exists; pass --force to replace it, or -c OTHER.yaml")
+    atomic_write_text(dest, text)
+    print(f"wrote {dest} (recipe {args.recipe}); next: spectralkd status -c {dest}, spectralkd run all -c {dest}")
+    return 0
+
+
+def cmd_recipes(cfg, args) -> int:
+    """List the shipped recipes with the first line of each one's header."""
+    from .recipes import recipe_summaries
+
+    for name, summary in recipe_summaries():
+        print(f"{name:<36} {summary}")
+    return 0
+
+
+COMMANDS = {"status": cmd_status, "run": cmd_run, "verify": cmd_verify, "select-layers": cmd_select_layers,
+            "init": cmd_init, "recipes": cmd_recipes}
+CONFIG_FREE = ("init", "recipes")  # commands that need no pipeline file
 
 
 if __name__ == "__main__":

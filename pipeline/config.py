@@ -331,6 +331,11 @@ class LossConfig(_Model):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
 
 
+# experiment trackers a student can log to (stages.tracking); operational: they enter no fingerprint
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
+
+
 class TrainDefaults(_Model):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -356,6 +361,16 @@ class TrainDefaults(_Model):
     # evaluate on val, log and checkpoint every N epochs and at the last (other epochs' metrics rows
     # carry their losses, and nan for the val numbers)
     eval_every: int = Field(1, ge=1)
+    # DeiT's repeated augmentation: r stored views of each image in one batch (stages.repeated)
+    repeated_aug: int = Field(1, ge=1)
+    # experiment trackers for every student's epochs (and steps, with track_steps); README "Tracking"
+    track: list[Tracker] = operational([])
+    track_steps: bool = operational(False)
+
+    @field_validator("track")
+    @classmethod
+    def _track_once(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
 
 
 # names a student cannot take: analyze keys the teacher's features, tables and plots by it
@@ -382,6 +397,7 @@ class StudentConfig(_Model):
     views: Views | None = None
     train_per_class: int | None = Field(None, ge=1)
     eval_every: int | None = Field(None, ge=1)
+    repeated_aug: int | None = Field(None, ge=1)
 
     @field_validator("name")
     @classmethod
@@ -600,6 +616,14 @@ class PipelineConfig(_Model):
             if isinstance(st.views, int) and st.views > self.extract.views:
                 raise ValueError(f"{where}: views {st.views} is more than the cache's extract.views "
                                  f"{self.extract.views}")
+            if st.repeated_aug > 1:
+                views = self.extract.views if st.views is None else st.views
+                if st.views == "fresh" or st.repeated_aug > views:
+                    raise ValueError(f"{where}: repeated_aug {st.repeated_aug} takes that many stored views of each "
+                                     f"image per epoch; the student reads {views} (views, extract.views)")
+                if st.batch_size % st.repeated_aug:
+                    raise ValueError(f"{where}: batch_size {st.batch_size} is not a multiple of repeated_aug "
+                                     f"{st.repeated_aug} (an image's views share a batch)")
         return self
 
     def student(self, name: str) -> "ResolvedStudent":
@@ -636,6 +660,9 @@ class ResolvedStudent(_Model):
     views: Views | None
     train_per_class: int | None
     eval_every: int
+    repeated_aug: int
+    track: list[str] = operational(...)
+    track_steps: bool = operational(...)
 
 
 def resolve_student(s: StudentConfig, d: TrainDefaults) -> ResolvedStudent:

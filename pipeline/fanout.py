@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 from .config import DEFAULT_CONFIG
@@ -32,6 +34,9 @@ CPUS_ENV = "PIPELINE_CPUS"  # read by stages.models.usable_cores: the cores a st
 # environment; a student inheriting it trains 1.5x slower on CPU (glibc then maps and unmaps every
 # large tensor), so the Dask path drops exactly that value.
 DASK_MALLOC_TRIM = "65536"
+STOP_GRACE_S = 2.0  # on an interrupt, how long a running student may take to end by itself before SIGTERM
+STOP_KILL_AFTER_S = 30.0  # how long a student stopped by SIGTERM may take before SIGKILL
+DASK_POLL_S = 1.0  # how often a Dask task looks at its run's stop event
 
 
 @dataclass
@@ -79,15 +84,18 @@ def slot_env(slot: int, jobs: int, cores: list[int] | None) -> dict:
     return env
 
 
-def run_process(name: str, argv: list[str], env: dict, cores: list[int] | None = None, echo: bool = True) -> Outcome:
-    """Run one student's process; its output lines are echoed with the student's name in front."""
+def start_process(argv: list[str], env: dict, cores: list[int] | None = None) -> subprocess.Popen:
+    """Start one student's process, pinned to ``cores``; its output comes on ``stdout``."""
     def pin():
         if cores and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, cores)
 
-    t0 = time.time()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=pin)
+
+
+def follow(name: str, proc: subprocess.Popen, t0: float, echo: bool = True) -> Outcome:
+    """Wait for a student's process; its output lines are echoed with the student's name in front."""
     tail: list[str] = []
     for line in proc.stdout:
         tail = (tail + [line.rstrip()])[-20:]
@@ -96,85 +104,226 @@ def run_process(name: str, argv: list[str], env: dict, cores: list[int] | None =
     return Outcome(name, proc.wait(), "\n".join(tail), time.time() - t0)
 
 
+def interrupted(returncode: int) -> bool:
+    """Whether a student's process ended by an interrupt (Ctrl-C or SIGTERM; 130 is the CLI's exit)."""
+    return returncode in (130, -signal.SIGINT, -signal.SIGTERM)
+
+
+def stop_processes(procs: list[subprocess.Popen], grace_s: float = STOP_GRACE_S,
+                   kill_after_s: float = STOP_KILL_AFTER_S) -> None:
+    """Stop running student processes: a Ctrl-C at the terminal reached them too, so each gets
+    ``grace_s`` to end by itself, then SIGTERM (the CLI stops as on Ctrl-C, keeping the last
+    finished epoch's checkpoint), then SIGKILL after ``kill_after_s`` more."""
+    for sig, wait_s in ((None, grace_s), (signal.SIGTERM, kill_after_s), (signal.SIGKILL, kill_after_s)):
+        running = [p for p in procs if p.poll() is None]
+        if not running:
+            return
+        if sig is not None:
+            log.info(f"distill: stopping {len(running)} student process(es) ({signal.Signals(sig).name})")
+            for p in running:
+                p.send_signal(sig)
+        deadline = time.time() + wait_s
+        try:
+            for p in running:
+                try:
+                    p.wait(timeout=max(0.0, deadline - time.time()))
+                except subprocess.TimeoutExpired:
+                    pass
+        except KeyboardInterrupt:  # interrupted again while waiting: the next step at once
+            continue
+
+
+class _Slots:
+    """The queue of students and the processes running them, shared by the slot threads; once
+    stopped, no new process starts (the check and the start happen under one lock)."""
+
+    def __init__(self, names: list[str]):
+        self.todo, self.running, self.outcomes = list(names), {}, []
+        self.lock = threading.Lock()
+        self.stopped = False
+
+    def start_next(self, start) -> tuple[str, subprocess.Popen] | None:
+        """The next student and its process ``start(name)``, or None when stopped or none is left."""
+        with self.lock:
+            if self.stopped or not self.todo:
+                return None
+            name = self.todo.pop(0)
+            proc = self.running[name] = start(name)
+            return name, proc
+
+    def finish(self, out: Outcome) -> None:
+        with self.lock:
+            self.running.pop(out.student, None)
+            self.outcomes.append(out)
+            if interrupted(out.returncode):  # an interrupt reached the students before this process
+                self.stopped = True
+
+    def stop(self) -> list[subprocess.Popen]:
+        """Start nothing more; the processes still running."""
+        with self.lock:
+            self.stopped = True
+            return list(self.running.values())
+
+
 def run_local(args, names: list[str], jobs: int, force: dict[str, bool]) -> list[Outcome]:
-    """Train ``names`` as separate processes, ``jobs`` at a time (``force[name]``: rebuild it)."""
+    """Train ``names`` as separate processes, ``jobs`` at a time (``force[name]``: rebuild it).  On
+    Ctrl-C or SIGTERM (a KeyboardInterrupt here) no new student starts and the running ones are
+    stopped (:func:`stop_processes`) before the interrupt goes on."""
     sets = core_sets(jobs) if not _gpu_count() else [None] * jobs
     log.info(f"distill: {len(names)} student(s), {len(sets)} at a time")
-    todo = list(names)
-    lock = threading.Lock()
-    outcomes: list[Outcome] = []
+    slots = _Slots(names)
 
     def worker(slot: int) -> None:
-        while True:
-            with lock:
-                if not todo:
-                    return
-                name = todo.pop(0)
+        def start(name: str) -> subprocess.Popen:
             log.info(f"distill: {name} starts in slot {slot}" + (f" (cores {sets[slot]})" if sets[slot] else ""))
-            out = run_process(name, student_argv(args, name, force[name]), slot_env(slot, jobs, sets[slot]),
-                              sets[slot])
-            log.info(f"distill: {name} finished in slot {slot} (exit {out.returncode}, {out.seconds:.1f}s)")
-            with lock:
-                outcomes.append(out)
+            return start_process(student_argv(args, name, force[name]), slot_env(slot, jobs, sets[slot]), sets[slot])
 
-    threads = [threading.Thread(target=worker, args=(i,), name=f"slot-{i}") for i in range(len(sets))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return outcomes
+        while (started := slots.start_next(start)) is not None:
+            name, proc = started
+            out = follow(name, proc, time.time())
+            log.info(f"distill: {name} finished in slot {slot} (exit {out.returncode}, {out.seconds:.1f}s)")
+            slots.finish(out)
+
+    threads = [threading.Thread(target=worker, args=(i,), name=f"slot-{i}", daemon=True) for i in range(len(sets))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(timeout=0.5)
+    except KeyboardInterrupt:
+        stop_processes(slots.stop())
+        for t in threads:
+            t.join(timeout=5)
+        raise
+    return slots.outcomes
+
+
+def dask_task():
+    """The function a Dask worker runs for one student: its process, stopped when the run's stop
+    event is set.  Made inside this function so that cloudpickle sends it by value: the scheduler
+    and workers need not import this package."""
+    def run_student_process(argv: list[str], env: dict, cwd: str, stop_event: str, poll_s: float,
+                            kill_after_s: float) -> tuple[int, str, bool]:
+        import signal
+        import subprocess
+        import tempfile
+
+        from distributed import Event
+
+        stop, stopped = Event(stop_event), False
+        if stop.is_set():  # submitted just before the run stopped: never started
+            return 130, "stopped before it started", True
+        with tempfile.TemporaryFile("w+") as output:  # a file, not a pipe: nothing blocks while polling
+            proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=output, stderr=subprocess.STDOUT, text=True)
+            while proc.poll() is None:
+                if stop.wait(timeout=poll_s):
+                    stopped = True
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=kill_after_s)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                    break
+            returncode = proc.wait()
+            output.seek(0)
+            return returncode, "\n".join(output.read().splitlines()[-20:]), stopped
+
+    return run_student_process
 
 
 def run_dask(args, names: list[str], scheduler: str, force: dict[str, bool],
              wait_for_workers_s: float = 600.0) -> list[Outcome]:
     """Train ``names`` on the Dask cluster at ``scheduler``, one student per worker at a time, so
     each gets all of its worker's threads (and GPU); workers that join later (a dask-jobqueue
-    cluster scaling up) are used as they come.  A task is ``subprocess.run`` of the student's
-    command: the scheduler and workers need not import this package (the student's process finds
-    it through ``PYTHONPATH`` on the filesystem they share, or installed)."""
-    from distributed import Client, wait
+    cluster scaling up) are used as they come.  A task runs the student's command
+    (:func:`dask_task`; the student's process finds this package through ``PYTHONPATH`` on the
+    filesystem they share, or installed).  On Ctrl-C or SIGTERM no new task is submitted, the run's
+    stop event ends the running tasks' processes, and the interrupt goes on once they have ended."""
+    from distributed import Client
 
     try:
         client = Client(scheduler, timeout="20s")
     except OSError as e:
         raise PipelineError(f"distill.scheduler: cannot reach the Dask scheduler at {scheduler} ({e})") from None
-    outcomes: list[Outcome] = []
     with client:
         try:
             client.wait_for_workers(1, timeout=wait_for_workers_s)
         except TimeoutError:
             raise PipelineError(f"distill.scheduler: no worker joined {scheduler} "
                                 f"in {wait_for_workers_s:.0f}s") from None
+        return _DaskRun(client, args, names, force).run()
+
+
+class _DaskRun:
+    """One fan-out over a Dask cluster: free workers take the next student until none is left."""
+
+    def __init__(self, client, args, names: list[str], force: dict[str, bool]):
+        self.client, self.args, self.todo, self.force = client, args, list(names), force
+        self.running: dict = {}  # future -> (student, worker, start time)
+        self.outcomes: list[Outcome] = []
+        self.stop_event = f"pipeline-stop-{uuid.uuid4().hex}"  # one per run: set, it stops this run's tasks
         base = {k: v for k, v in slot_env(0, 1, None).items() if k != "CUDA_VISIBLE_DEVICES"}
         if base.get("MALLOC_TRIM_THRESHOLD_") == DASK_MALLOC_TRIM:
             del base["MALLOC_TRIM_THRESHOLD_"]  # a Dask setting for its workers, not for training processes
-        todo, running = list(names), {}  # future -> (student, worker, start time)
-        while todo or running:
-            workers = client.scheduler_info()["workers"]
-            busy = {w for _, w, _ in running.values()}
-            for w in [w for w in workers if w not in busy][: len(todo)]:
-                n = todo.pop(0)
-                threads = str(workers[w].get("nthreads", 1))
-                env = {**base, "OMP_NUM_THREADS": threads, CPUS_ENV: threads}
-                # run in this directory, so relative paths of the config resolve as here (shared filesystem)
-                fut = client.submit(subprocess.run, student_argv(args, n, force[n]), env=env, cwd=os.getcwd(),
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, key=f"student-{n}",
-                                    pure=False, workers=[w], allow_other_workers=True)
-                running[fut] = (n, w, time.time())
-            try:  # a few seconds at most, to take in workers that joined meanwhile
-                done = wait(list(running), return_when="FIRST_COMPLETED", timeout=5).done
-            except TimeoutError:
-                done = set()
-            for fut in done:
-                n, w, t0 = running.pop(fut)
-                try:
-                    res = fut.result()
-                    out = Outcome(n, res.returncode, "\n".join(res.stdout.splitlines()[-20:]), time.time() - t0, w)
-                except Exception as e:  # noqa: BLE001 - the task itself failed on the worker (no such directory...)
-                    out = Outcome(n, -1, f"the task failed on {w}: {type(e).__name__}: {e}", time.time() - t0, w)
-                log.info(f"distill: {n} finished on {w} (exit {out.returncode}, {out.seconds:.1f}s)")
-                outcomes.append(out)
-    return outcomes
+        self.base_env = base
+
+    def run(self) -> list[Outcome]:
+        try:
+            while self.todo or self.running:
+                self.submit_to_free_workers()
+                self.collect(self.wait_some(5))  # a few seconds at most, to take in workers that joined
+        except KeyboardInterrupt:
+            self.stop()
+            raise
+        return self.outcomes
+
+    def submit_to_free_workers(self) -> None:
+        workers = self.client.scheduler_info()["workers"]
+        busy = {w for _, w, _ in self.running.values()}
+        for w in [w for w in workers if w not in busy][: len(self.todo)]:
+            n = self.todo.pop(0)
+            threads = str(workers[w].get("nthreads", 1))
+            env = {**self.base_env, "OMP_NUM_THREADS": threads, CPUS_ENV: threads}
+            # run in this directory, so relative paths of the config resolve as here (shared filesystem)
+            fut = self.client.submit(dask_task(), student_argv(self.args, n, self.force[n]), env, os.getcwd(),
+                                     self.stop_event, DASK_POLL_S, STOP_KILL_AFTER_S, key=f"student-{n}",
+                                     pure=False, workers=[w], allow_other_workers=True)
+            self.running[fut] = (n, w, time.time())
+
+    def wait_some(self, timeout: float) -> set:
+        from distributed import wait
+
+        try:
+            return wait(list(self.running), return_when="FIRST_COMPLETED", timeout=timeout).done
+        except TimeoutError:
+            return set()
+
+    def collect(self, done) -> None:
+        for fut in done:
+            n, w, t0 = self.running.pop(fut)
+            try:
+                returncode, tail, _ = fut.result()
+                out = Outcome(n, returncode, tail, time.time() - t0, w)
+            except Exception as e:  # noqa: BLE001 - the task itself failed on the worker (no such directory...)
+                out = Outcome(n, -1, f"the task failed on {w}: {type(e).__name__}: {e}", time.time() - t0, w)
+            log.info(f"distill: {n} finished on {w} (exit {out.returncode}, {out.seconds:.1f}s)")
+            self.outcomes.append(out)
+
+    def stop(self) -> None:
+        """Submit nothing more and end the running tasks' processes (waiting for them to end)."""
+        from distributed import Event
+
+        self.todo.clear()
+        if not self.running:
+            return
+        log.info(f"distill: stopping {len(self.running)} student task(s)")
+        Event(self.stop_event, client=self.client).set()
+        deadline = time.time() + DASK_POLL_S + 2 * STOP_KILL_AFTER_S
+        while self.running and time.time() < deadline:
+            self.collect(self.wait_some(max(0.1, deadline - time.time())))
+        if self.running:
+            self.client.cancel(list(self.running))
 
 
 def check_outcomes(outcomes: list[Outcome]) -> None:

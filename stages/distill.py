@@ -32,14 +32,17 @@ import torch
 from tqdm.auto import tqdm
 
 from cache.reader import Cache, open_cache
+from cache.verify import DIGESTS, digest_problems, file_digests
 from pipeline import dist
-from pipeline.config import PipelineConfig, ResolvedStudent, has_spectral_term, needs_teacher_logits
+from pipeline.config import PipelineConfig, ResolvedStudent, decisive, has_spectral_term, needs_teacher_logits
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
 from pipeline.graph import FAILED, student_name, student_node
 
 from . import models
 from .data import FRESH_STREAM, ViewDataset, per_class_subset, view_loader
+from .repeated import RepeatedBatches, image_rows_of, repeated_batches
+from .tracking import Trackers
 from .views import place_block, sample_views
 from .dynamics import SNAPSHOTS
 from .spectral import check_pair, layer_sums, pool_channels, spectralkd_loss, spectrum
@@ -395,6 +398,8 @@ class Trainer:
         self.views = self.view_count()
         self.rows_used = self.train_rows()
         self._fresh_keys: np.ndarray | None = None  # key hashes of the rows fresh views are drawn for
+        self._image_rows: tuple[np.ndarray, np.ndarray] | None = None  # repeated augmentation's rows per image
+        self.tracking = Trackers([], out, out, st.name, {}, {})  # opened by fit
         self.net: torch.nn.Module = _WithFeatures(self.model, self.s_layers)
         self.s_shapes = feature_shapes(self.model, self.s_layers, cfg.data.image_size)  # one probe, shared
         # on CPU the cached spectra are pooled to the student's width once per read unit; on a GPU
@@ -451,10 +456,16 @@ class Trainer:
                             b.start)
         return self.dataset.with_rows(rows.with_views(b.start, fresh))
 
-    def train_batches(self, epoch: int) -> CachedBatches:
+    def train_batches(self, epoch: int) -> CachedBatches | RepeatedBatches:
         b = self.train_block(epoch)
         cached = self.st.mode == "cached"
         views = self.train_dataset(epoch)
+        if self.st.repeated_aug > 1:
+            return RepeatedBatches(self.cache, views, self.repeated_rows(epoch),
+                                   layers=sorted(set(self.t_layers)) if cached else [],
+                                   want_logits=cached and needs_teacher_logits(self.st.loss.kind),
+                                   num_workers=models.resolve_workers(self.st.num_workers, self.device),
+                                   memory=self.memory, widths=self.widths)
         return CachedBatches(
             self.cache, views, (b.start, b.stop), self.st.batch_size,
             layers=sorted(set(self.t_layers)) if cached else [], widths=self.widths,
@@ -465,8 +476,20 @@ class Trainer:
             teacher_input=views.normalized_as(self._teacher_norm) if self._teacher_norm is not None else None,
         )
 
+    def repeated_rows(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of epoch ``epoch`` under repeated augmentation (:mod:`stages.repeated`)."""
+        if self._image_rows is None:
+            self._image_rows = image_rows_of(self.cache, self.dataset.rows, self.views, self.rows_used)
+        image_rows, keys = self._image_rows
+        return repeated_batches(image_rows, keys, self.st.repeated_aug, self.st.batch_size, epoch, self.st.seed,
+                                dist.rank(), dist.world_size())
+
     def train_labels(self, epoch: int) -> np.ndarray:
-        """Labels of the rows epoch ``epoch`` trains on (its view's block, :meth:`train_rows`)."""
+        """Labels of the rows epoch ``epoch`` trains on (its view's block, :meth:`train_rows`; with
+        repeated augmentation, this rank's rows of the epoch)."""
+        if self.st.repeated_aug > 1:
+            return self.dataset.rows.labels(np.concatenate([np.asarray(b, dtype=np.int64)
+                                                            for b in self.repeated_rows(epoch)] or [[]]))
         b = self.train_block(epoch)
         return self.dataset.rows.labels(np.arange(b.start, b.stop))[self.rows_used[b.start : b.stop]]
 
@@ -563,6 +586,36 @@ class Trainer:
         sched = schedule(opt, st.epochs * steps_per_epoch, int(st.warmup_epochs * steps_per_epoch), st.lr,
                          st.warmup_lr, st.min_lr)
         start, metrics, snapshots = self._resume(out / "ckpt.pt", opt, sched)
+        self.tracking = self.open_trackers()
+        try:
+            self._fit_epochs(start, metrics, snapshots, opt, sched, max_steps)
+        finally:
+            self.tracking.close()
+        if start >= st.epochs and dist.is_main():  # resumed after the last epoch: the records come back whole
+            write_metrics(out / "metrics.parquet", metrics)
+            if snapshots:
+                write_metrics(out / SNAPSHOTS, snapshots)
+        return metrics
+
+    def open_trackers(self) -> Trackers:
+        """The student's experiment trackers (``track``; on the main rank only), with its resolved
+        config and the cache's fingerprint as parameters and its seed group and sweep as tags."""
+        from .groups import student_groups
+
+        st = self.st
+        if not dist.is_main() or not st.track:
+            return Trackers([], self.out, self.out, st.name, {}, {})
+        group = next((g for g in student_groups(self.cfg) if st.name in g.members.values()), None)
+        sweep = self.cfg.distill.sweep_runs().get(st.name)
+        tags = {"group": group.label if group else st.name, "seed": st.seed, "kind": st.loss.kind, "mode": st.mode}
+        if sweep is not None:
+            tags["sweep"] = self.cfg.distill.sweep[sweep[0]].base["name"]
+        params = {"student": decisive(st), "cache_fingerprint": self.cache.attrs.get("fingerprint")}
+        return Trackers(st.track, self.out, Path(self.cfg.workdir), st.name, params, tags)
+
+    def _fit_epochs(self, start: int, metrics: list[dict], snapshots: list[dict], opt, sched,
+                    max_steps: int | None) -> None:
+        st, out = self.st, self.out
         for epoch in range(start, st.epochs):
             t0 = time.time()
             terms, step_s, mix = self._train_epoch(epoch, opt, sched, max_steps)
@@ -589,21 +642,18 @@ class Trainer:
                 write_metrics(out / "metrics.parquet", metrics)
                 if snapshots:
                     write_metrics(out / SNAPSHOTS, snapshots)
+            self.tracking.epoch(epoch, row)
             dist.barrier()
-        if start >= st.epochs and dist.is_main():  # resumed after the last epoch: the records come back whole
-            write_metrics(out / "metrics.parquet", metrics)
-            if snapshots:
-                write_metrics(out / SNAPSHOTS, snapshots)
-        return metrics
 
     def _resume(self, ck: Path, opt, sched) -> tuple[int, list[dict], list[dict]]:
-        """(first epoch to train, metrics so far, snapshots so far), from ``ck`` when it exists."""
-        if not ck.exists():
+        """(first epoch to train, metrics so far, snapshots so far), from ``ck`` when it exists; an
+        unreadable ``ck`` is set aside and the student trains from scratch (:func:`train.load_checkpoint`)."""
+        from .train import load_checkpoint
+
+        state = load_checkpoint(ck, f"student {self.st.name}", {"model": self.model, "opt": opt, "sched": sched},
+                                needs=("epoch", "metrics"))
+        if state is None:
             return 0, [], []
-        state = torch.load(ck, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
         if dist.is_main():
             log.info(f"{self.st.name}: resuming after epoch {state['epoch'] + 1} from {ck}")
         return state["epoch"] + 1, state["metrics"], state.get("snapshots", [])
@@ -630,6 +680,9 @@ class Trainer:
                                         f"loss weights") from None
             sched.step()
             it = terms.items()
+            if self.st.track_steps:
+                self.tracking.step(epoch * len(batches) + i, {**{f"loss_{k}": v for k, v in it.items()},
+                                                              "lr": sched.get_last_lr()[0]})
             sums += np.array([it["total"], it["ce"], it["kd"], it["spec"], 1.0]) * len(y)
             step_times.append(time.perf_counter() - ts)
             if max_steps is not None and i + 1 >= max_steps:
@@ -705,8 +758,23 @@ def _train_into(runner, cfg: PipelineConfig, name: str, cache: Cache, teacher,
     if dist.is_main():
         atomic_torch_save(out / "final.pt", {"state_dict": tr.model.state_dict(), "model": st.model,
                                              "kwargs": st.kwargs})
+        summary[DIGESTS] = file_digests(out, student_files(st))
     dist.barrier()
     return summary
+
+
+def student_files(st: ResolvedStudent) -> list[str]:
+    """The files a finished student's folder holds and its record keeps the sha256 of: the weights,
+    the metrics and, when it keeps snapshots (``snapshot_every`` > 0: the last epoch always is one),
+    ``snapshots.parquet``."""
+    return ["final.pt", "metrics.parquet", *([SNAPSHOTS] if st.snapshot_every > 0 else [])]
+
+
+def output_problems(runner, out: Path, lock: dict) -> list[str]:
+    """What is wrong with student output ``out`` now: each of its files (:func:`student_files`)
+    missing or not the bytes its record's sha256 says (a swapped, edited or truncated ``final.pt``)."""
+    st = runner.cfg.student(student_name(lock.get("stage", "")) or "")
+    return digest_problems(out, lock.get("summary", {}), student_files(st))
 
 
 def summary_table(teacher_summary: dict, cfg: PipelineConfig, rows: list[dict]) -> tuple[pa.Table, str]:

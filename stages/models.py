@@ -20,6 +20,8 @@ from pipeline.config import ConfigError, PipelineConfig, has_spectral_term
 from pipeline.errors import PipelineError
 from pipeline.fanout import CPUS_ENV
 
+from .tracking import check_installed
+
 log = logging.getLogger("pipeline")
 
 
@@ -113,10 +115,15 @@ def load_teacher(record, cfg: PipelineConfig) -> torch.nn.Module:
 
 
 def load_student(runner, cfg: PipelineConfig, name: str) -> torch.nn.Module:
-    """Student ``name``'s final weights (``final.pt`` in its folder), in eval mode."""
+    """Student ``name``'s final weights, in eval mode: ``final.pt`` of its complete record, its bytes
+    checked against the sha256 the record holds (a damaged or swapped file is named)."""
+    from cache.verify import recorded_file, required_record
+    from pipeline.graph import student_node
+
     st = cfg.student(name)
+    path = recorded_file(required_record(runner, student_node(name)), "final.pt")
     m = create(st.model, st.kwargs, cfg.data.num_classes)
-    load_checkpoint(m, str(runner.student_dir(name) / "final.pt"))
+    load_checkpoint(m, str(path))
     return m.eval()
 
 
@@ -261,6 +268,7 @@ def plan_models(cfg: PipelineConfig) -> ModelPlan:
     if t.fit is not None:
         check_optimizer(t.fit.optimizer, "teacher.fit.optimizer")
     check_optimizer(cfg.distill.defaults.optimizer, "distill.defaults.optimizer")
+    check_installed(cfg.distill.defaults.track, "distill.defaults.track")
     tdepth = meta_depth(t.model, t.kwargs, cfg.data.num_classes, "teacher", cfg.data.image_size)
     cached: list[int] = []
     for i, layer in enumerate(cfg.extract.layers):

@@ -1,10 +1,21 @@
-"""Training pieces shared by the teacher fit and the students: optimizer, schedule, evaluation."""
+"""Training pieces shared by the teacher fit and the students: optimizer, schedule, evaluation,
+checkpoints that resume or are set aside."""
 
 from __future__ import annotations
 
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
 import torch
 
+from pipeline.errors import PipelineError
+
 from .models import intermediates, topk_correct
+
+log = logging.getLogger("pipeline")
 
 
 def optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -77,3 +88,62 @@ def evaluate(model: torch.nn.Module, batches, device: torch.device, autocast_ctx
         c5 += b
         n += len(y)
     return {"top1": 100.0 * c1 / max(1, n), "top5": 100.0 * c5 / max(1, n), "loss": loss / max(1, n), "n": n}
+
+
+def non_finite_parameter(model: torch.nn.Module) -> tuple[str | None, int]:
+    """(the first parameter holding an inf or nan, how many do), or (None, 0) when all are finite."""
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    return (bad[0] if bad else None), len(bad)
+
+
+def load_checkpoint(path: Path, what: str, parts: dict, needs: tuple[str, ...] = (),
+                    restore: Callable[[dict], None] | None = None) -> dict | None:
+    """The checkpoint at ``path`` loaded into ``parts`` (entry name -> an object with ``state_dict`` and
+    ``load_state_dict``: model, optimizer, schedule), then ``restore(state)`` for its other entries
+    (it raises on one that does not fit); returns the checkpoint's dict, or None without one.  The
+    checkpoint must hold every entry of ``parts`` and ``needs``.  One that cannot be read or does
+    not fit (truncated, emptied, garbage, another model's) is set aside beside it with a warning
+    naming it, ``parts`` are left as they were, and None is returned: ``what`` trains from scratch."""
+    if not path.exists():
+        return None
+    before = {k: copy.deepcopy(p.state_dict()) for k, p in parts.items()}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in (*parts, *needs) if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise KeyError(f"no entry {missing[0]!r}")
+        for k, p in parts.items():
+            p.load_state_dict(state[k])
+        if restore is not None:
+            restore(state)
+        return state
+    except PermissionError as e:
+        raise PipelineError(f"{path}: cannot read the checkpoint ({e.strerror}); make it readable or remove it") \
+            from None
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file makes torch.load or load_state_dict raise
+        for k, p in parts.items():
+            p.load_state_dict(before[k])
+        aside = set_aside(path)
+        log.warning(f"{path}: unreadable checkpoint ({type(e).__name__}: {_first_line(e)}); set aside as "
+                    f"{aside.name}, {what} trains from scratch")
+        return None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename ``path`` to the first free ``<name>.unreadable-<n>`` beside it (kept for inspection)."""
+    n = 1
+    while (aside := path.with_name(f"{path.name}.unreadable-{n}")).exists():
+        n += 1
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:  # another rank of the same run set it aside first
+        pass
+    except OSError as e:
+        raise PipelineError(f"{path}: unreadable checkpoint, and it cannot be renamed to {aside.name} "
+                            f"({e.strerror}); move it away") from None
+    return aside
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else "no message"
