@@ -20,5 +20,5 @@ from .api import layer_pairs, load, open_cache, run, status
 from .data import CacheDataset
 from .losses import SpectralKDLoss
 
-__all__ = ["CacheDataset", "ConfigError", "PipelineConfig", "PipelineError", "SpectralKDLoss", "__version__", "layer_pairs",
-           "load", "open_cache", "run", "status"]
+__all__ = ["CacheDataset", "ConfigError", "PipelineConfig", "PipelineError", "SpectralKDLoss", "__version__",
+           "layer_pairs", "load", "open_cache", "run", "status"]

@@ -51,7 +51,8 @@ def open_cache(source: str | Path | dict | PipelineConfig | None = None, workdir
 
 
 def run(config: str | Path | dict | PipelineConfig | None = None, stage: str = "all", workdir: str | None = None,
-        overrides: list[str] | None = None, force: bool = False, students: list[str] | None = None) -> dict[str, Record]:
+        overrides: list[str] | None = None, force: bool = False,
+        students: list[str] | None = None) -> dict[str, Record]:
     """``spectralkd run STAGE`` in this process: builds ``stage`` ('all', a stage or 'distill/<name>')
     after whatever it needs; returns the records of every node it visited (``Record.summary`` is
     what the CLI logs)."""
