@@ -74,7 +74,7 @@ def main(argv=None) -> None:
             terms.total.backward()
             opt.step()
             if args.log_steps:
-                line = json.dumps({"rank": rank, "step": step, "loss": float(terms.total),
+                line = json.dumps({"rank": rank, "step": step, "loss": terms.total.item(),
                                    "rows": batch["row"].tolist()})
                 sys.stdout.write(line + "\n")  # one write per line: the ranks share the terminal
                 sys.stdout.flush()
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
         if args.steps is not None and step >= args.steps:
             break
         if rank == 0:
-            print(f"epoch {epoch + 1}: loss {float(terms.total):.4f} on rank 0", flush=True)
+            print(f"epoch {epoch + 1}: loss {terms.total.item():.4f} on rank 0", flush=True)
     dist.destroy_process_group()
 
 

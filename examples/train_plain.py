@@ -62,12 +62,12 @@ def main(argv=None) -> None:
             terms.total.backward()
             opt.step()
             if args.log_steps:
-                print(json.dumps({"step": step, "loss": float(terms.total), "rows": batch["row"].tolist()}))
+                print(json.dumps({"step": step, "loss": terms.total.item(), "rows": batch["row"].tolist()}))
             step += 1
             if args.steps is not None and step >= args.steps:
                 return
-        print(f"epoch {epoch + 1}: loss {float(terms.total):.4f} (ce {float(terms.ce):.3f} kd {float(terms.kd):.3f} "
-              f"spec {float(terms.spec):.4f})")
+        print(f"epoch {epoch + 1}: loss {terms.total.item():.4f} (ce {terms.ce.item():.3f} kd {terms.kd.item():.3f} "
+              f"spec {terms.spec.item():.4f})")
 
 
 def features(model, x, layers):

@@ -373,8 +373,9 @@ class TrainDefaults(_Model):
         return list(dict.fromkeys(v))
 
 
-# names a student cannot take: analyze keys the teacher's features, tables and plots by it
-RESERVED_NAMES = ("teacher",)
+# what analyze calls the teacher in its features, tables and plots: no student may take the name
+TEACHER_NAME = "teacher"
+RESERVED_NAMES = (TEACHER_NAME,)
 
 
 class StudentConfig(_Model):

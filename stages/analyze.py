@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from cache.features import FeatureStore, store_digests, store_problems
 from cache.reader import open_cache
 from cache.verify import DIGESTS, digest_problems, file_digests, recorded_bytes, required_record
-from pipeline.config import PipelineConfig
+from pipeline.config import TEACHER_NAME, PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write, atomic_write_text
 from pipeline.graph import student_node
@@ -39,7 +39,7 @@ from .spectral import (channel_entropy_sum, channel_spectrum_sum, inverse_spectr
 
 log = logging.getLogger("pipeline")
 
-TEACHER = "teacher"
+TEACHER = TEACHER_NAME
 FEATURES = "features.zarr"
 FEATURE_DIGESTS = "features_sha256"  # the record's summary key: features.zarr's node -> sha256 (store_digests)
 TABLES = ("intensity", "channel_spectra", "radial_energy", "profile_distance", "layer_pairs", "dynamics")
