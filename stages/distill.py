@@ -465,7 +465,9 @@ class Trainer:
                                    layers=sorted(set(self.t_layers)) if cached else [],
                                    want_logits=cached and needs_teacher_logits(self.st.loss.kind),
                                    num_workers=models.resolve_workers(self.st.num_workers, self.device),
-                                   memory=self.memory, widths=self.widths)
+                                   memory=self.memory, widths=self.widths,
+                                   teacher_input=views.normalized_as(self._teacher_norm)
+                                   if self._teacher_norm is not None else None)
         return CachedBatches(
             self.cache, views, (b.start, b.stop), self.st.batch_size,
             layers=sorted(set(self.t_layers)) if cached else [], widths=self.widths,

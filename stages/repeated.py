@@ -82,8 +82,10 @@ class RepeatedBatches:
     LRU_UNITS = 64  # units kept while an epoch reads without a memory budget
 
     def __init__(self, cache, dataset, batches: list[list[int]], layers: list[int], want_logits: bool,
-                 num_workers: int = 0, memory: dict | None = None, widths: dict[int, int] | None = None):
+                 num_workers: int = 0, memory: dict | None = None, widths: dict[int, int] | None = None,
+                 teacher_input=None):
         self.cache, self.dataset, self.batches = cache, dataset, batches
+        self.teacher_input = teacher_input  # an online teacher normalized otherwise gets its own "teacher_x"
         self.layers, self.want_logits, self.num_workers = layers, want_logits, num_workers
         # unit -> decoded targets: every unit, kept across epochs (a budget holds them all), or the
         # last LRU_UNITS read
@@ -126,5 +128,8 @@ class RepeatedBatches:
         for x, y, ok, idx in view_loader(self.dataset, self.batches, self.num_workers):
             rows = idx.numpy()
             self.dataset.require_readable(rows, ok.numpy(), np.ones(len(rows), dtype=bool))
-            yield self.dataset.normalize(x, rows), y, idx, self._targets(rows)
+            targets = self._targets(rows)
+            if self.teacher_input is not None:
+                targets["teacher_x"] = self.teacher_input.normalize(x, rows)
+            yield self.dataset.normalize(x, rows), y, idx, targets
 

@@ -125,3 +125,23 @@ def test_the_deit_recipe_replays_repeated_augmentation_and_every_recipe_loads():
     deit = load_config(ROOT / "configs" / "cait_s24_to_deit_tiny_imagenet.yaml")
     assert {deit.student(s.name).repeated_aug for s in deit.distill.students} == {3}
     assert "Not replayed" not in (ROOT / "configs" / "cait_s24_to_deit_tiny_imagenet.yaml").read_text()
+
+
+def test_an_online_teacher_normalized_otherwise_gets_its_own_input_under_repeats(built, tmp_path):
+    """Repeated batches carry the teacher's own input ("teacher_x"), as the plain ones do."""
+    import torch
+
+    import spectralkd
+    from pipeline.graph import Runner
+    from stages.distill import Trainer
+
+    cfg, runner, recs = built
+    wd = copy_upstream(recs, tmp_path / "w")
+    cfg2 = config_from_dict(tiny_tree(**{"distill.defaults.repeated_aug": 2, "distill.defaults.mode": "online",
+                                         "teacher.mean": [0.4, 0.4, 0.4], "teacher.std": [0.2, 0.2, 0.2]}),
+                            workdir=str(wd))
+    cache = spectralkd.open_cache(recs["extract"].path)
+    tr = Trainer(cfg2, cfg2.student("spectral"), cache, tmp_path / "s", Runner(cfg2).model_plan, teacher=object())
+    x, y, rows, targets = next(iter(tr.train_batches(0)))
+    assert set(targets) == {"teacher_x"} and targets["teacher_x"].shape == x.shape
+    assert not torch.allclose(targets["teacher_x"], x)
