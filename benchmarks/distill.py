@@ -47,7 +47,7 @@ def main() -> None:
     import torch
 
     from stages import models
-    from stages.distill import Trainer
+    from stages.trainer import Trainer
     from cache.reader import open_cache
 
     cfg, runner = default_runner(wd, ["teacher.fit=null", *args.overrides])

@@ -29,12 +29,12 @@ from cache.verify import DIGESTS, digest_problems, file_digests, recorded_bytes,
 from pipeline.config import TEACHER_NAME, PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write, atomic_write_text
-from pipeline.graph import student_node
+from pipeline.nodes import student_node
 
 from . import models
 from .data import ViewDataset, sequential_batches, view_loader
 from .dynamics import plot_dynamics, read_snapshots, report_section, save_figure, student_dynamics
-from .spectral import (channel_entropy_sum, channel_spectrum_sum, inverse_spectrum, profile_distance,  # noqa: F401
+from .spectral import (channel_entropy_sum, channel_spectrum_sum, profile_distance,  # noqa: F401
                        radial_energy_sum)
 
 log = logging.getLogger("pipeline")
@@ -133,12 +133,8 @@ def write_cached_teacher_layers(store: FeatureStore, cache, rows: tuple[int, int
         arr = store.new_array(TEACHER, layer.name, n, layer.feature_shape(), rows_per_shard)
         for s in range(0, n, rows_per_shard):
             e = min(n, s + rows_per_shard)
-            if "features" in cache.spec.store:
-                block = cache.read_layer("features", layer.index, a0 + s, a0 + e)
-            else:
-                spectra = torch.from_numpy(cache.read_layer("spectra", layer.index, a0 + s, a0 + e))
-                block = inverse_spectrum(spectra, layer.width).numpy().astype(np.float16)
-            store.write_shard(arr, s // rows_per_shard, block)
+            block = cache.read_layer("features", layer.index, a0 + s, a0 + e)  # stored, or irfft2 of the spectra
+            store.write_shard(arr, s // rows_per_shard, block.astype(np.float16, copy=False))
         done.append(layer.index)
     return done
 

@@ -25,12 +25,13 @@ are stored as fixed-size lists in the manifest.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
+
+from pipeline.config import RAND_AUGMENT_LEVELS, rand_augment_options
 
 # ----------------------------------------------------------------------------- random numbers
 
@@ -88,7 +89,6 @@ RA_OPS = tuple(dict.fromkeys(_RAND_OPS + _RAND_INCREASING_OPS))
 # ops whose magnitude gets a random sign (timm's _randomly_negate)
 _SIGNED_OPS = frozenset({"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "ColorIncreasing",
                          "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"})
-_LEVEL_DENOM = 10.0
 _TRANSLATE_PCT = 0.45
 
 
@@ -102,43 +102,15 @@ class RandAugment:
     layers: int = 2
     prob: float = 0.5
     magnitude_std: float = 0.0
-    magnitude_max: float = _LEVEL_DENOM
+    magnitude_max: float = RAND_AUGMENT_LEVELS
 
     @classmethod
     def parse(cls, text: str) -> RandAugment:
-        """timm's grammar: sections ``m`` (magnitude), ``n`` (layers), ``p`` (probability), ``mstd``
-        (magnitude sd; over 100 means uniform in [0, m]), ``mmax`` (magnitude clip), ``inc`` (the
-        increasing op set).  Other policies (AutoAugment, AugMix, TrivialAugment, weighted op sets)
-        are refused by name."""
-        parts = text.split("-")
-        if parts[0] != "rand":
-            raise ValueError(f"{text!r}: only timm's RandAugment strings ('rand-m9-mstd0.5-inc1') are replayed; "
-                             f"AutoAugment, AugMix and TrivialAugment policies are not")
-        out = {"magnitude": 10.0, "layers": 2, "prob": 0.5, "magnitude_std": 0.0, "magnitude_max": _LEVEL_DENOM}
-        increasing = False
-        for section in parts[1:]:
-            key, value = re.match(r"([a-z]*)(.*)", section).groups()
-            try:
-                number = float(value)
-            except ValueError:
-                raise ValueError(f"{text!r}: section {section!r} is not a RandAugment option (m, n, p, mstd, mmax, "
-                                 f"inc with a number; op sets 't...' are not replayed)") from None
-            if key == "m":
-                out["magnitude"] = number
-            elif key == "n" and number == int(number) and 1 <= number <= 16:
-                out["layers"] = int(number)
-            elif key == "p" and 0 <= number <= 1:
-                out["prob"] = number
-            elif key == "mstd" and number >= 0:
-                out["magnitude_std"] = math.inf if number > 100 else number
-            elif key == "mmax" and number > 0:
-                out["magnitude_max"] = number
-            elif key == "inc":
-                increasing = bool(int(number))
-            else:
-                raise ValueError(f"{text!r}: section {section!r} is not a valid RandAugment option "
-                                 f"(m, n in 1..16, p in [0, 1], mstd >= 0, mmax > 0, inc)")
-        return cls(ops=_RAND_INCREASING_OPS if increasing else _RAND_OPS, **out)
+        """timm's ``rand-`` string (grammar: :func:`pipeline.config.rand_augment_options`) with its op
+        set: the increasing one with ``inc1``."""
+        options = rand_augment_options(text)
+        increasing = options.pop("increasing")
+        return cls(ops=_RAND_INCREASING_OPS if increasing else _RAND_OPS, **options)
 
 
 @dataclass(frozen=True)
@@ -460,7 +432,7 @@ def resize_center_crop(img: Image.Image, size: int, crop_pct: float, resample) -
 def rand_augment_op(img: Image.Image, name: str, level: float, fill, resample) -> Image.Image:
     """One RandAugment op at a signed magnitude level (0..10, timm's scale), as timm's op table maps
     levels to arguments (timm.data.auto_augment: LEVEL_TO_ARG, NAME_TO_OP)."""
-    m = abs(level) / _LEVEL_DENOM
+    m = abs(level) / RAND_AUGMENT_LEVELS
     sign = -1.0 if level < 0 else 1.0
     affine = {"resample": resample, "fillcolor": fill}
     if name == "AutoContrast":

@@ -7,7 +7,8 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import ConfigError, check_models, config_from_dict, load_config
+from pipeline.config import ConfigError, config_from_dict, load_config
+from pipeline.graph import Runner
 from tests.conftest import ROOT, TINY, cli, tiny_tree, write_config
 
 
@@ -15,7 +16,7 @@ def err(tree, overrides=None, models=False) -> str:
     with pytest.raises(ConfigError) as e:
         cfg = config_from_dict(tree, overrides)
         if models:
-            check_models(cfg)
+            Runner(cfg).check_models()
     msg = str(e.value)
     assert "\n" not in msg
     return msg
@@ -23,7 +24,7 @@ def err(tree, overrides=None, models=False) -> str:
 
 def test_default_pipeline_yaml_is_valid():
     cfg = load_config(ROOT / "pipeline.yaml")
-    check_models(cfg)
+    Runner(cfg).check_models()
     assert cfg.data.source == "digits"
     assert {s.loss.kind for s in cfg.distill.students} == {"none", "logits", "spectral"}
 
@@ -108,7 +109,7 @@ def test_random_configs_never_traceback(path, value):
         return
     try:
         cfg = config_from_dict(tree)
-        check_models(cfg)
+        Runner(cfg).check_models()
     except ConfigError as e:
         msg = str(e)
         assert msg and "\n" not in msg and ":" in msg
@@ -135,7 +136,7 @@ def test_loss_kinds_that_need_layers_or_cached_spectra():
         config_from_dict(tiny_tree(**{"distill.students[0].loss.kind": "spectral_only"}))
     cfg = config_from_dict(tiny_tree(**{"distill.students[0].loss.kind": "hard"}))  # hard: layers optional
     assert cfg.student("none").loss.kind == "hard"
-    with pytest.raises(ConfigError, match=r"students\[1\] \(spectral\) is a cached spectral student"):
+    with pytest.raises(ConfigError, match=r"students\[1\] \(spectral\) reads teacher layers \(hard\) but extract"):
         config_from_dict(tiny_tree(**{"distill.students[1].loss.kind": "hard", "extract.store": ["logits"]}))
     with pytest.raises(ConfigError, match="loss.kind"):
         config_from_dict(tiny_tree(**{"distill.students[0].loss.kind": "soft"}))

@@ -263,7 +263,8 @@ def node_fingerprints(tree: dict) -> dict[str, str]:
 def test_every_schema_leaf_changes_a_fingerprint_unless_operational(tmp_path):
     """Each leaf of the config schema, set to another valid value, changes at least one node's
     fingerprint, and an operational one changes none: no field drops out of the fingerprints."""
-    from pipeline.config import PipelineConfig, is_operational
+    from pipeline.config import PipelineConfig
+    from pipeline.schema import is_operational
 
     import copy
 

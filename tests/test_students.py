@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import config_from_dict
-from pipeline.graph import Runner, student_node
+from pipeline.graph import Runner
+from pipeline.nodes import student_node
 from pipeline.locking import held_by
 from stages.groups import paired_difference, t975
 from tests.conftest import ROOT, TINY, cli, copy_upstream, tiny_tree, write_config
