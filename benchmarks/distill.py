@@ -90,7 +90,7 @@ def main() -> None:
     teacher = teacher.cpu()
     f_t, f_s = flops(teacher, cfg.data.image_size), flops(st_model, cfg.data.image_size)
     print(f"machine: {machine()}")
-    print(f"student {base.model} {base.kwargs}, batch {base.batch_size}, pairs {base.layers}; "
+    print(f"student {base.model} {base.kwargs}, batch {base.batch_size}, pairs {base.pairs}; "
           f"teacher {cfg.teacher.model}; {n} steps per epoch, median of {args.repeat} rounds of {per} epochs")
     k_views = cache.view_count("train")
     for k, v in med.items():

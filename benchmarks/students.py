@@ -90,7 +90,7 @@ def main() -> None:
     m = {k: metrics(root / d) for k, d in [("serial", "serial"), ("jobs", "jobs"), ("dask", "dask")]}
     assert set(m["jobs"]) == set(m["dask"]) == set(m["serial"]) and len(m["jobs"]) == 4, {k: list(v)
                                                                                           for k, v in m.items()}
-    keys = ("loss_total", "loss_spec", "val_top1", "val_loss")
+    keys = ("loss_total", "loss_spectral", "val_top1", "val_loss")
     same = all(a[k] == b[k] for n in m["jobs"] for a, b in zip(m["jobs"][n], m["dask"][n], strict=True) for k in keys)
     print(f"--jobs 2 and dask (1 thread each): metrics bit-identical for every student and epoch: {same}")
     for n in sorted(m["jobs"]):

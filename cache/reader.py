@@ -180,7 +180,7 @@ class Cache:
 
     def require_width(self, index: int, channels: int, who: str) -> None:
         """Refuse a student layer of another width than a pooled layer's (a wider student than the
-        stored spectra is refused by :func:`stages.spectral.check_pair`)."""
+        stored width is refused before training by the trainer's pair checks)."""
         layer = self.layer(index)
         if layer.pooled is not None and channels != layer.pooled:
             raise PipelineError(

@@ -13,7 +13,7 @@ over layer pairs of MSE(rfft2(X_s), pool(S_t)) (:func:`stages.spectral.spectral_
   beta w_fft L_spec when the student has layer pairs.
 
 Paper defaults (DeiT students): alpha 0.9, T 1, beta 1, w_fft 0.2 (0.05 for Swin), label smoothing 0.1.
-Terms: ``ce``, ``kd`` (the KL, or the hard CE), ``spec``, each weighted as above.
+Terms: ``ce``, ``kd`` (the KL, or the hard CE), ``spectral``, each weighted as above.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class SpectralKD(DistillLoss):
     @classmethod
     def check(cls, config: SpectralKDConfig, pairs: list) -> str | None:
         if config.kind in SPECTRAL_KINDS and not pairs:
-            return f"loss.kind {config.kind!r} needs layers: [[student_layer, teacher_layer], ...]"
+            return f"loss.kind {config.kind!r} needs pairs: [[student_layer, teacher_layer], ...]"
         return None
 
     def terms(self, student, teacher, labels, epoch):
@@ -67,6 +67,6 @@ class SpectralKD(DistillLoss):
         elif c.kind != "spectral_only":
             out["kd"] = c.alpha * kd_kl(student.logits, teacher_logits(teacher, c.kind), c.tau)
         if self.needs(c, bool(student.features)).reads_layers:
-            out["spec"] = c.beta * c.w_fft * spectral_term(student.features, teacher.layers, c.kind)
+            out["spectral"] = c.beta * c.w_fft * spectral_term(student.features, teacher.layers, c.kind)
         return out
 

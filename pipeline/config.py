@@ -348,7 +348,7 @@ class StudentConfig(Section):
     name: str
     model: str
     kwargs: dict[str, Any] = {}
-    layers: list[tuple[int, int]] = []
+    pairs: list[tuple[int, int]] = []  # [student layer, teacher layer] for the losses that compare layers
     loss: losses.LossConfig = losses.DEFAULT
     epochs: int | None = Field(None, ge=1)
     batch_size: int | None = Field(None, ge=1)
@@ -379,8 +379,8 @@ class StudentConfig(Section):
         return v
 
     @model_validator(mode="after")
-    def _layers(self) -> "StudentConfig":
-        why = losses.check(self.loss, self.layers)
+    def _pairs(self) -> "StudentConfig":
+        why = losses.check(self.loss, self.pairs)
         if why:
             raise ValueError(why)
         return self
@@ -575,7 +575,7 @@ class PipelineConfig(Section):
         for i, s in enumerate(self.distill.students):
             st = resolve_student(s, self.distill.defaults)
             where = f"distill.students[{i}] ({s.name})"
-            needs = losses.needs(st.loss, st.layers)
+            needs = losses.needs(st.loss, st.pairs)
             if st.mode == "cached" and needs.reads_layers and not {"spectra", "features"} & set(self.extract.store):
                 raise ValueError(f"{where} reads teacher layers ({st.loss.kind}) but extract.store holds neither "
                                  f"'spectra' nor 'features'")
@@ -609,7 +609,7 @@ class ResolvedStudent(Section):
     name: str
     model: str
     kwargs: dict[str, Any]
-    layers: list[tuple[int, int]]
+    pairs: list[tuple[int, int]]
     loss: losses.LossConfig
     epochs: int
     batch_size: int

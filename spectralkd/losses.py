@@ -28,12 +28,12 @@ def student_loss(config: PipelineConfig, name: str, model: torch.nn.Module, cach
     """Student ``name``'s loss for its timm ``model``: the config's loss section, its layer pairs with
     the student's and the cached teacher's shapes, ``model`` set up for it (a distillation token's
     second head).  The pipeline's trainer builds the same module."""
-    from stages.trainer import feature_shapes, shaped_pairs
+    from stages.pairs import feature_shapes, shaped_pairs
 
     from .api import layer_pairs
 
     st = config.student(name)
-    needs = losses.needs(st.loss, st.layers)
+    needs = losses.needs(st.loss, st.pairs)
     pairs = layer_pairs(config, name) if needs.reads_layers else ()
     shapes = feature_shapes(model, [s for s, _ in pairs], config.data.image_size)
     fn = losses.build(st.loss, shaped_pairs(pairs, shapes, cache, needs, name), config.data.num_classes)

@@ -98,7 +98,7 @@ def units_of(start: int, stop: int, unit: int) -> list[tuple[int, int]]:
 
 
 class CachedBatches:
-    """Batches of (x, y, row ids, teacher targets) over a block of cache rows.
+    """Batches of (x, y, row ids, teacher targets) over a ``block`` [start, stop) of cache rows.
 
     targets: what ``targets`` reads (:class:`StudentTargets`), {"logits": (B, K), <teacher layer
     index>: the layer in the student's form}; with ``teacher_input`` also "teacher_x", the batch
@@ -110,7 +110,7 @@ class CachedBatches:
         self,
         targets: StudentTargets,
         dataset: ViewDataset,
-        rows: tuple[int, int],
+        block: tuple[int, int],
         batch_size: int,
         seed: int,
         shuffle: bool,
@@ -118,7 +118,7 @@ class CachedBatches:
         pool_units: int = 2,
         split_ranks: bool = True,
         memory: dict | None = None,
-        rows_used: np.ndarray | None = None,
+        train_mask: np.ndarray | None = None,
         teacher_input: ViewDataset | None = None,
     ):
         self.targets, self.dataset = targets, dataset
@@ -126,12 +126,12 @@ class CachedBatches:
         self.teacher_input = teacher_input
         cache = targets.cache
         self.unit = cache.chunk_rows()
-        self.units = units_of(rows[0], rows[1], self.unit)
+        self.units = units_of(block[0], block[1], self.unit)
         self.batch_size = batch_size
         self.seed, self.shuffle, self.num_workers, self.pool_units = seed, shuffle, num_workers, pool_units
         self.split_ranks = split_ranks and dist.world_size() > 1
-        # the rows trained on: those extract could read (``rows_used``: a subset of them)
-        self.valid = cache.valid if rows_used is None else rows_used
+        # per cache row, whether it is trained on: extract could read it (``train_mask``: a subset of those)
+        self.valid = cache.valid if train_mask is None else train_mask
         self.memory = memory  # unit -> target tensors, kept across epochs when given
 
     def order(self) -> list[int]:

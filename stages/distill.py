@@ -51,7 +51,7 @@ def run_student(ctx) -> dict:
     cache = open_cache(ctx.upstream["extract"])
     check_cache_teacher(cache, ctx.upstream["teacher"])
     teacher = None
-    if st.mode == "online" and losses.needs(st.loss, st.layers).reads_teacher:
+    if st.mode == "online" and losses.needs(st.loss, st.pairs).reads_teacher:
         teacher = models.load_teacher(ctx.upstream["teacher"], cfg).to(models.resolve_device(st.device))
     return _train_into(ctx.runner, cfg, name, cache, teacher, ctx.options.get("max_steps"), ctx.out)
 

@@ -284,12 +284,12 @@ def plan_models(cfg: PipelineConfig) -> ModelPlan:
             check_optimizer(s.optimizer, f"{where}.optimizer")
         depths[s.name] = meta_depth(s.model, s.kwargs, cfg.data.num_classes, where, cfg.data.image_size)
         resolved = []
-        for j, (sl, tl) in enumerate(s.layers):
-            sn = layer_index(sl, depths[s.name], s.model, f"{where}.layers[{j}][0]")
-            tn = layer_index(tl, tdepth, t.model, f"{where}.layers[{j}][1]")
+        for j, (sl, tl) in enumerate(s.pairs):
+            sn = layer_index(sl, depths[s.name], s.model, f"{where}.pairs[{j}][0]")
+            tn = layer_index(tl, tdepth, t.model, f"{where}.pairs[{j}][1]")
             mode = s.mode or cfg.distill.defaults.mode
-            if losses.needs(s.loss, s.layers).reads_layers and mode == "cached" and tn not in cached:
-                raise ConfigError(f"{where}.layers[{j}][1]: teacher layer {tl} is not in the cache "
+            if losses.needs(s.loss, s.pairs).reads_layers and mode == "cached" and tn not in cached:
+                raise ConfigError(f"{where}.pairs[{j}][1]: teacher layer {tl} is not in the cache "
                                   f"(extract.layers = {cfg.extract.layers})")
             resolved.append((sn, tn))
         pairs[s.name] = tuple(resolved)

@@ -79,25 +79,25 @@ def pool_channels(t: torch.Tensor, channels: int, axis: int = 1) -> torch.Tensor
     return pooled.reshape(*shape[:-1], channels).movedim(-1, axis)
 
 
-def spectral_layer_loss(student_spec: torch.Tensor, teacher_spec: torch.Tensor) -> torch.Tensor:
+def spectral_layer_loss(student_spectrum: torch.Tensor, teacher_spectrum: torch.Tensor) -> torch.Tensor:
     """MSE between a student spectrum and the teacher's, pooled to the student's width first."""
-    t = pool_channels(teacher_spec.float(), student_spec.shape[1], axis=1)
-    return F.mse_loss(student_spec.float(), t)
+    t = pool_channels(teacher_spectrum.float(), student_spectrum.shape[1], axis=1)
+    return F.mse_loss(student_spectrum.float(), t)
 
 
-def check_pair(student_feat_shape, teacher_spec_shape, pair_name: str) -> None:
+def check_pair(student_feat_shape, teacher_spectrum_shape, pair_name: str) -> None:
     """Clear error for spatial mismatches between a student feature map and a teacher spectrum."""
     h, w = student_feat_shape[-2:]
-    th, tw = teacher_spec_shape[-3], teacher_spec_shape[-2]
+    th, tw = teacher_spectrum_shape[-3], teacher_spectrum_shape[-2]
     if (h, w // 2 + 1) != (th, tw):
         raise PipelineError(
             f"layer pair {pair_name}: student grid {h}x{w} (spectrum {h}x{w // 2 + 1}) does not match "
             f"the teacher spectrum {th}x{tw}"
         )
-    if student_feat_shape[1] > teacher_spec_shape[1]:
+    if student_feat_shape[1] > teacher_spectrum_shape[1]:
         raise PipelineError(
             f"layer pair {pair_name}: student has {student_feat_shape[1]} channels, more than the "
-            f"teacher's {teacher_spec_shape[1]}: channel pooling only narrows"
+            f"teacher's {teacher_spectrum_shape[1]}: channel pooling only narrows"
         )
 
 
@@ -108,19 +108,19 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float
     return (tau * tau) * F.kl_div(log_ps, log_pt, log_target=True, reduction="batchmean")
 
 
-def spectral_term(student_feats, teacher_specs, who: str = "the spectral term") -> torch.Tensor:
+def spectral_term(student_feats, teacher_spectra, who: str = "the spectral term") -> torch.Tensor:
     """L_spec: the mean over layer pairs of :func:`spectral_layer_loss`.  Small maps on CPU take
     :class:`_MatrixSpectralMSE` (the same value, its gradient formed in one pass).  ``who`` names the
     loss in the error for missing spectra."""
-    if not student_feats or teacher_specs is None or len(student_feats) != len(teacher_specs):
+    if not student_feats or teacher_spectra is None or len(student_feats) != len(teacher_spectra):
         raise ValueError(f"loss kind {who!r} needs one teacher spectrum per student feature map")
-    for i, (f, ts) in enumerate(zip(student_feats, teacher_specs)):
+    for i, (f, ts) in enumerate(zip(student_feats, teacher_spectra)):
         check_pair(f.shape, ts.shape, f"#{i}")
     if all(_matrix_path(f) for f in student_feats):
         targets = tuple(pool_channels(ts.detach().float(), f.shape[1], axis=1)
-                        for f, ts in zip(student_feats, teacher_specs))
+                        for f, ts in zip(student_feats, teacher_spectra))
         return _MatrixSpectralMSE.apply(targets, *student_feats)
-    losses = [spectral_layer_loss(spectrum(f), ts.detach()) for f, ts in zip(student_feats, teacher_specs)]
+    losses = [spectral_layer_loss(spectrum(f), ts.detach()) for f, ts in zip(student_feats, teacher_spectra)]
     return torch.stack(losses).mean()
 
 

@@ -33,6 +33,7 @@ from . import models
 from .batches import BatchMix, CachedBatches, StudentTargets
 from .data import FRESH_STREAM, ViewDataset, per_class_subset
 from .dynamics import SNAPSHOTS
+from .pairs import check_pairs, feature_shapes, shaped_pairs, target_widths
 from .repeated import RepeatedBatches, image_rows_of, repeated_batches
 from .spectral import layer_sums, spectrum
 from .tracking import Trackers
@@ -56,66 +57,12 @@ def revisit_warning(st: ResolvedStudent, views: int) -> str | None:
     """A warning for a student that trains on cached teacher targets more than
     :data:`REVISITS_WITHIN_NOISE` epochs per stored view (README "Does the cache cost accuracy?")."""
     per_view = st.epochs / views
-    reads_teacher = losses.needs(st.loss, st.layers).reads_teacher
+    reads_teacher = losses.needs(st.loss, st.pairs).reads_teacher
     if st.mode != "cached" or not reads_teacher or st.views == "fresh" or per_view <= REVISITS_WITHIN_NOISE:
         return None
     return (f"{st.name}: {st.epochs} epochs over {views} stored views is {per_view:.0f} epochs per view; in "
             f"benchmarks/offline_vs_online.py cached students lost accuracy against online ones above about "
             f"{REVISITS_WITHIN_NOISE} (2.0 points at 50, 6.8 at 200); store more views (extract.views)")
-
-
-def feature_shapes(model, layers: list[int], size: int) -> list[tuple[int, ...]]:
-    """The NCHW shapes of ``model``'s features at ``layers`` for one image (an eval-mode probe; the
-    model's training flag is restored)."""
-    if not layers:
-        return []
-    training = model.training
-    with torch.no_grad():
-        x = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
-        _, feats = models.intermediates(model.eval(), x, layers)
-    model.train(training)
-    return [tuple(int(d) for d in f.shape) for f in feats]
-
-
-def check_pairs(pairs: tuple[losses.LayerPair, ...], needs: losses.Needs, who: str) -> None:
-    """Fail before training when a student map cannot be compared with its teacher layer: the grids
-    must match, and a loss that pools the teacher to the student's width needs a narrower student."""
-    for p in pairs:
-        where = f"layer pair {who} [{p.student}, {p.teacher}]"
-        if p.student_shape[1:] != p.teacher_shape[1:]:
-            raise PipelineError(f"{where}: student grid {p.student_shape[1]}x{p.student_shape[2]} does not match "
-                                f"the teacher's {p.teacher_shape[1]}x{p.teacher_shape[2]}")
-        if needs.pooled and p.student_shape[0] > p.teacher_shape[0]:
-            raise PipelineError(f"{where}: student has {p.student_shape[0]} channels, more than the teacher's "
-                                f"{p.teacher_shape[0]}: channel pooling only narrows")
-
-
-def shaped_pairs(pairs, s_shapes: list[tuple[int, ...]], cache: Cache, needs: losses.Needs, who: str,
-                t_shapes: list[tuple[int, ...]] | None = None) -> tuple[losses.LayerPair, ...]:
-    """(student layer, teacher layer) pairs with both maps' (C, H, W): the student's from its NCHW
-    probe ``s_shapes``, the teacher's as the loss receives it, from ``t_shapes`` (an online
-    teacher's probe) or else the cache (its stored width; stored features keep the teacher's).  A
-    pooled cache serves only its width (:meth:`cache.reader.Cache.require_width`)."""
-    out = []
-    for i, ((s, t), s_shape) in enumerate(zip(pairs, s_shapes)):
-        if t_shapes is None:
-            cache.require_width(t, s_shape[1], f"layer pair {who} [{s}, {t}]")
-            layer = cache.layer(t)
-            wide = needs.form == "features" and "features" in cache.spec.store
-            t_shape = (layer.channels if wide else layer.stored_channels, layer.height, layer.width)
-        else:
-            t_shape = tuple(t_shapes[i][1:])
-        out.append(losses.LayerPair(s, t, tuple(s_shape[1:]), tuple(t_shape)))
-    return tuple(out)
-
-
-def target_widths(pairs: tuple[losses.LayerPair, ...]) -> dict[int, int]:
-    """Teacher layer -> the student width its cached layer is pooled to once at read time
-    (layers paired with students of several widths are left at the stored width)."""
-    widths: dict[int, set[int]] = {}
-    for p in pairs:
-        widths.setdefault(p.teacher, set()).add(p.student_shape[0])
-    return {t: w.pop() for t, w in widths.items() if len(w) == 1}
 
 
 class _WithFeatures(torch.nn.Module):
@@ -172,7 +119,7 @@ class Trainer:
         torch.manual_seed(st.seed)
         self.model = models.create(st.model, st.kwargs, cfg.data.num_classes).to(self.device)
         self.depth = models.depth(self.model)
-        self.needs = losses.needs(st.loss, st.layers)
+        self.needs = losses.needs(st.loss, st.pairs)
         pairs = (plan or models.plan_models(cfg)).pairs[st.name]
         self.pairs = pairs if self.needs.reads_layers else ()
         self.s_layers = [s for s, _ in self.pairs]
@@ -181,7 +128,7 @@ class Trainer:
         self.dataset = ViewDataset.for_config(cache.rows(), cfg.data)
         self._teacher_norm = teacher_normalization_differs(cfg) if teacher is not None else None
         self.views = self.view_count()
-        self.rows_used = self.train_rows()
+        self.train_mask = self.train_rows()
         self._fresh_keys: np.ndarray | None = None  # key hashes of the rows fresh views are drawn for
         self._image_rows: tuple[np.ndarray, np.ndarray] | None = None  # repeated augmentation's rows per image
         self.tracking = Trackers([], out, out, st.name, {}, {})  # opened by fit
@@ -234,8 +181,8 @@ class Trainer:
         return self.st.views or k
 
     def train_rows(self) -> np.ndarray:
-        """The rows this student may train on: those extract could read and, with
-        ``train_per_class``, of a per-class subset of the images."""
+        """Per cache row, whether this student may train on it: extract could read it and, with
+        ``train_per_class``, its image is of the per-class subset."""
         n = self.st.train_per_class
         if n is None:
             return self.cache.valid
@@ -260,20 +207,20 @@ class Trainer:
 
     def train_batches(self, epoch: int) -> CachedBatches | RepeatedBatches:
         b = self.train_block(epoch)
-        views = self.train_dataset(epoch)
+        dataset = self.train_dataset(epoch)
         workers = models.resolve_workers(self.st.num_workers, self.device)
-        teacher_input = views.normalized_as(self._teacher_norm) if self._teacher_norm is not None else None
+        teacher_input = dataset.normalized_as(self._teacher_norm) if self._teacher_norm is not None else None
         if self.st.repeated_aug > 1:
-            return RepeatedBatches(self.targets, views, self.repeated_rows(epoch), num_workers=workers,
+            return RepeatedBatches(self.targets, dataset, self.repeated_rows(epoch), num_workers=workers,
                                    memory=self.memory, teacher_input=teacher_input)
-        return CachedBatches(self.targets, views, (b.start, b.stop), self.st.batch_size,
+        return CachedBatches(self.targets, dataset, (b.start, b.stop), self.st.batch_size,
                              seed=self.st.seed * 100003 + epoch, shuffle=True, num_workers=workers,
-                             memory=self.memory, rows_used=self.rows_used, teacher_input=teacher_input)
+                             memory=self.memory, train_mask=self.train_mask, teacher_input=teacher_input)
 
     def repeated_rows(self, epoch: int) -> list[list[int]]:
         """This rank's batches of epoch ``epoch`` under repeated augmentation (:mod:`stages.repeated`)."""
         if self._image_rows is None:
-            self._image_rows = image_rows_of(self.cache, self.dataset.rows, self.views, self.rows_used)
+            self._image_rows = image_rows_of(self.cache, self.dataset.rows, self.views, self.train_mask)
         image_rows, keys = self._image_rows
         return repeated_batches(image_rows, keys, self.st.repeated_aug, self.st.batch_size, epoch, self.st.seed,
                                 dist.rank(), dist.world_size())
@@ -285,7 +232,7 @@ class Trainer:
             return self.dataset.rows.labels(np.concatenate([np.asarray(b, dtype=np.int64)
                                                             for b in self.repeated_rows(epoch)] or [[]]))
         b = self.train_block(epoch)
-        return self.dataset.rows.labels(np.arange(b.start, b.stop))[self.rows_used[b.start : b.stop]]
+        return self.dataset.rows.labels(np.arange(b.start, b.stop))[self.train_mask[b.start : b.stop]]
 
     def val_batches(self):
         b = self.cache.block("val", 0)

@@ -34,7 +34,7 @@ def _pipeline_batch(tr, rows: np.ndarray):
     keep = np.zeros(tr.cache.spec.rows, dtype=bool)
     keep[rows] = True
     batches = CachedBatches(tr.targets, tr.dataset, (b.start, b.stop), len(rows), seed=0, shuffle=False,
-                            rows_used=keep)
+                            train_mask=keep)
     x, y, got_rows, targets = next(iter(batches))
     assert got_rows.tolist() == sorted(rows.tolist())
     return x, tr.dataset.label_targets(y, got_rows, tr.cfg.data.num_classes), got_rows, targets
@@ -124,8 +124,8 @@ def test_a_students_loss_is_the_trainers(built):
         got = mine(spectralkd.StudentOutputs(logits, feats),
                    spectralkd.TeacherTargets(targets["logits"], [targets[t] for t in tr.t_layers]), y)
         want = tr.loss(x, y, targets)
-    assert list(got) == list(want) == ["total", "ce", "kd", "spec"]
-    assert all(float(got[k]) == float(want[k]) for k in got) and float(got["spec"]) > 0
+    assert list(got) == list(want) == ["total", "ce", "kd", "spectral"]
+    assert all(float(got[k]) == float(want[k]) for k in got) and float(got["spectral"]) > 0
     with pytest.raises(ValueError, match="unknown loss kind 'soft'"):
         spectralkd.loss("soft")
 

@@ -28,7 +28,8 @@ from torchvision.transforms import functional as TF
 
 from pipeline.config import PipelineError, config_from_dict
 from stages.data import ImageReader, ViewDataset, decode_image
-from stages.views import (RA_OPS, RandAugment, ViewPolicy, crop_box, erase, rand_augment_op, sample_erasing,
+from stages.pixels import erase, rand_augment_op
+from stages.views import (RA_OPS, RandAugment, ViewPolicy, crop_box, sample_erasing,
                           sample_rand_augment, sample_views, val_views, view_array)
 from tests.conftest import ROOT, assert_reproduces_cached_targets, copy_upstream, tiny_tree
 
@@ -523,4 +524,4 @@ def test_a_student_steps_on_a_mixed_cache(deit_cache):
     assert soft.shape == (len(y), 10) and torch.allclose(soft.sum(1), torch.ones(len(y)))
     assert (soft.max(1).values < 1).any()  # some rows carry two labels
     terms = tr.step(x, soft, targets, optimizer(tr.model, "adamw", 1e-3, 0.05))
-    assert np.isfinite(terms["total"]) and terms["spec"] > 0 and terms["kd"] > 0
+    assert np.isfinite(terms["total"]) and terms["spectral"] > 0 and terms["kd"] > 0

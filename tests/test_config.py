@@ -55,7 +55,7 @@ def test_out_of_range_layer():
 def test_student_layer_not_cached_fails_before_work():
     tree = tiny_tree(**{"extract.layers": [0]})
     msg = err(tree, models=True)
-    assert msg.startswith("distill.students[1].layers[1][1]: teacher layer 3 is not in the cache")
+    assert msg.startswith("distill.students[1].pairs[1][1]: teacher layer 3 is not in the cache")
 
 
 def test_unknown_model():
@@ -94,7 +94,7 @@ _values = st.one_of(st.integers(-5, 50), st.text(max_size=6), st.none(), st.bool
 _paths = st.sampled_from([
     "data.source", "data.image_size", "data.augment.scale", "data.val_fraction", "teacher.model", "teacher.fit",
     "teacher.fit.epochs", "teacher.kwargs", "extract.layers", "extract.views", "extract.store",
-    "extract.rows_per_shard", "distill.students", "distill.students[0].layers", "distill.students[1].loss.kind",
+    "extract.rows_per_shard", "distill.students", "distill.students[0].pairs", "distill.students[1].loss.kind",
     "distill.defaults.lr", "analyze.workers", "analyze.scheduler", "seed", "bogus", "teacher.bogus",
 ])
 
@@ -132,7 +132,7 @@ def test_common_options_mean_the_same_before_or_after_the_command():
 
 
 def test_loss_kinds_that_need_layers_or_cached_spectra():
-    with pytest.raises(ConfigError, match="'spectral_only' needs layers"):
+    with pytest.raises(ConfigError, match="'spectral_only' needs pairs"):
         config_from_dict(tiny_tree(**{"distill.students[0].loss.kind": "spectral_only"}))
     cfg = config_from_dict(tiny_tree(**{"distill.students[0].loss.kind": "hard"}))  # hard: layers optional
     assert cfg.student("none").loss.kind == "hard"

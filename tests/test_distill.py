@@ -41,10 +41,10 @@ def test_cached_loss_equals_online_loss(built):
     torch.manual_seed(0)
     cached = tr.loss(x, y, tg)
     online = tr.loss(x, y, tr.targets_online(x))
-    assert list(cached) == ["total", "ce", "kd", "spec"]
+    assert list(cached) == ["total", "ce", "kd", "spectral"]
     for k in cached:
         assert cached[k].item() == pytest.approx(online[k].item(), rel=2e-3, abs=1e-5), k
-    assert cached["spec"].item() > 0 and cached["kd"].item() > 0
+    assert cached["spectral"].item() > 0 and cached["kd"].item() > 0
 
 
 def test_loader_reads_one_view_per_epoch_in_chunk_units(built):
@@ -76,10 +76,10 @@ def test_students_train_from_one_cache(built):
         assert {"loss_total", "loss_ce", "val_top1", "val_top5"} <= set(m[0])
         assert 0 <= m[0]["val_top1"] <= 100
     spec = pq.read_table(runner.student_dir("spectral") / "metrics.parquet").to_pylist()[0]
-    assert spec["loss_spec"] > 0 and spec["loss_kd"] > 0
-    assert spec["loss_total"] == pytest.approx(spec["loss_ce"] + spec["loss_kd"] + spec["loss_spec"], rel=1e-6)
+    assert spec["loss_spectral"] > 0 and spec["loss_kd"] > 0
+    assert spec["loss_total"] == pytest.approx(spec["loss_ce"] + spec["loss_kd"] + spec["loss_spectral"], rel=1e-6)
     none = pq.read_table(runner.student_dir("none") / "metrics.parquet").to_pylist()[0]
-    assert "loss_spec" not in none and "loss_kd" not in none  # a loss logs the terms it has
+    assert "loss_spectral" not in none and "loss_kd" not in none  # a loss logs the terms it has
     assert none["loss_total"] == none["loss_ce"]
     # a second run reuses everything
     again = Runner(cfg).run("distill")
@@ -150,7 +150,7 @@ def test_sigkill_mid_epoch_resumes_to_same_metrics(built, tmp_path):
     (clean, clean_snaps), (killed, killed_snaps) = results
     assert len(clean) == len(killed) == 4
     for a, b in zip(clean, killed):
-        for k in ("loss_total", "loss_spec", "val_top1", "val_top5", "val_loss", "batch_labels"):
+        for k in ("loss_total", "loss_spectral", "val_top1", "val_top5", "val_loss", "batch_labels"):
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["epoch"], k)
     # the snapshots taken before the kill survive it (kept in the checkpoint): one per layer and epoch
     assert [(s["epoch"], s["layer"]) for s in killed_snaps] == [(e, l) for e in range(4) for l in range(2)]
@@ -189,7 +189,7 @@ def test_torchrun_ddp_distill_two_ranks(built, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = pq.read_table(next(wd.glob("distill/students/spectral-*/metrics.parquet"))).to_pylist()
     assert [row["epoch"] for row in m] == [0, 1]
-    assert all(row["loss_spec"] > 0 and 0 <= row["val_top1"] <= 100 for row in m)
+    assert all(row["loss_spectral"] > 0 and 0 <= row["val_top1"] <= 100 for row in m)
     assert "DDP over 2 processes" in r.stderr
 
 

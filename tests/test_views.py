@@ -151,9 +151,9 @@ def test_online_on_replayed_views_matches_cached_first_steps(built):
                 break
     for (rc, tc), (ro, to) in zip(*terms):
         assert torch.equal(rc, ro)
-        for name in ("total", "ce", "kd", "spec"):
+        for name in ("total", "ce", "kd", "spectral"):
             assert tc[name] == pytest.approx(to[name], rel=3e-3, abs=1e-5), name
-        assert tc["kd"] > 0 and tc["spec"] > 0
+        assert tc["kd"] > 0 and tc["spectral"] > 0
 
 
 def test_views_and_subset_enter_the_student_fingerprint():
@@ -189,7 +189,7 @@ def test_official_loss_kinds_read_only_what_they_need(built, student, kind, keys
     x, y, rows, tg = next(iter(tr.train_batches(0)))
     assert set(tg) == keys
     terms = tr.step(x, y, tg, torch.optim.SGD(tr.model.parameters(), lr=0.01))
-    assert ("spec" in terms and terms["spec"] > 0) == (0 in keys)
+    assert ("spectral" in terms and terms["spectral"] > 0) == (0 in keys)
     assert ("kd" in terms and terms["kd"] > 0) == ("logits" in keys)
 
 
