@@ -100,7 +100,7 @@ def main() -> None:
     ratio = [s / b for s, b in zip(times["spectral cached"], times[none_key])]
     cold_rounds = -(-k_views // per)  # rounds with an epoch whose view is read for the first time
     cold, warm = ratio[:cold_rounds], ratio[cold_rounds:]
-    print(f"cached spectral / no KD      : {float(np.median(ratio)):.3f}   (median of per-round ratios; goal <= 1.15)")
+    print(f"cached spectral / no KD      : {float(np.median(ratio)):.3f}   (median of per-round ratios; target <= 1.15)")
     print(f"  rounds reading targets from disk (first {k_views} epochs): {', '.join(f'{c:.3f}' for c in cold)}")
     if warm:
         print(f"  later rounds, targets in memory : median {float(np.median(warm)):.3f} of {len(warm)}")
@@ -132,7 +132,7 @@ def snapshot_cost(tr, train_epoch_s: float, repeat: int) -> None:
     n = max(1, every)
     print(f"snapshot epoch / plain epoch : {one:.3f}   (evaluation {1000 * plain:.0f} -> {1000 * snap:.0f} ms, "
           f"train {1000 * train_epoch_s:.0f} ms; per-step cost 0: statistics come from the evaluation's forward "
-          f"pass); over snapshot_every={n}: {1 + (one - 1) / n:.3f} (goal <= 1.05)")
+          f"pass); over snapshot_every={n}: {1 + (one - 1) / n:.3f} (target <= 1.05)")
 
 
 if __name__ == "__main__":
