@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .base import DistillLoss, LossSettings, Needs, cross_entropy, needs_layers, teacher_layers
+from .base import DistillLoss, LossSettings, Needs, cross_entropy, missing_layers, teacher_layers
 
 
 class ATConfig(LossSettings):
@@ -44,7 +44,7 @@ class AT(DistillLoss):
 
     @classmethod
     def check(cls, config: ATConfig, pairs: list) -> str | None:
-        return needs_layers(config, pairs)
+        return missing_layers(config, pairs)
 
     def terms(self, student, teacher, labels, epoch):
         c = self.config

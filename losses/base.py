@@ -169,8 +169,8 @@ def non_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return logits[keep].view(logits.shape[0], logits.shape[1] - 1)
 
 
-def needs_layers(config: LossSettings, pairs: list) -> str | None:
-    """The error of :meth:`DistillLoss.check` for a method that reads teacher layers and has none."""
+def missing_layers(config: LossSettings, pairs: list) -> str | None:
+    """:meth:`DistillLoss.check` of a method that reads teacher layers: the error when it has no pairs."""
     return None if pairs else f"loss.kind {config.kind!r} needs layers: [[student_layer, teacher_layer], ...]"
 
 

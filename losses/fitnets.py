@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .base import DistillLoss, LossSettings, Needs, cross_entropy, needs_layers, teacher_layers
+from .base import DistillLoss, LossSettings, Needs, cross_entropy, missing_layers, teacher_layers
 
 
 class FitNetsConfig(LossSettings):
@@ -44,7 +44,7 @@ class FitNets(DistillLoss):
 
     @classmethod
     def check(cls, config: FitNetsConfig, pairs: list) -> str | None:
-        return needs_layers(config, pairs)
+        return missing_layers(config, pairs)
 
     def terms(self, student, teacher, labels, epoch):
         c = self.config

@@ -1,8 +1,8 @@
 """MGD: masked generative distillation.
 
 Yang et al., "Masked Generative Distillation", ECCV 2022.  Each paired student map is mapped to the
-teacher's width (a 1x1 convolution, none when the widths are equal), a random fraction lambda of its
-channels is zeroed per sample (the classification setting; detection masks positions), and a
+teacher's width (a 1x1 convolution, none when the widths are equal), each of its channels is zeroed
+with probability lambda, per sample (the classification setting; detection masks positions), and a
 generation block (conv3x3 - ReLU - conv3x3) must produce the teacher's whole map from it:
 
     L = CE + alpha / B sum over pairs of ||G(align(X_s) * M) - X_t||^2   (sums over C, H, W),
@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .base import (DistillLoss, LossSettings, Needs, cross_entropy, generation_block, needs_layers, teacher_layers,
+from .base import (DistillLoss, LossSettings, Needs, cross_entropy, generation_block, missing_layers, teacher_layers,
                    width_map)
 
 
@@ -47,7 +47,7 @@ class MGD(DistillLoss):
 
     @classmethod
     def check(cls, config: MGDConfig, pairs: list) -> str | None:
-        return needs_layers(config, pairs)
+        return missing_layers(config, pairs)
 
     def channel_mask(self, batch: int, channels: int, device=None) -> torch.Tensor:
         """(batch, channels, 1, 1): 0 where a uniform draw (CPU generator) is below lambda, else 1."""

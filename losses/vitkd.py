@@ -12,9 +12,9 @@ squares over channels and positions, and B the batch size:
            + beta / (lambda B) sum_{masked tokens} ||G(mask(align(X_s))) - X_t||^2.
 
 Defaults: yzd-v/cls_KD, ``ViTKDLoss`` (``mmcls/distillation/losses/vitkd.py``) with
-``configs/distillers/imagenet/deit-s3_distill_deit-t_img.py``: alpha 3e-5, beta 3e-6, lambda 0.5,
-the masked tokens the last int(H*W*(1 - lambda)) of a per-sample random order kept; CE weight 1 with
-label smoothing 0.1 (DeiT's recipe).  Masks come from torch's global generator (:meth:`ViTKD.token_mask`).
+``configs/distillers/imagenet/deit-s3_distill_deit-t_img.py``: alpha 3e-5, beta 3e-6, lambda 0.5 (per
+sample, the first int(H*W*(1 - lambda)) tokens of a random order are kept, the others masked); CE
+weight 1 with label smoothing 0.1 (DeiT's recipe).  Masks come from torch's global generator (:meth:`ViTKD.token_mask`).
 Extras: ``mimic`` (one map per shallow pair), ``align``, ``mask_token`` and ``generation`` (the last
 pair).  Terms: ``ce``, ``mimic`` (when there are shallow pairs), ``generation`` (each weighted).
 """
@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .base import (DistillLoss, LossSettings, Needs, cross_entropy, generation_block, needs_layers, teacher_layers,
+from .base import (DistillLoss, LossSettings, Needs, cross_entropy, generation_block, missing_layers, teacher_layers,
                    width_map)
 
 
@@ -57,7 +57,7 @@ class ViTKD(DistillLoss):
 
     @classmethod
     def check(cls, config: ViTKDConfig, pairs: list) -> str | None:
-        return needs_layers(config, pairs)
+        return missing_layers(config, pairs)
 
     def token_mask(self, batch: int, positions: int, device=None) -> torch.Tensor:
         """(batch, positions) float, 1 at the masked tokens: per sample, the tokens after the first

@@ -17,7 +17,7 @@ import torch
 
 import losses
 from cache.reader import open_cache
-from pipeline.config import config_from_dict
+from pipeline.config import ConfigError, config_from_dict
 from pipeline.graph import Runner
 from stages import models
 from stages.trainer import Trainer
@@ -197,7 +197,7 @@ def test_a_distillation_token_without_its_head_is_refused_before_any_work(method
     tree = methods_tree(["distill_token"])
     tree["distill"]["students"][0]["model"] = "deit_tiny_patch16_224"
     cfg = config_from_dict(tree)
-    with pytest.raises(Exception, match=r"distill.students\[0\].model: loss.kind 'distill_token' needs a student "
+    with pytest.raises(ConfigError, match=r"distill.students\[0\].model: loss.kind 'distill_token' needs a student "
                                          r"with a distillation token, and deit_tiny_patch16_224 has none; timm's "
                                          r"\*_distilled_\* models have one \(deit_base_distilled"):
         Runner(cfg).check_models()
