@@ -26,7 +26,8 @@ from tests.conftest import ROOT, TINY, tiny_tree, write_config
 NOWHERE = Path("/nonexistent")
 KWARGS = TINY["distill"]["students"][0]["kwargs"]
 # the weighted terms of each kind, in the order they are summed (a student with layer pairs)
-TERMS = {"none": ["ce"], "logits": ["ce", "kd"], "spectral": ["ce", "kd", "spectral"], "spectral_only": ["ce", "spectral"],
+TERMS = {"none": ["ce"], "logits": ["ce", "kd"], "spectral": ["ce", "kd", "spectral"],
+         "spectral_only": ["ce", "spectral"],
          "hard": ["ce", "kd", "spectral"], "dkd": ["ce", "tckd", "nckd"], "dist": ["ce", "inter", "intra"],
          "nkd": ["ce", "target", "non_target"], "logit_std": ["ce", "kd"], "fitnets": ["ce", "hint"],
          "at": ["ce", "at"], "vitkd": ["ce", "mimic", "generation"], "mgd": ["ce", "mgd"],
