@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import dist
+from . import dist, storage
 from .config import PipelineConfig, decisive
 from .fingerprint import diff, file_digest, fingerprint, library_versions
 from .errors import PipelineError
@@ -203,8 +203,7 @@ GRAPH: dict[str, Stage] = {
     "teacher": Stage("teacher", ("prepare",), _teacher_params, _teacher_identity, "stages.teacher",
                      problems=_files_problems("model.pt")),
     "extract": Stage("extract", ("teacher",), _extract_params, module="stages.extract", distributed=True,
-                     problems=_files_problems("cache.zarr/zarr.json", "cache.zarr/manifest.parquet",
-                                              "cache.zarr/shards.parquet")),
+                     problems=_module_problems("stages.extract")),
     "distill": Stage("distill", ("extract",), _distill_params, module="stages.distill", distributed=True,
                      problems=_distill_problems),
     "analyze": Stage("analyze", ("distill",), _analyze_params, module="stages.analyze",
@@ -284,6 +283,7 @@ class Runner:
         # read-only workdirs whose up-to-date outputs serve this one (a lab's shared cache)
         self.upstream_workdirs = [Path(w) for w in cfg.upstream_workdirs]
         self.options = options or {}
+        storage.configure(cfg.data.storage_options)  # endpoint, region...: every store URL this process opens
         self._fp: dict[str, tuple[str, dict]] = {}
         self._model_plan = None
         self.versions = library_versions()
@@ -589,7 +589,6 @@ class Runner:
             if lock["complete"]:
                 atomic_write_json(self.latest_path(name), lock)
             log.info(f"{name}: done in {wall:.1f}s")
-        dist.barrier()
-        if not dist.is_main():
-            lock = read_json(final / "lock.json")
+        # rank 0's record, sent to every rank: ranks on other nodes may not share this workdir
+        lock = dist.broadcast_object(lock if dist.is_main() else None)
         return Record(name, final, lock)
