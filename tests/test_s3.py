@@ -1,0 +1,121 @@
+"""Object storage: input shards and the cache in a bucket of a local S3 endpoint (moto), students
+reading from there, and the read contract counted in requests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import zarr
+
+from cache.reader import CACHE_DIR, CACHE_URL, Cache, cache_path, open_cache
+from pipeline.config import config_from_dict
+from pipeline.errors import PipelineError
+from pipeline.graph import Runner
+from pipeline.storage import Location, StoreCalls
+from tests.conftest import tiny_tree
+
+SHARDS = "s3://test/shards"
+CACHES = "s3://test/caches"
+
+
+def store(options: dict):
+    return fsspec.filesystem("s3", **options)
+
+
+def bucket_tree(s3: dict, checkpoint: Path, **changes) -> dict:
+    """The tiny config with its input shards and its cache in the bucket, the teacher from a checkpoint."""
+    return tiny_tree(**{"data.source": "shards", "data.train_shards": f"{SHARDS}/train-{{000000..000003}}.tar",
+                        "data.val_shards": f"{SHARDS}/val-000000.tar", "data.storage_options": s3,
+                        "teacher.fit": None, "teacher.checkpoint": str(checkpoint), "extract.location": CACHES,
+                        **changes})
+
+
+@pytest.fixture(scope="module")
+def remote(built, s3, tmp_path_factory):
+    """The session pipeline's shards copied into the bucket, its teacher as a checkpoint, and extract
+    run once with the cache in the bucket: (tree, runner, records, tmp)."""
+    _, _, recs = built
+    fs = store(s3)
+    for p in sorted(Path(recs["prepare"].path).glob("*.tar")):
+        fs.put_file(str(p), f"{SHARDS[5:]}/{p.name}")
+    tmp = tmp_path_factory.mktemp("s3")
+    checkpoint = tmp / "teacher.pt"
+    shutil.copy(Path(recs["teacher"].path) / "model.pt", checkpoint)
+    tree = bucket_tree(s3, checkpoint)
+    runner = Runner(config_from_dict(tree, workdir=str(tmp / "a")))
+    return tree, runner, runner.run("extract"), tmp
+
+
+def _arrays(group) -> dict[str, np.ndarray]:
+    return {name: group[name][:] for name in ("logits", "valid", *(f"spectra/{la['name']}"
+                                                                   for la in group.attrs["layers"]))}
+
+
+def test_the_cache_is_written_to_the_bucket_and_equals_a_local_one(built, s3, remote):
+    _, _, local = built
+    tree, runner, recs, tmp = remote
+    rec = recs["extract"]
+    url = rec.summary[CACHE_URL]
+    assert url == f"{CACHES}/{rec.lock['fingerprint'][:12]}/{CACHE_DIR}" and cache_path(rec) == url
+    assert [p.name for p in Path(rec.path).iterdir()] == ["lock.json"], "only the record stays in the workdir"
+    got = zarr.open_group(url, mode="r", storage_options=s3)
+    ref = zarr.open_group(str(cache_path(local["extract"])), mode="r")
+    assert got.attrs["complete"] is True
+    for name, want in _arrays(ref).items():
+        np.testing.assert_array_equal(_arrays(got)[name], want, err_msg=name)
+    # the manifest names the objects the images came from; prepare recorded each object's size and ETag
+    cache = open_cache(rec)
+    assert set(cache.rows().samples.urls) == {f"{SHARDS}/train-{i:06d}.tar" for i in range(4)} | {
+        f"{SHARDS}/val-000000.tar"}
+    entries = recs["prepare"].lock["inputs"]["identity"]["shards"]["train"]
+    assert all(len(e) == 3 and e[2].strip('"') for e in entries), entries
+    # no credential reached a record
+    for r in recs.values():
+        text = (Path(r.path) / "lock.json").read_text()
+        assert "testing-secret" not in text and "testing-key-id" not in text
+    assert runner.state("extract").status == "up to date"
+
+
+def _units(cache: Cache, split: str = "train", view: int = 0) -> list[tuple[int, int]]:
+    """The chunk-aligned row ranges of one (split, view) block, as a student reads them."""
+    b, c = cache.block(split, view), cache.chunk_rows()
+    edges = sorted({b.start, b.stop, *range((b.start // c + 1) * c, b.stop, c)})
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def test_an_epoch_of_target_reads_costs_one_get_per_shard_index_and_one_per_span(built, remote):
+    """The one-pass reader's contract over HTTP: per array, one ranged GET of each shard's index (once
+    per process) and one per contiguous span of chunks a read needs; no HEAD, no listing."""
+    _, _, local = built
+    rec = remote[2]["extract"]
+    ref = open_cache(local["extract"])
+    cache = open_cache(rec)  # opening reads the metadata, the manifest, the shard index, the marker listing
+    units = _units(cache)
+    order = np.random.default_rng(0).permutation(len(units))
+    layers = [la.index for la in cache.spec.layers]
+    arrays = ["logits", *(f"spectra/{la.name}" for la in cache.spec.layers)]
+    rps = cache.spec.rows_per_shard
+    shards = {s for a, b in units for s in range(a // rps, (b - 1) // rps + 1)}
+    for epoch in range(2):
+        with StoreCalls() as calls:
+            for i in order:
+                a, b = units[i]
+                np.testing.assert_array_equal(cache.read("logits", a, b), ref.read("logits", a, b))
+                for t in layers:
+                    np.testing.assert_array_equal(cache.read_layer("spectra", t, a, b), ref.read_layer("spectra", t, a, b))
+        indexes = len(shards) * len(arrays) if epoch == 0 else 0  # an index is read once per process
+        assert calls.count("GetObject") == indexes + len(units) * len(arrays), (epoch, calls.calls)
+        assert set(calls.calls) == {"GetObject"}, calls.calls
+        assert all(r.startswith("bytes=") for r in calls.ranges), "every GET is a ranged one"
+    # a second epoch reads exactly the stored chunks again: the spans' bytes are the shard files' less their indexes
+    files = Location(cache_path(rec)).files()
+    index_bytes = 16 * (rps // cache.chunk_rows()) + 4
+    root = len(str(cache.store)) + 1
+    want = sum(files[str(cache.shard_file(n, s))[root:]] - index_bytes for n in arrays for s in shards)
+    assert calls.get_bytes == want
