@@ -283,7 +283,7 @@ class Cache:
             s = next(s for s in shards if Location(self.shard_file(name, s)).size() is None)
             raise self._damaged(name, s, "is missing") from None
         except ShardCorrupt as e:
-            raise PipelineError(f"{self.path}/{name}: shard {e.shard} is corrupt ({e.why}, reading rows "
+            raise PipelineError(f"{self.path}/{name}: shard {e.shard} is corrupt ({e.why} in {e.path}, reading rows "
                                 f"{start}..{stop - 1}); run `python -m pipeline verify` and rerun extract with --force"
                                 ) from None
         except ValueError as e:  # zarr's reads

@@ -183,7 +183,7 @@ class ShardCorrupt(ValueError):
 
     def __init__(self, path, shard: int, why: str):
         super().__init__(f"{path}: shard {shard} is corrupt ({why})")
-        self.shard, self.why = shard, why
+        self.path, self.shard, self.why = path, shard, why
 
 
 @dataclass

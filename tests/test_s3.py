@@ -29,8 +29,10 @@ def store(options: dict):
 
 
 def bucket_tree(s3: dict, checkpoint: Path, **changes) -> dict:
-    """The tiny config with its input shards and its cache in the bucket, the teacher from a checkpoint."""
-    return tiny_tree(**{"data.source": "shards", "data.train_shards": f"{SHARDS}/train-{{000000..000003}}.tar",
+    """The tiny config with its input shards and its cache in the bucket, the teacher from a checkpoint
+    (one view per image and students on 30 images per class: the tests stay quick)."""
+    return tiny_tree(**{"extract.views": 1, "distill.defaults.train_per_class": 30, "data.source": "shards",
+                        "data.train_shards": f"{SHARDS}/train-{{000000..000003}}.tar",
                         "data.val_shards": f"{SHARDS}/val-000000.tar", "data.storage_options": s3,
                         "teacher.fit": None, "teacher.checkpoint": str(checkpoint), "extract.location": CACHES,
                         **changes})
@@ -67,8 +69,13 @@ def test_the_cache_is_written_to_the_bucket_and_equals_a_local_one(built, s3, re
     got = zarr.open_group(url, mode="r", storage_options=s3)
     ref = zarr.open_group(str(cache_path(local["extract"])), mode="r")
     assert got.attrs["complete"] is True
+    # the rows of view 0 and of val are laid out as in the session's two-view cache, whose view 1 lies between
+    (v0, val), (rv0, rval) = ([(b["start"], b["stop"]) for b in g.attrs["blocks"] if b["view"] == 0]
+                              for g in (got, ref))
+    have = _arrays(got)
     for name, want in _arrays(ref).items():
-        np.testing.assert_array_equal(_arrays(got)[name], want, err_msg=name)
+        np.testing.assert_array_equal(have[name][v0[0]:v0[1]], want[rv0[0]:rv0[1]], err_msg=name)
+        np.testing.assert_array_equal(have[name][val[0]:val[1]], want[rval[0]:rval[1]], err_msg=name)
     # the manifest names the objects the images came from; prepare recorded each object's size and ETag
     cache = open_cache(rec)
     assert set(cache.rows().samples.urls) == {f"{SHARDS}/train-{i:06d}.tar" for i in range(4)} | {
@@ -108,7 +115,8 @@ def test_an_epoch_of_target_reads_costs_one_get_per_shard_index_and_one_per_span
                 a, b = units[i]
                 np.testing.assert_array_equal(cache.read("logits", a, b), ref.read("logits", a, b))
                 for t in layers:
-                    np.testing.assert_array_equal(cache.read_layer("spectra", t, a, b), ref.read_layer("spectra", t, a, b))
+                    np.testing.assert_array_equal(cache.read_layer("spectra", t, a, b),
+                                                  ref.read_layer("spectra", t, a, b))
         indexes = len(shards) * len(arrays) if epoch == 0 else 0  # an index is read once per process
         assert calls.count("GetObject") == indexes + len(units) * len(arrays), (epoch, calls.calls)
         assert set(calls.calls) == {"GetObject"}, calls.calls
@@ -119,3 +127,77 @@ def test_an_epoch_of_target_reads_costs_one_get_per_shard_index_and_one_per_span
     root = len(str(cache.store)) + 1
     want = sum(files[str(cache.shard_file(n, s))[root:]] - index_bytes for n in arrays for s in shards)
     assert calls.get_bytes == want
+
+
+def _copy_records(runner: Runner, wd: Path, stages=("prepare", "teacher", "extract")) -> Path:
+    """A fresh workdir with copies of the records of ``stages`` (a remote cache stays where it is)."""
+    for st in stages:
+        src = runner.out_dir(st)
+        shutil.copytree(src, wd / st / src.name)
+    return wd
+
+
+def _metrics(rec) -> list[dict]:
+    rows = pq.read_table(Path(rec.path) / "metrics.parquet").to_pylist()
+    return [{k: v for k, v in r.items() if k not in ("step_s", "epoch_s", "data_s")} for r in rows]
+
+
+def test_a_student_trains_from_the_bucket_as_from_a_local_copy_of_the_cache(s3, remote, tmp_path):
+    """Fixed seeds on CPU: a student reading its targets (and images) from the bucket ends with the
+    metrics and weights of the same student reading a local copy of the same cache."""
+    import torch
+
+    tree, runner, recs, _ = remote
+    got = runner.run("distill/spectral")["distill/spectral"]
+    # the local reference: the cache downloaded into an extract output of a workdir with the same config
+    wd = _copy_records(runner, tmp_path / "local", ("prepare", "teacher"))
+    ext = wd / "extract" / runner.out_dir("extract").name
+    store(s3).get(cache_path(recs["extract"]).removeprefix("s3://"), str(ext / CACHE_DIR), recursive=True)
+    lock = json.loads((runner.out_dir("extract") / "lock.json").read_text())
+    del lock["summary"][CACHE_URL]
+    (ext / "lock.json").write_text(json.dumps(lock))
+    local = Runner(config_from_dict(tree, workdir=str(wd)))
+    assert Cache(cache_path(local.record("extract"))).remote is False
+    ref = local.run("distill/spectral")["distill/spectral"]
+    assert ref.lock["fingerprint"] == got.lock["fingerprint"]
+    assert _metrics(got) == _metrics(ref)
+    a = torch.load(Path(got.path) / "final.pt", weights_only=True)["state_dict"]
+    b = torch.load(Path(ref.path) / "final.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def _shard_object(rec, array: str, s: int) -> str:
+    cache = open_cache(rec)
+    return str(cache.shard_file(array, s)).removeprefix("s3://")
+
+
+@pytest.mark.parametrize("damage", ["deleted", "emptied", "flipped", "marker"])
+def test_a_damaged_remote_cache_is_named_and_nothing_trains(s3, remote, tmp_path, damage):
+    tree, runner, recs, _ = remote
+    fs = store(s3)
+    rec = recs["extract"]
+    key = _shard_object(rec, "spectra/blocks.3", 2)
+    if damage == "marker":
+        key = f"{cache_path(rec).removeprefix('s3://')}/_complete/000004.json"
+    original = fs.cat_file(key)
+    try:
+        if damage in ("deleted", "marker"):
+            fs.rm_file(key)
+        elif damage == "emptied":
+            fs.pipe_file(key, b"")
+        else:
+            flipped = bytearray(original)
+            flipped[len(flipped) // 3] ^= 0x10
+            fs.pipe_file(key, bytes(flipped))
+        wd = _copy_records(runner, tmp_path / "w")
+        student = Runner(config_from_dict(tree, workdir=str(wd)))
+        why = {"deleted": "shard 2 of spectra/blocks.3 is missing", "emptied": "shard 2 is corrupt .*shorter",
+               "flipped": "shard 2 is corrupt .*checksum mismatch", "marker": "shard 4 is not marked complete"}
+        with pytest.raises(PipelineError, match=why[damage]) as err:
+            student.run("distill/spectral")
+        assert key in str(err.value)
+        assert not list(wd.glob("distill/students/*/final.pt")), "nothing was trained"
+        problems = __import__("cache.verify", fromlist=["verify_stage"]).verify_stage(student, "extract")
+        assert problems and any("shard" in p for p in problems), problems
+    finally:
+        fs.pipe_file(key, original)
