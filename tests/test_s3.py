@@ -201,3 +201,81 @@ def test_a_damaged_remote_cache_is_named_and_nothing_trains(s3, remote, tmp_path
         assert problems and any("shard" in p for p in problems), problems
     finally:
         fs.pipe_file(key, original)
+
+
+def _remote_arrays(url: str, s3: dict) -> dict[str, np.ndarray]:
+    return _arrays(zarr.open_group(url, mode="r", storage_options=s3))
+
+
+def test_an_interrupted_remote_extract_resumes_from_its_committed_shards(s3, remote, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from cache.writer import CacheWriter
+
+    tree, runner, recs, _ = remote
+    wd = _copy_records(runner, tmp_path / "w", ("prepare", "teacher"))
+    cfg = config_from_dict({**tree, "extract": {**tree["extract"], "location": "s3://test/resume", "writers": 0}},
+                           workdir=str(wd))
+    real = CacheWriter.write_shard
+    written = []
+
+    def interrupted(self, s, data, bad):
+        if len(written) == 3:
+            raise KeyboardInterrupt  # Ctrl-C, or a node lost, after three committed shards
+        real(self, s, data, bad)
+        written.append(s)
+
+    monkeypatch.setattr(CacheWriter, "write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(cfg).run("extract")
+    url = f"s3://test/resume/{recs['extract'].lock['fingerprint'][:12]}/{CACHE_DIR}"
+    markers = store(s3).ls(url.removeprefix("s3://") + "/_complete", detail=True)
+    assert sorted(m["name"].rsplit("/", 1)[1] for m in markers) == [f"{s:06d}.json" for s in written]
+    with pytest.raises(PipelineError, match="incomplete"):
+        Cache(url)  # nothing uncommitted is read
+    monkeypatch.setattr(CacheWriter, "write_shard", real)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        done = Runner(cfg).run("extract")["extract"]
+    assert "resuming, 3/" in caplog.text
+    rows = done.summary["rows"]
+    assert done.summary["rows_computed"] == rows - 3 * cfg.extract.rows_per_shard
+    after = {m["name"]: m["LastModified"] for m in store(s3).ls(url.removeprefix("s3://") + "/_complete", detail=True)}
+    assert all(after[m["name"]] == m["LastModified"] for m in markers), "committed shards were not written again"
+    ref = _remote_arrays(cache_path(recs["extract"]), s3)
+    for name, arr in _remote_arrays(url, s3).items():
+        np.testing.assert_array_equal(arr, ref[name], err_msg=name)
+
+
+def test_two_ranks_on_separate_workdirs_write_the_one_process_cache(s3, remote, tmp_path):
+    """torchrun ranks on two 'nodes' that share nothing but the bucket (each its own workdir with its own
+    prepare and teacher records) write disjoint shards of one cache, equal to the one-process cache."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, write_config
+
+    tree, runner, recs, _ = remote
+    conf = write_config(tmp_path / "p.yaml", {**tree, "extract": {**tree["extract"], "location": "s3://test/ranks"}})
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    procs = []
+    for node in (0, 1):
+        wd = _copy_records(runner, tmp_path / f"node{node}", ("prepare", "teacher"))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+             "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+             "-m", "pipeline", "run", "extract", "-c", str(conf), "--workdir", str(wd)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    url = f"s3://test/ranks/{recs['extract'].lock['fingerprint'][:12]}/{CACHE_DIR}"
+    assert (tmp_path / "node0" / "extract").is_dir() and not list((tmp_path / "node1").glob("extract/*/lock.json"))
+    ref = _remote_arrays(cache_path(recs["extract"]), s3)
+    got = _remote_arrays(url, s3)
+    for name, arr in got.items():
+        np.testing.assert_array_equal(arr, ref[name], err_msg=name)
+    assert Cache(url).attrs["complete"] is True
