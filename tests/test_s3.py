@@ -279,3 +279,33 @@ def test_two_ranks_on_separate_workdirs_write_the_one_process_cache(s3, remote, 
     for name, arr in got.items():
         np.testing.assert_array_equal(arr, ref[name], err_msg=name)
     assert Cache(url).attrs["complete"] is True
+
+
+def test_students_on_workers_that_share_only_the_bucket(s3, remote, tmp_path, capsys):
+    """distill.shared_workdir: false: a Dask worker's student and a --jobs student each train in a
+    scratch workdir of their own, reading the bucket; their folders come back, status and verify see
+    them and the summary is written here."""
+    from distributed import LocalCluster
+
+    from pipeline.__main__ import main
+    from tests.conftest import write_config
+
+    tree, runner, recs, _ = remote
+    wd = _copy_records(runner, tmp_path / "w")
+    conf = write_config(tmp_path / "p.yaml", {**tree, "distill": {**tree["distill"], "shared_workdir": False}})
+    base = ["-c", str(conf), "--workdir", str(wd)]
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        assert main(["run", "distill", *base, "--student", "none", "--set",
+                     f"distill.scheduler={cluster.scheduler_address}"]) == 0
+    assert main(["run", "distill", *base, "--jobs", "2"]) == 0
+    assert main(["status", *base]) == 0
+    out = capsys.readouterr().out
+    for node in ("distill/none", "distill/spectral", "distill"):
+        assert any(line.split()[:3] == [node, "up", "to"] for line in out.splitlines()), out
+    assert main(["verify", "distill/spectral", *base]) == 0
+    check = Runner(config_from_dict(tree, workdir=str(wd)))
+    for name in ("none", "spectral"):
+        rec = check.record(f"distill/{name}")
+        assert rec is not None and rec.path == check.out_dir(f"distill/{name}")
+        assert {p.name for p in Path(rec.path).iterdir()} >= {"final.pt", "metrics.parquet", "lock.json"}
+    assert not list(wd.glob("distill/students/*.incoming")) and (wd / "distill").glob("*/summary.md")
