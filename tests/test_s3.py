@@ -309,3 +309,28 @@ def test_students_on_workers_that_share_only_the_bucket(s3, remote, tmp_path, ca
         assert rec is not None and rec.path == check.out_dir(f"distill/{name}")
         assert {p.name for p in Path(rec.path).iterdir()} >= {"final.pt", "metrics.parquet", "lock.json"}
     assert not list(wd.glob("distill/students/*.incoming")) and (wd / "distill").glob("*/summary.md")
+
+
+def test_credentials_in_the_config_are_refused_without_echoing_them():
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.storage_options: aws_secret_access_key: credentials never go") as e:
+        config_from_dict(tiny_tree(**{"data.storage_options": {"endpoint_url": "http://127.0.0.1:9",
+                                                               "aws_secret_access_key": "s3cr3t-value"}}))
+    assert "s3cr3t-value" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"extract\.location: .*store URL"):
+        config_from_dict(tiny_tree(**{"extract.location": "/local/folder"}))
+
+
+def test_a_missing_store_client_is_one_line_naming_the_extra(monkeypatch):
+    import importlib
+    import sys
+
+    from pipeline import storage
+
+    registry = importlib.import_module("fsspec.registry")
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if the s3 extra were not installed
+    monkeypatch.setattr(registry, "_registry", {k: v for k, v in registry._registry.items() if k not in ("s3", "s3a")})
+    with pytest.raises(PipelineError, match=r"s3://b/x\.tar: reading s3:// needs .*pip install "
+                                            r"'spectralkd-pipeline\[s3\]'"):
+        storage.Location("s3://b/x.tar").read_range(0, 10)
