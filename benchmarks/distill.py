@@ -166,6 +166,12 @@ def remote_copy(cache, location: str, options: list[str]):
         if not fs.exists(bucket):
             fs.mkdir(bucket)
         fs.put(str(cache.path), path, recursive=True)
+        # the manifest names the input tars relative to the cache: put them at the same place beside the copy
+        from pipeline.fsutil import resolve_recorded
+
+        for u in set(cache.manifest.column("url").to_pylist()):
+            if "://" not in u and not u.startswith("/"):
+                fs.put_file(resolve_recorded(u, cache.path), resolve_recorded(u, url))
     return Cache(url, expect_fingerprint=cache.attrs["fingerprint"])
 
 
@@ -205,7 +211,8 @@ def report_remote(times: dict, requests: dict, cache, st, none_key: str, k_views
     stored = sum(v for k, v in files.items() if k.split("/c/")[0] in names)
     per_row = stored / cache.spec.rows
     print(f"remote cache: {cache.spec.num_shards} shards x {len(names)} arrays read ({', '.join(names)}), "
-          f"{per_row:.0f} stored bytes per row of them")
+          f"{per_row:.0f} stored bytes per row of them; GETs and bytes of this process (the target reads; "
+          f"loader workers' image reads are their own)")
     for name, rows in requests.items():
         first = [r for r in rows if r[0] < k_views]
         later = [r for r in rows if r[0] >= k_views]

@@ -11,6 +11,7 @@ import errno
 import io
 import json
 import os
+import posixpath
 import shutil
 import tempfile
 from pathlib import Path
@@ -171,8 +172,9 @@ def resolve_recorded(path: str, base: str | Path) -> str:
     """The path an output recorded with :func:`recorded_path`, relative to its ``base`` folder."""
     if "://" in path or os.path.isabs(path):
         return path
-    if "://" in str(base):
-        return str(base).rstrip("/") + "/" + path
+    if "://" in str(base):  # a relative path beside a file on a store (a local cache copied there)
+        protocol, rest = str(base).split("://", 1)
+        return f"{protocol}://{posixpath.normpath(rest.rstrip('/') + '/' + path)}"
     return os.path.normpath(os.path.join(os.path.abspath(base), path))
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from .config import DEFAULT_CONFIG
 from .errors import PipelineError
 from .fsutil import fresh_dir, read_json, replace_dir
 from .graph import STUDENT, Runner
@@ -47,7 +48,7 @@ class ScratchStudents:
             raise PipelineError("distill.shared_workdir: false: the input shards were written into this workdir "
                                 f"(data.source {runner.cfg.data.source}); put them on the store and use "
                                 "data.source: shards with their URLs")
-        config = Path(args.config or "pipeline.yaml")
+        config = Path(args.config or DEFAULT_CONFIG)
         try:
             self.files = {CONFIG: config.read_bytes(), **upstream_files(recs)}
         except OSError as e:

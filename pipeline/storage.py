@@ -117,6 +117,9 @@ class Location:
         self.remote = is_url(self.url)
         self._fs = None
 
+    def __getstate__(self) -> dict:  # a store client does not cross process boundaries
+        return {"url": self.url, "remote": self.remote, "_fs": None}
+
     # ------------------------------------------------------------ naming
     def __truediv__(self, rel: str) -> "Location":
         child = Location(f"{self.url}/{str(rel).strip('/')}" if self.remote else str(Path(self.url) / str(rel)))
