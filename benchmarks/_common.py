@@ -22,12 +22,13 @@ def machine() -> str:
 
 
 def default_runner(workdir: str, overrides: list[str] | None = None):
-    from pipeline.config import check_models, load_config
+    from pipeline.config import load_config
     from pipeline.graph import Runner
 
     cfg = load_config(ROOT / "pipeline.yaml", overrides or [], workdir)
-    check_models(cfg)
-    return cfg, Runner(cfg)
+    runner = Runner(cfg)
+    runner.check_models()
+    return cfg, runner
 
 
 def best_of(fn, repeat: int = 3) -> float:

@@ -83,7 +83,7 @@ def main() -> None:
     print(f"dask 1 worker         : {mb / t1:8.1f} MB/s")
     print(f"dask 2 workers        : {mb / t2:8.1f} MB/s")
     print(f"2 workers / 1 worker  : {statistics.median(pairs):.3f}   (median of {len(pairs)} interleaved rounds: "
-          f"{', '.join(f'{r:.3f}' for r in pairs)}; goal >= 1.7)")
+          f"{', '.join(f'{r:.3f}' for r in pairs)}; target >= 1.7)")
     print(f"dask (2 workers) / numpy loop: {t_np / t2:.3f}")
 
 

@@ -54,7 +54,7 @@ def student_width(cfg, name: str) -> int:
     m = models.create(st.model, st.kwargs, cfg.data.num_classes).eval()
     with torch.no_grad():
         _, feats = models.intermediates(m, torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size),
-                                        [s for s, _ in st.layers])
+                                        [s for s, _ in st.pairs])
     widths = {int(f.shape[1]) for f in feats}
     if len(widths) != 1:
         raise SystemExit(f"student {name} has layers of widths {sorted(widths)}; this benchmark pools to one")

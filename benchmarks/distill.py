@@ -58,7 +58,7 @@ def main() -> None:
     import torch
 
     from stages import models
-    from stages.distill import Trainer
+    from stages.trainer import Trainer
     from cache.reader import open_cache
 
     cfg, runner = default_runner(wd, ["teacher.fit=null", *args.overrides])
@@ -113,7 +113,7 @@ def main() -> None:
     teacher = teacher.cpu()
     f_t, f_s = flops(teacher, cfg.data.image_size), flops(st_model, cfg.data.image_size)
     print(f"machine: {machine()}")
-    print(f"student {base.model} {base.kwargs}, batch {base.batch_size}, pairs {base.layers}; "
+    print(f"student {base.model} {base.kwargs}, batch {base.batch_size}, pairs {base.pairs}; "
           f"teacher {cfg.teacher.model}; {n} steps per epoch, median of {args.repeat} rounds of {per} epochs")
     k_views = cache.view_count("train")
     for k, v in med.items():
@@ -123,7 +123,8 @@ def main() -> None:
     ratio = [s / b for s, b in zip(times["spectral cached"], times[none_key])]
     cold_rounds = -(-k_views // per)  # rounds with an epoch whose view is read for the first time
     cold, warm = ratio[:cold_rounds], ratio[cold_rounds:]
-    print(f"cached spectral / no KD      : {float(np.median(ratio)):.3f}   (median of per-round ratios; goal <= 1.15)")
+    print(f"cached spectral / no KD      : {float(np.median(ratio)):.3f}   "
+          f"(median of per-round ratios; target <= 1.15)")
     print(f"  rounds reading targets from disk (first {k_views} epochs): {', '.join(f'{c:.3f}' for c in cold)}")
     if warm:
         print(f"  later rounds, targets in memory : median {float(np.median(warm)):.3f} of {len(warm)}")
@@ -248,7 +249,7 @@ def snapshot_cost(tr, train_epoch_s: float, repeat: int) -> None:
     n = max(1, every)
     print(f"snapshot epoch / plain epoch : {one:.3f}   (evaluation {1000 * plain:.0f} -> {1000 * snap:.0f} ms, "
           f"train {1000 * train_epoch_s:.0f} ms; per-step cost 0: statistics come from the evaluation's forward "
-          f"pass); over snapshot_every={n}: {1 + (one - 1) / n:.3f} (goal <= 1.05)")
+          f"pass); over snapshot_every={n}: {1 + (one - 1) / n:.3f} (target <= 1.05)")
 
 
 if __name__ == "__main__":

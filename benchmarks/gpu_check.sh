@@ -9,7 +9,7 @@
 # at 224 px with the 8 recipe layers, over an imagefolder of JPEGs at ImageNet-like sizes
 # (benchmarks/make_jpegs.py), the DeiT train policy replayed (RandAugment, erasing, mixup/cutmix) and
 # int8 spectra; then a DeiT-Tiny student at 224 from that cache against student-only steps.  Each
-# benchmark prints its ratio with the machine's description.  Goals on a GPU: extract >= 0.90 of the
+# benchmark prints its ratio with the machine's description.  Targets on a GPU: extract >= 0.90 of the
 # bare forward; cached SpectralKD <= 1.15 of a student-only step.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"

@@ -115,7 +115,7 @@ def runner_of(conf: Path, workdir: Path, upstream: list[Path]):
 def students(conf: Path, workdir: Path, upstream: list[Path], source: str) -> list[dict]:
     """One dict per student of ``conf``: its group (regime, kind, source, views), seed, top-1,
     seconds, and the intensity-profile distance analyze measured."""
-    from pipeline.graph import student_node
+    from pipeline.nodes import student_node
 
     cfg, runner = runner_of(conf, workdir, upstream)
     analyze = runner.record("analyze")

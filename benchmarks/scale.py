@@ -160,7 +160,7 @@ def main() -> None:
         old = worker_growth(_lookups_objects, objs, 0, m)
         line += f"; per-row Python objects (former layout, {m} rows): {old / m:6.1f} B/lookup"
     print(line)
-    print("goal at 1.28M x 10: plan < 30 s, < 100 B/row resident, no worker growth")
+    print("target at 1.28M x 10: plan < 30 s, < 100 B/row resident, no worker growth")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ the spectral one) three ways, each in a fresh workdir reading that extract throu
 * ``run distill --jobs 2``: 2 processes at a time, each pinned to one core with one thread;
 * ``distill.scheduler`` = a LocalCluster of 2 workers x 1 thread: one task per student.
 
-It prints the wall time of each (distill only; extract is shared) and the ratios to serial (goal
+It prints the wall time of each (distill only; extract is shared) and the ratios to serial (target
 <= 0.85 on 2 cores), then checks that the two one-thread ways give bit-identical metrics (same
 seed, same thread count) and prints how far the serial two-thread run's top-1 is from them.
 """
@@ -86,11 +86,11 @@ def main() -> None:
     print(f"machine: {where}")
     print(f"4 students x {args.epochs} epochs (default config, teacher not fitted), distill wall time:")
     for k, v in ways.items():
-        print(f"  {k:<10} {v:7.1f} s   / serial {v / ways['serial']:.3f}   (goal <= 0.85 for the parallel ways)")
+        print(f"  {k:<10} {v:7.1f} s   / serial {v / ways['serial']:.3f}   (target <= 0.85 for the parallel ways)")
     m = {k: metrics(root / d) for k, d in [("serial", "serial"), ("jobs", "jobs"), ("dask", "dask")]}
     assert set(m["jobs"]) == set(m["dask"]) == set(m["serial"]) and len(m["jobs"]) == 4, {k: list(v)
                                                                                           for k, v in m.items()}
-    keys = ("loss_total", "loss_spec", "val_top1", "val_loss")
+    keys = ("loss_total", "loss_spectral", "val_top1", "val_loss")
     same = all(a[k] == b[k] for n in m["jobs"] for a, b in zip(m["jobs"][n], m["dask"][n], strict=True) for k in keys)
     print(f"--jobs 2 and dask (1 thread each): metrics bit-identical for every student and epoch: {same}")
     for n in sorted(m["jobs"]):

@@ -29,6 +29,7 @@ from pipeline.fingerprint import diff
 from pipeline.storage import Location
 
 from .codec import decode
+from .forms import FORMS, features_of, spectra_of
 from .shardfile import ShardCorrupt, ShardDecoder
 from .layout import (FORMAT_VERSION, MANIFEST, SHARD_INDEX, CacheSpec, array_json, layer_array, marker_name,
                      meaning_digest, open_group, shard_key, spec_from_attrs)
@@ -43,6 +44,18 @@ def cache_path(record) -> Path | str:
     its summary records when extract wrote it to a store, else ``cache.zarr`` in its folder."""
     url = (getattr(record, "lock", None) or {}).get("summary", {}).get(CACHE_URL)
     return url if url else Path(record.path) / CACHE_DIR
+
+
+def commit_problems(where) -> list[str]:
+    """One line per file of a cache's commit (metadata, manifest, shard index) missing at ``where``
+    (a local folder or a store URL), or the store that cannot be reached."""
+    store = Location(where)
+    names = ("zarr.json", MANIFEST, SHARD_INDEX)
+    try:
+        present = {n for n in names if (store / n).exists()}
+    except OSError as e:
+        return [f"{store}: cannot be reached ({e})"]
+    return [f"{store / n} is missing" for n in names if n not in present]
 
 
 def open_cache(extract_record) -> "Cache":
@@ -179,20 +192,31 @@ class Cache:
             )
         return layers[index]
 
-    def read_layer(self, kind: str, index: int, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of the ``kind`` ('spectra' or 'features') of teacher layer ``index``:
-        spectra dense, (rows, C, H, W//2+1, 2) float16 at the stored width, whatever their encoding."""
-        if kind not in self.spec.store:
-            raise PipelineError(f"{self.path}: the cache stores no {kind} (extract.store = {list(self.spec.store)})")
+    def read_layer(self, form: str, index: int, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of teacher layer ``index`` in ``form``: 'spectra', the dense spectra
+        (rows, C, H, W//2+1, 2) float16 at the stored width whatever their encoding, or 'features',
+        the maps (rows, C, H, W).  A form the cache does not store is computed from the one it does
+        (:mod:`cache.forms`, float32): features from a spectral cache come at its stored width."""
+        if form not in FORMS:
+            raise PipelineError(f"read_layer: form {form!r} is not one of {', '.join(FORMS)}")
+        stored = [f for f in FORMS if f in self.spec.store]
+        if not stored:
+            raise PipelineError(f"{self.path}: the cache stores no teacher layers (extract.store = "
+                                f"{list(self.spec.store)})")
         layer = self.layer(index)
-        if kind == "features":
-            return self.read(layer_array(kind, layer.name), start, stop)
-        parts = {part: self.read(name, start, stop) for part, name in self.spec.spectrum_parts(layer).items()}
-        return decode(parts, layer.height, layer.width, self.spec.packed, self.spec.quantize)
+        source = form if form in stored else stored[0]
+        if source == "features":
+            values = self.read(layer_array("features", layer.name), start, stop)
+        else:
+            parts = {part: self.read(name, start, stop) for part, name in self.spec.spectrum_parts(layer).items()}
+            values = decode(parts, layer.height, layer.width, self.spec.packed, self.spec.quantize)
+        if source == form:
+            return values
+        return features_of(values, layer.width) if form == "features" else spectra_of(values)
 
     def require_width(self, index: int, channels: int, who: str) -> None:
         """Refuse a student layer of another width than a pooled layer's (a wider student than the
-        stored spectra is refused by :func:`stages.spectral.check_pair`)."""
+        stored width is refused before training by the trainer's pair checks)."""
         layer = self.layer(index)
         if layer.pooled is not None and channels != layer.pooled:
             raise PipelineError(

@@ -48,15 +48,18 @@ def main(argv=None) -> None:
 
     torch.manual_seed(st.seed)  # every rank starts from the same weights
     model = timm.create_model(st.model, num_classes=cfg.data.num_classes, **st.kwargs).to(device)
-    with torch.no_grad():
-        probe = features(model, torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size, device=device),
-                         s_layers)[1]
-    data = spectralkd.CacheDataset(cache, cfg.data, layers=t_layers, widths={t: f.shape[1] for t, f in
-                                                                            zip(t_layers, probe)}, views=st.views)
-    net = torch.nn.parallel.DistributedDataParallel(WithFeatures(model, s_layers),
-                                                    device_ids=[device.index] if cuda else None)
-    loss_fn = spectralkd.SpectralKDLoss.of(st.loss)
-    opt = timm.optim.create_optimizer_v2(model, opt=st.optimizer, lr=st.lr, weight_decay=st.weight_decay)
+    loss_fn = spectralkd.student_loss(cfg, args.student, model, cache).to(device)
+    reads = loss_fn.reads  # what the loss reads of the teacher
+    layers = s_layers if reads.reads_layers else []
+    widths = {p.teacher: p.student_shape[0] for p in loss_fn.pairs} if reads.pooled else None
+    data = spectralkd.CacheDataset(cache, cfg.data, logits=reads.logits, layers=t_layers if layers else (),
+                                   form=reads.form or "spectra", widths=widths, views=st.views)
+    ids = [device.index] if cuda else None
+    net = torch.nn.parallel.DistributedDataParallel(WithFeatures(model, layers), device_ids=ids)
+    trained = spectralkd.Trainable(model, loss_fn)  # the loss's extras train with the student, as the pipeline's
+    if any(True for _ in loss_fn.parameters()):
+        loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=ids)  # its gradients averaged too
+    opt = timm.optim.create_optimizer_v2(trained, opt=st.optimizer, lr=st.lr, weight_decay=st.weight_decay)
     sampler = torch.utils.data.distributed.DistributedSampler(data, shuffle=not args.in_order, seed=st.seed)
     loader = torch.utils.data.DataLoader(data, batch_size=st.batch_size, sampler=sampler)
 
@@ -68,13 +71,16 @@ def main(argv=None) -> None:
         for batch in loader:
             batch_targets = {k: v.to(device) for k, v in batch["targets"].items()}
             logits, feats = net(batch["x"].to(device))
-            terms = loss_fn(logits, batch["y"].to(device), batch_targets.get("logits"), feats,
-                            [batch_targets[t] for t in t_layers])
+            heads = logits if isinstance(logits, tuple) else (logits, None)  # a distillation token's second head
+            terms = loss_fn(spectralkd.StudentOutputs(heads[0], feats, heads[1]),
+                            spectralkd.TeacherTargets(batch_targets.get("logits"),
+                                                      [batch_targets[t] for t in t_layers if t in batch_targets]),
+                            batch["y"].to(device), epoch)
             opt.zero_grad(set_to_none=True)
-            terms.total.backward()
+            terms["total"].backward()
             opt.step()
             if args.log_steps:
-                line = json.dumps({"rank": rank, "step": step, "loss": terms.total.item(),
+                line = json.dumps({"rank": rank, "step": step, "loss": terms["total"].item(),
                                    "rows": batch["row"].tolist()})
                 sys.stdout.write(line + "\n")  # one write per line: the ranks share the terminal
                 sys.stdout.flush()
@@ -84,7 +90,7 @@ def main(argv=None) -> None:
         if args.steps is not None and step >= args.steps:
             break
         if rank == 0:
-            print(f"epoch {epoch + 1}: loss {terms.total.item():.4f} on rank 0", flush=True)
+            print(f"epoch {epoch + 1}: loss {terms['total'].item():.4f} on rank 0", flush=True)
     dist.destroy_process_group()
 
 

@@ -1,10 +1,10 @@
-"""Train a timm student from a cached teacher in a plain PyTorch loop, with the SpectralKD loss.
+"""Train a timm student from a cached teacher in a plain PyTorch loop, with its loss from the registry.
 
     python -m pipeline run extract          # the teacher, once (the embedded default)
     python examples/train_plain.py --student deit-spectral --epochs 2
 
-The student's model, layer pairs, loss weights and optimizer settings are read from its entry in
-pipeline.yaml; everything else is an ordinary training loop you can change.
+The student's model, layer pairs, loss (any registered method) and optimizer settings are read from
+its entry in pipeline.yaml; everything else is an ordinary training loop you can change.
 """
 
 from __future__ import annotations
@@ -41,12 +41,13 @@ def main(argv=None) -> None:
 
     torch.manual_seed(st.seed)
     model = timm.create_model(st.model, num_classes=cfg.data.num_classes, **st.kwargs)
-    with torch.no_grad():  # teacher targets pooled to the student's widths
-        probe = features(model, torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size), s_layers)[1]
-    data = spectralkd.CacheDataset(cache, cfg.data, layers=t_layers, widths={t: f.shape[1] for t, f in
-                                                                            zip(t_layers, probe)}, views=st.views)
-    loss_fn = spectralkd.SpectralKDLoss.of(st.loss)
-    opt = timm.optim.create_optimizer_v2(model, opt=st.optimizer, lr=st.lr, weight_decay=st.weight_decay)
+    loss_fn = spectralkd.student_loss(cfg, args.student, model, cache)  # extras sized from the pairs' shapes
+    reads = loss_fn.reads  # what the loss reads of the teacher: logits, layers as spectra or features, pooled
+    widths = {p.teacher: p.student_shape[0] for p in loss_fn.pairs} if reads.pooled else None
+    data = spectralkd.CacheDataset(cache, cfg.data, logits=reads.logits, layers=t_layers if reads.reads_layers else (),
+                                   form=reads.form or "spectra", widths=widths, views=st.views)
+    trained = spectralkd.Trainable(model, loss_fn)  # the loss's extras train with the student, as the pipeline's
+    opt = timm.optim.create_optimizer_v2(trained, opt=st.optimizer, lr=st.lr, weight_decay=st.weight_decay)
 
     step = 0
     for epoch in range(args.epochs):
@@ -55,19 +56,21 @@ def main(argv=None) -> None:
         loader = torch.utils.data.DataLoader(data, batch_size=st.batch_size, sampler=list(order))
         model.train()
         for batch in loader:
-            logits, feats = features(model, batch["x"], s_layers)
+            logits, feats = features(model, batch["x"], s_layers if reads.reads_layers else [])
             targets = batch["targets"]
-            terms = loss_fn(logits, batch["y"], targets.get("logits"), feats, [targets[t] for t in t_layers])
+            heads = logits if isinstance(logits, tuple) else (logits, None)  # a distillation token's second head
+            student = spectralkd.StudentOutputs(heads[0], feats, heads[1])
+            teacher = spectralkd.TeacherTargets(targets.get("logits"), [targets[t] for t in t_layers if t in targets])
+            terms = loss_fn(student, teacher, batch["y"], epoch)
             opt.zero_grad(set_to_none=True)
-            terms.total.backward()
+            terms["total"].backward()
             opt.step()
             if args.log_steps:
-                print(json.dumps({"step": step, "loss": terms.total.item(), "rows": batch["row"].tolist()}))
+                print(json.dumps({"step": step, "loss": terms["total"].item(), "rows": batch["row"].tolist()}))
             step += 1
             if args.steps is not None and step >= args.steps:
                 return
-        print(f"epoch {epoch + 1}: loss {terms.total.item():.4f} (ce {terms.ce.item():.3f} kd {terms.kd.item():.3f} "
-              f"spec {terms.spec.item():.4f})")
+        print(f"epoch {epoch + 1}: " + " ".join(f"{k} {v.item():.4f}" for k, v in terms.items()))
 
 
 def features(model, x, layers):

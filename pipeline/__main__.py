@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 from . import dist
-from .config import DEFAULT_CONFIG, ConfigError, check_models, load_config
+from .config import DEFAULT_CONFIG, ConfigError, load_config
 from .errors import PipelineError
 from .fsutil import atomic_write_text
-from .graph import STAGES, STUDENT, Runner, student_name
+from .graph import STAGES, Runner, stage_function
+from .nodes import STUDENT, student_name
 from .locking import LockedError
 
 log = logging.getLogger("pipeline")
@@ -179,7 +180,7 @@ def cmd_run(cfg, args) -> int:
     # (so an up-to-date workdir that is read-only for this user still answers)
     work = args.force or any(runner.state(n).status != "up to date" for n in runner.plan(args.stage))
     if work:
-        check_models(cfg)
+        runner.check_models()
     dist.init()
     forced = runner.forced_nodes(args.stage) if args.force else set()
     if work and _fans_out(cfg, args):
@@ -225,8 +226,9 @@ def _fan_out(cfg, args, runner: Runner, forced: set[str]) -> set[str]:
 def cmd_verify(cfg, args) -> int:
     from cache.verify import verify_stage
 
-    check_models(cfg)
-    problems = verify_stage(Runner(cfg), args.stage)
+    runner = Runner(cfg)
+    runner.check_models()
+    problems = verify_stage(runner, args.stage)
     for p in problems:
         print(p)
     if problems:
@@ -237,14 +239,14 @@ def cmd_verify(cfg, args) -> int:
 
 
 def cmd_select_layers(cfg, args) -> int:
-    check_models(cfg)
+    runner = Runner(cfg)
+    runner.check_models()
     if args.k < 1:
         raise ConfigError(f"select-layers --k: {args.k}; propose at least 1 layer")
     if args.student_depth is not None and args.student_depth < 1:
         raise ConfigError(f"select-layers --student-depth: {args.student_depth}; a depth is at least 1")
-    from stages.analyze import select_layers_cli
-
-    print(select_layers_cli(Runner(cfg), args.k, args.method, args.student_depth))  # may run analyze first
+    select_layers = stage_function("analyze", "select_layers_cli")
+    print(select_layers(runner, args.k, args.method, args.student_depth))  # may run analyze first
     return 0
 
 

@@ -1,9 +1,11 @@
 """The pipeline.yaml schema, in one place.
 
-Loading a config never does work: it parses YAML, applies ``--set`` overrides, validates the
-result against the pydantic models below and, through :func:`check_models`, against the timm
-models it names.  Every failure is a :class:`ConfigError` whose message is one line naming the key
-path, the offending value and what is allowed, e.g.::
+Loading a config never does work: it parses YAML, applies ``--set`` overrides and validates the
+result against the pydantic models below; a student's ``loss:`` section is the config of the
+method its ``kind`` names (the loss registry, ``losses/``).  The timm models a config names are
+checked before any work by :meth:`pipeline.graph.Runner.check_models`.  Every failure is a
+:class:`ConfigError` whose message is one line naming the key path, the offending value and what
+is allowed, e.g.::
 
     extract.layers[2]: 30 is out of range for cait_xxs24_224 (-8..7)
 """
@@ -11,67 +13,24 @@ path, the offending value and what is allowed, e.g.::
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+import losses
 
 from .errors import PipelineError
+from .schema import Section, operational
 
 DEFAULT_CONFIG = "pipeline.yaml"
 
 
 class ConfigError(PipelineError):
     """A config problem, reported as one line naming the key path at fault."""
-
-
-def operational(default: Any, **constraints: Any) -> Any:
-    """A field that decides how a stage runs (workers, devices, memory budgets), not what it outputs:
-    :func:`decisive` leaves it out, so fingerprints ignore it."""
-    return Field(default, json_schema_extra={"operational": True}, **constraints)
-
-
-def is_operational(field) -> bool:
-    """Whether a pydantic field was declared with :func:`operational`."""
-    return bool((field.json_schema_extra or {}).get("operational"))
-
-
-def decisive(model: BaseModel) -> dict:
-    """``model_dump(mode="json")`` without its operational fields, at every level (models inside
-    lists and dicts included): what goes into a fingerprint."""
-    out = model.model_dump(mode="json")
-    for name, field in type(model).model_fields.items():
-        if is_operational(field):
-            out.pop(name, None)
-        else:
-            out[name] = _decisive_value(getattr(model, name), out[name])
-    return out
-
-
-def _decisive_value(value: Any, dumped: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return decisive(value)
-    if isinstance(value, (list, tuple)) and any(isinstance(v, BaseModel) for v in value):
-        return [_decisive_value(v, d) for v, d in zip(value, dumped)]
-    if isinstance(value, dict) and any(isinstance(v, BaseModel) for v in value.values()):
-        return {k: _decisive_value(v, dumped[k]) for k, v in value.items()}
-    return dumped
-
-
-class _Model(BaseModel):
-    """Every config section: unknown keys, inf/nan and booleans in numeric fields are refused."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_for_numbers(cls, v: Any, info) -> Any:
-        """YAML's ``true`` is not a count or a rate (pydantic would read it as 1)."""
-        if isinstance(v, bool) and not _accepts_bool(cls.model_fields[info.field_name].annotation):
-            raise ValueError("a true/false value where a number or text is expected")
-        return v
 
 
 def _keys(tree: Any) -> list[str]:
@@ -83,16 +42,10 @@ def _keys(tree: Any) -> list[str]:
     return []
 
 
-def _accepts_bool(ann: Any) -> bool:
-    if ann is bool or ann is Any:
-        return True
-    return any(_accepts_bool(a) for a in getattr(ann, "__args__", ()) or ())
-
-
 # --------------------------------------------------------------------------- data
 
 
-class AugmentConfig(_Model):
+class AugmentConfig(Section):
     """The train-view policy, with the arguments of timm's ``create_transform(is_training=True)``:
     random-resized crop, flip, RandAugment or color jitter, random erasing.  Used by the teacher fit,
     extract's train views and fresh views; every draw is stored per view (``stages.views``)."""
@@ -130,9 +83,7 @@ class AugmentConfig(_Model):
     @classmethod
     def _rand_augment(cls, v: str | None) -> str | None:
         if v:
-            from stages.views import RandAugment
-
-            RandAugment.parse(v)
+            rand_augment_options(v)
         return v or None
 
     @field_validator("color_jitter")
@@ -155,7 +106,48 @@ class AugmentConfig(_Model):
         return self
 
 
-class EvalConfig(_Model):
+# RandAugment's magnitude scale in timm (_LEVEL_DENOM): magnitudes run 0..10 unless `mmax` says otherwise
+RAND_AUGMENT_LEVELS = 10.0
+
+
+def rand_augment_options(text: str) -> dict[str, Any]:
+    """The options of timm's RandAugment string (``rand-m9-mstd0.5-inc1``), by timm's grammar:
+    sections ``m`` (magnitude), ``n`` (layers), ``p`` (probability), ``mstd`` (magnitude sd; over 100
+    means uniform in [0, m]), ``mmax`` (magnitude clip), ``inc`` (the increasing op set).  Other
+    policies (AutoAugment, AugMix, TrivialAugment, weighted op sets) are refused by name.  The op
+    tables are ``stages.views.RandAugment``'s."""
+    parts = text.split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"{text!r}: only timm's RandAugment strings ('rand-m9-mstd0.5-inc1') are replayed; "
+                         f"AutoAugment, AugMix and TrivialAugment policies are not")
+    out: dict[str, Any] = {"magnitude": 10.0, "layers": 2, "prob": 0.5, "magnitude_std": 0.0,
+                           "magnitude_max": RAND_AUGMENT_LEVELS, "increasing": False}
+    for section in parts[1:]:
+        key, value = re.match(r"([a-z]*)(.*)", section).groups()
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{text!r}: section {section!r} is not a RandAugment option (m, n, p, mstd, mmax, "
+                             f"inc with a number; op sets 't...' are not replayed)") from None
+        if key == "m":
+            out["magnitude"] = number
+        elif key == "n" and number == int(number) and 1 <= number <= 16:
+            out["layers"] = int(number)
+        elif key == "p" and 0 <= number <= 1:
+            out["prob"] = number
+        elif key == "mstd" and number >= 0:
+            out["magnitude_std"] = math.inf if number > 100 else number
+        elif key == "mmax" and number > 0:
+            out["magnitude_max"] = number
+        elif key == "inc":
+            out["increasing"] = bool(int(number))
+        else:
+            raise ValueError(f"{text!r}: section {section!r} is not a valid RandAugment option "
+                             f"(m, n in 1..16, p in [0, 1], mstd >= 0, mmax > 0, inc)")
+    return out
+
+
+class EvalConfig(Section):
     """Val views: timm's eval transform (shorter side resized to ``image_size / crop_pct``, centre
     crop), or with ``crop_pct: null`` the whole image resized to a square."""
 
@@ -171,7 +163,7 @@ OptimizerName = Annotated[str, Field(pattern=r"^[a-z0-9_]+$")]
 Views = Union[Annotated[int, Field(ge=1)], Literal["fresh"]]
 
 
-class DataConfig(_Model):
+class DataConfig(Section):
     source: Literal["digits", "imagefolder", "shards"] = "digits"
     root: str | None = None
     image_size: int = Field(32, ge=8, le=1024)
@@ -223,7 +215,7 @@ class DataConfig(_Model):
 # --------------------------------------------------------------------------- teacher
 
 
-class FitConfig(_Model):
+class FitConfig(Section):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)
@@ -236,7 +228,7 @@ class FitConfig(_Model):
     num_workers: int = operational(0, ge=0)
 
 
-class TeacherConfig(_Model):
+class TeacherConfig(Section):
     model: str = "cait_xxs24_224"
 
     @model_validator(mode="after")
@@ -261,7 +253,7 @@ class TeacherConfig(_Model):
 # --------------------------------------------------------------------------- extract
 
 
-class CompressConfig(_Model):
+class CompressConfig(Section):
     """How the cache encodes the teacher's layer spectra (README "Compact cache"; ``cache.codec``).
 
     packed: only the H*W free numbers of each channel's rfft2 half-spectrum (lossless).
@@ -283,7 +275,7 @@ class CompressConfig(_Model):
         return v
 
 
-class ExtractConfig(_Model):
+class ExtractConfig(Section):
     layers: list[int] = [0, 1, 6, 7]
     views: int = Field(2, ge=1)
     store: list[Literal["logits", "spectra", "features"]] = ["logits", "spectra"]
@@ -341,38 +333,12 @@ class ExtractConfig(_Model):
 # --------------------------------------------------------------------------- distill
 
 
-# the official DistillationLoss types (stages.spectral.spectralkd_loss): 'spectral' is the official
-# 'soft', 'spectral_only' the official 'fft'; 'logits' is soft KD without the spectral term
-LOSS_KINDS = ("none", "logits", "spectral", "spectral_only", "hard")
-LossKind = Literal["none", "logits", "spectral", "spectral_only", "hard"]
-
-
-def has_spectral_term(kind: str, pairs) -> bool:
-    """Whether a loss of ``kind`` with these layer pairs has the spectral term: always for
-    'spectral' and 'spectral_only', for 'hard' when it has pairs (as the official code)."""
-    return kind in ("spectral", "spectral_only") or (kind == "hard" and bool(pairs))
-
-
-def needs_teacher_logits(kind: str) -> bool:
-    """Whether a loss of ``kind`` reads the teacher's logits ('spectral_only' reads only spectra)."""
-    return kind in ("logits", "spectral", "hard")
-
-
-class LossConfig(_Model):
-    kind: LossKind = "spectral"
-    alpha: float = Field(0.9, ge=0, le=1)
-    tau: float = Field(1.0, gt=0)
-    beta: float = Field(1.0, ge=0)
-    w_fft: float = Field(0.2, ge=0)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
-
-
 # experiment trackers a student can log to (stages.tracking); operational: they enter no fingerprint
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 Tracker = Literal["tensorboard", "mlflow", "wandb"]
 
 
-class TrainDefaults(_Model):
+class TrainDefaults(Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -414,12 +380,12 @@ TEACHER_NAME = "teacher"
 RESERVED_NAMES = (TEACHER_NAME,)
 
 
-class StudentConfig(_Model):
+class StudentConfig(Section):
     name: str
     model: str
     kwargs: dict[str, Any] = {}
-    layers: list[tuple[int, int]] = []
-    loss: LossConfig = LossConfig()
+    pairs: list[tuple[int, int]] = []  # [student layer, teacher layer] for the losses that compare layers
+    loss: losses.LossConfig = losses.DEFAULT
     epochs: int | None = Field(None, ge=1)
     batch_size: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0)
@@ -449,13 +415,14 @@ class StudentConfig(_Model):
         return v
 
     @model_validator(mode="after")
-    def _layers(self) -> "StudentConfig":
-        if self.loss.kind in ("spectral", "spectral_only") and not self.layers:
-            raise ValueError(f"loss.kind {self.loss.kind!r} needs layers: [[student_layer, teacher_layer], ...]")
+    def _pairs(self) -> "StudentConfig":
+        why = losses.check(self.loss, self.pairs)
+        if why:
+            raise ValueError(why)
         return self
 
 
-class SweepConfig(_Model):
+class SweepConfig(Section):
     """A grid of students made from one base student (README "Many students").
 
     base: a student entry; every run of the grid starts from it.
@@ -522,7 +489,7 @@ def _as_student(entry: Any) -> dict:
     return (entry if isinstance(entry, StudentConfig) else StudentConfig.model_validate(entry)).model_dump()
 
 
-class DistillConfig(_Model):
+class DistillConfig(Section):
     defaults: TrainDefaults = TrainDefaults()
     students: list[StudentConfig] = []
     sweep: list[SweepConfig] = []
@@ -579,7 +546,7 @@ class DistillConfig(_Model):
 # --------------------------------------------------------------------------- analyze
 
 
-class AnalyzeConfig(_Model):
+class AnalyzeConfig(Section):
     workers: int = operational(2, ge=1)
     threads_per_worker: int = operational(1, ge=1)
     scheduler: str | None = operational(None)
@@ -631,7 +598,7 @@ def check_scheduler_address(v: str | None) -> str | None:
     return v
 
 
-class PipelineConfig(_Model):
+class PipelineConfig(Section):
     workdir: str = operational("work")  # where outputs live: the same outputs wherever they are
     # other workdirs (read only) whose up-to-date outputs this one uses, e.g. a lab's shared cache
     upstream_workdirs: list[str] = operational([])
@@ -647,10 +614,11 @@ class PipelineConfig(_Model):
         for i, s in enumerate(self.distill.students):
             st = resolve_student(s, self.distill.defaults)
             where = f"distill.students[{i}] ({s.name})"
-            spectral = has_spectral_term(st.loss.kind, st.layers)
-            if st.mode == "cached" and spectral and "spectra" not in self.extract.store:
-                raise ValueError(f"{where} is a cached spectral student but extract.store has no 'spectra'")
-            if st.views == "fresh" and st.mode == "cached" and st.loss.kind != "none":
+            needs = losses.needs(st.loss, st.pairs)
+            if st.mode == "cached" and needs.reads_layers and not {"spectra", "features"} & set(self.extract.store):
+                raise ValueError(f"{where} reads teacher layers ({st.loss.kind}) but extract.store holds neither "
+                                 f"'spectra' nor 'features'")
+            if st.views == "fresh" and st.mode == "cached" and needs.reads_teacher:
                 raise ValueError(f"{where}: views 'fresh' needs mode: online (the cache holds teacher targets "
                                  f"for its {self.extract.views} stored views only)")
             if isinstance(st.views, int) and st.views > self.extract.views:
@@ -674,14 +642,14 @@ class PipelineConfig(_Model):
         raise ConfigError(f"--student: {name!r} is not a student in distill.students ({names})")
 
 
-class ResolvedStudent(_Model):
+class ResolvedStudent(Section):
     """A student with the shared defaults filled in: what decides its training."""
 
     name: str
     model: str
     kwargs: dict[str, Any]
-    layers: list[tuple[int, int]]
-    loss: LossConfig
+    pairs: list[tuple[int, int]]
+    loss: losses.LossConfig
     epochs: int
     batch_size: int
     lr: float
@@ -728,18 +696,41 @@ def _fmt_loc(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
-    """The field names of the sub-model that holds ``loc`` (for unknown-key messages)."""
+def _walk_loc(model: type[BaseModel], loc: tuple[Any, ...], keep_last: bool) -> tuple[tuple[Any, ...], Any]:
+    """(the config key path of an error, the section model holding its last key).  The path keeps
+    field names and list indices, without pydantic's union and validator branch tags
+    ('constrained-int', "literal['auto']", 'function-after[...]'); a tag that names a member of a
+    tagged union (a loss's kind) selects that member's fields for what follows."""
+    out: list[Any] = []
     cur: Any = model
-    for part in loc[:-1]:
+    ann: Any = None
+    holder: Any = model
+    for i, part in enumerate(loc):
         if isinstance(part, int):
-            continue
-        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
-            return None
-        ann = cur.model_fields[part].annotation
-        cur = _unwrap(ann)
-    if isinstance(cur, type) and issubclass(cur, BaseModel):
-        return list(cur.model_fields)
+            out.append(part)
+        elif isinstance(cur, type) and issubclass(cur, BaseModel) and part in cur.model_fields:
+            out.append(part)
+            holder = cur
+            ann = cur.model_fields[part].annotation
+            cur = _unwrap(ann)
+        elif (member := _tagged(ann, part)) is not None:
+            cur = member
+        elif keep_last and i == len(loc) - 1:
+            out.append(part)
+            holder = cur
+    return tuple(out), holder
+
+
+def _tagged(ann: Any, tag: Any) -> Any:
+    """The member of a tagged union (``Annotated[X, Tag(tag)]`` inside ``ann``) that ``tag`` names."""
+    from pydantic import Tag
+
+    for a in getattr(ann, "__args__", None) or ():
+        if any(isinstance(m, Tag) and m.tag == tag for m in getattr(a, "__metadata__", ())):
+            return _unwrap(a)
+        found = _tagged(a, tag)
+        if found is not None:
+            return found
     return None
 
 
@@ -754,30 +745,14 @@ def _unwrap(ann: Any) -> Any:
     return ann
 
 
-def _clean_loc(model: type[BaseModel], loc: tuple[Any, ...], keep_last: bool) -> tuple[Any, ...]:
-    """The config key path of an error: field names and list indices, without pydantic's union
-    and validator branch tags ('constrained-int', "literal['auto']", 'function-after[...]')."""
-    out: list[Any] = []
-    cur: Any = model
-    for i, part in enumerate(loc):
-        if isinstance(part, int):
-            out.append(part)
-        elif isinstance(cur, type) and issubclass(cur, BaseModel) and part in cur.model_fields:
-            out.append(part)
-            cur = _unwrap(cur.model_fields[part].annotation)
-        elif keep_last and i == len(loc) - 1:
-            out.append(part)
-    return tuple(out)
-
-
 def format_validation_error(err: ValidationError, model: type[BaseModel] = PipelineConfig) -> str:
     errors = err.errors(include_url=False)
     e = errors[0]
-    loc = _clean_loc(model, tuple(e["loc"]), keep_last=e["type"] == "extra_forbidden")
+    loc, holder = _walk_loc(model, tuple(e["loc"]), keep_last=e["type"] == "extra_forbidden")
     path = _fmt_loc(loc) or "<root>"
     value = e.get("input")
     if e["type"] == "extra_forbidden":
-        allowed = _allowed_keys(model, loc)
+        allowed = list(holder.model_fields) if isinstance(holder, type) and issubclass(holder, BaseModel) else None
         hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
         return f"{path}: unknown key{hint}"
     if e["type"] == "missing":
@@ -785,7 +760,7 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] = Pipel
     # a union (e.g. a count or 'auto') fails once per branch: name every allowed form
     msgs = []
     for x in errors:
-        if _clean_loc(model, tuple(x["loc"]), False) == loc:
+        if _walk_loc(model, tuple(x["loc"]), False)[0] == loc:
             m = x["msg"].removeprefix("Value error, ")
             if m not in msgs:
                 msgs.append(m)
@@ -919,14 +894,3 @@ def config_from_dict(
         return PipelineConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
-
-
-# --------------------------------------------------------------------------- model checks
-
-
-def check_models(cfg: PipelineConfig):
-    """Validate model names, kwargs and layer indices against timm before any work; returns the
-    resolved models (:func:`stages.models.plan_models`, the one place that asks timm)."""
-    from stages.models import plan_models
-
-    return plan_models(cfg)

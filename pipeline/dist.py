@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+CPUS_ENV = "PIPELINE_CPUS"  # the cores a process may use (stages.models.usable_cores), set per student by fanout
+
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -29,12 +29,12 @@ import uuid
 from dataclasses import dataclass
 
 from .config import DEFAULT_CONFIG
+from .dist import CPUS_ENV
 from .errors import PipelineError
-from .graph import STUDENT as STUDENT_NODE
+from .nodes import STUDENT as STUDENT_NODE
 
 log = logging.getLogger("pipeline")
 
-CPUS_ENV = "PIPELINE_CPUS"  # read by stages.models.usable_cores: the cores a student process may use
 # A process that starts a Dask LocalCluster gets the nanny's MALLOC_TRIM_THRESHOLD_=65536 in its own
 # environment; a student inheriting it trains 1.5x slower on CPU (glibc then maps and unmaps every
 # large tensor), so the Dask path drops exactly that value.

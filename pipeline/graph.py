@@ -25,27 +25,18 @@ from pathlib import Path
 from typing import Callable
 
 from . import dist, storage
-from .config import PipelineConfig, decisive
+from .config import PipelineConfig
+from .schema import decisive
 from .fingerprint import diff, file_digest, fingerprint, library_versions
 from .errors import PipelineError
 from .fsutil import atomic_write_json, fresh_dir, read_json, replace_dir
 from .locking import OutputLock, describe_holder, held_by
+from .nodes import FAILED, student_name, student_node
 
 log = logging.getLogger("pipeline")
 
 STAGES = ("prepare", "teacher", "extract", "distill", "analyze")
-STUDENT = "distill/"  # student nodes are named distill/<student name>
-FAILED = "failed.json"
 SUMMARY_WAIT_S = 600.0  # how long a run waits for another writing the distill summary
-
-
-def student_node(name: str) -> str:
-    return STUDENT + name
-
-
-def student_name(node: str) -> str | None:
-    """The student a node ``distill/<name>`` trains, or None for a stage."""
-    return node[len(STUDENT):] if node.startswith(STUDENT) else None
 
 
 # What decides each stage's output: whole config sections, every field of them (``decisive``: all but
@@ -218,6 +209,12 @@ def student_stage(node: str) -> Stage:
                  entry="run_student", distributed=True, problems=_module_problems("stages.distill"))
 
 
+def stage_function(stage: str, name: str) -> Callable:
+    """Function ``name`` of stage ``stage``'s module (a command the CLI offers, e.g. analyze's
+    ``select_layers_cli``): the graph is how the pipeline reaches its stages."""
+    return getattr(importlib.import_module(GRAPH[stage].module), name)
+
+
 def stage_of(node: str) -> Stage:
     return student_stage(node) if student_name(node) is not None else GRAPH[node]
 
@@ -360,6 +357,11 @@ class Runner:
             return self.workdir / "distill" / "students" / f"{student}.latest.json"
         return self.workdir / name / "latest.json"
 
+    def check_models(self):
+        """Check the config's timm models, layer indices and losses before any work (a ConfigError
+        naming the key at fault); returns :attr:`model_plan`."""
+        return self.model_plan
+
     @property
     def model_plan(self):
         """The config's models resolved once (:func:`stages.models.plan_models`)."""
@@ -383,6 +385,10 @@ class Runner:
     # ------------------------------------------------------------ state
     def record(self, name: str) -> Record | None:
         return self.checked_record(name)[0]
+
+    def student_record(self, name: str) -> Record | None:
+        """The completed output of student ``name`` (node ``distill/<name>``) for the current config."""
+        return self.record(student_node(name))
 
     def checked_record(self, name: str) -> tuple[Record | None, list[str]]:
         """The completed output of ``name`` for the current config, in this workdir or else in an
@@ -536,9 +542,7 @@ class Runner:
     def _entry(self, name: str, entry: Callable[[Context], dict | None], ctx: Context, final: Path) -> dict:
         """Run a stage's entry; a stage that fails (bad input, a non-finite teacher...) is recorded in
         ``failed.json`` in its output folder, which ``status`` shows, and the next run retries it.
-        Students record their own failures (:func:`stages.distill.run_student`)."""
-        if student_name(name) is not None:
-            return entry(ctx) or {}
+        A student's failure is recorded beside its checkpoint, which the retry resumes from."""
         record = final / FAILED
         if dist.is_main():
             record.unlink(missing_ok=True)
@@ -547,6 +551,7 @@ class Runner:
         except PipelineError as e:
             if dist.is_main():
                 try:
+                    final.mkdir(parents=True, exist_ok=True)
                     atomic_write_json(record, {"stage": name, "fingerprint": ctx.fingerprint, "error": str(e)})
                 except OSError as w:  # a full disk: the stage's own error is what the user needs
                     log.warning(f"{name}: the failure could not be recorded ({w})")

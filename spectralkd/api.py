@@ -7,7 +7,7 @@ from pathlib import Path
 from cache.reader import CACHE_DIR, Cache
 from pipeline.storage import is_url
 from cache.reader import open_cache as open_extract_record
-from pipeline.config import DEFAULT_CONFIG, PipelineConfig, check_models, config_from_dict, load_config
+from pipeline.config import DEFAULT_CONFIG, PipelineConfig, config_from_dict, load_config
 from pipeline.errors import PipelineError
 from pipeline.graph import Record, Runner, State
 
@@ -63,7 +63,7 @@ def run(config: str | Path | dict | PipelineConfig | None = None, stage: str = "
     cfg = load(config, workdir, overrides)
     runner = Runner(cfg, {"students": students})
     if force or any(runner.state(n).status != "up to date" for n in runner.plan(stage)):
-        check_models(cfg)
+        runner.check_models()
     return runner.run(stage, force=force)
 
 

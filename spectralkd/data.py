@@ -19,7 +19,7 @@ from cache.reader import Cache
 from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
 from stages.data import ViewDataset, per_class_subset
-from stages.spectral import inverse_spectrum, pool_channels
+from stages.spectral import pool_channels
 
 LayerForm = Literal["spectra", "features"]
 
@@ -34,8 +34,8 @@ class CacheDataset(torch.utils.data.Dataset):
         split: 'train' or 'val'.
         logits: whether items carry the teacher's logits.
         layers: teacher layer indices whose targets items carry (as ``extract.layers`` counts them).
-        form: 'spectra' (dense rfft2, (C, H, W//2+1, 2)) or 'features' ((C, H, W): the stored
-            features, else the inverse rfft2 of the stored spectra).
+        form: 'spectra' (dense rfft2, (C, H, W//2+1, 2)) or 'features' ((C, H, W)), each the stored
+            one or computed from the other (:meth:`cache.reader.Cache.read_layer`).
         widths: teacher layer -> the channel width its target is average-pooled to (a student's
             width), or one width for every layer; None keeps the stored width.
         views: K', the first K' of the cache's train views (epoch e reads view e mod K'); None: all.
@@ -109,13 +109,7 @@ class CacheDataset(torch.utils.data.Dataset):
         return out
 
     def _layer_target(self, t: int, row: int) -> torch.Tensor:
-        layer = self.cache.layer(t)
-        if self.form == "features" and "features" in self.cache.spec.store:
-            v = torch.from_numpy(self._unit_row(("features", t), row).astype(np.float32))
-        else:
-            v = torch.from_numpy(self._unit_row(("spectra", t), row).astype(np.float32))
-            if self.form == "features":
-                v = inverse_spectrum(v, layer.width)
+        v = torch.from_numpy(self._unit_row((self.form, t), row).astype(np.float32))
         w = self.widths.get(t)
         return pool_channels(v[None], w)[0] if w is not None and w != v.shape[0] else v
 
@@ -159,7 +153,7 @@ class CacheDataset(torch.utils.data.Dataset):
 def recorded_data(cache: Cache) -> DataConfig:
     """The ``data:`` section a cache records, checked against the inputs its fingerprint hashes
     (every field that decides the views is among them)."""
-    from pipeline.config import decisive
+    from pipeline.schema import decisive
     from pipeline.fingerprint import fingerprint
 
     try:

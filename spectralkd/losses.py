@@ -1,32 +1,41 @@
-"""The SpectralKD objective as an ``nn.Module`` (:func:`stages.spectral.spectralkd_loss`)."""
+"""The registry's losses as ``nn.Module``s for a training loop of one's own (``losses/``).
+
+``loss(kind, **fields)`` makes any registered method; ``student_loss(config, name, model, cache)``
+makes a configured student's, its trainable extras sized as the pipeline's trainer sizes them.
+A loss is called as ``loss(StudentOutputs(logits, features), TeacherTargets(logits, layers), labels)``
+and returns ``{"total": ..., <term>: ...}``; ``loss.reads`` says what it reads of the teacher (the
+logits, the paired layers as 'spectra' or 'features', pooled to the student's width or not).
+"""
 
 from __future__ import annotations
 
 import torch
 
-from stages.spectral import LossTerms, spectralkd_loss
+import losses
+from cache.reader import Cache
+from losses import DistillLoss, LayerPair
+from pipeline.config import PipelineConfig
 
 
-class SpectralKDLoss(torch.nn.Module):
-    """``loss(student_logits, labels, teacher_logits, student_feats, teacher_specs)`` -> LossTerms
-    (``total`` to backpropagate; ``ce``, ``kd``, ``spec`` to log), the official DistillationLoss
-    types selected by ``kind`` ('none', 'logits', 'spectral', 'spectral_only', 'hard'), with the
-    weights of a student's ``loss:`` section."""
+def loss(kind: str = "spectral", pairs: tuple[LayerPair, ...] = (), num_classes: int = 0, **fields) -> DistillLoss:
+    """The registered method ``kind`` with these config ``fields`` (its defaults for the rest);
+    ``pairs`` size its extras (a method with a regressor needs the maps' shapes)."""
+    cls = losses.loss_class(kind)
+    return losses.build(cls.Config(kind=kind, **fields), pairs, num_classes)
 
-    def __init__(self, kind: str = "spectral", alpha: float = 0.9, tau: float = 1.0, beta: float = 1.0,
-                 w_fft: float = 0.2, label_smoothing: float = 0.1):
-        super().__init__()
-        self.kind, self.alpha, self.tau, self.beta = kind, alpha, tau, beta
-        self.w_fft, self.label_smoothing = w_fft, label_smoothing
 
-    @classmethod
-    def of(cls, loss_config) -> "SpectralKDLoss":
-        """The loss a student's ``loss:`` section (:class:`pipeline.config.LossConfig`) declares."""
-        return cls(**loss_config.model_dump())
+def student_loss(config: PipelineConfig, name: str, model: torch.nn.Module, cache: Cache) -> DistillLoss:
+    """Student ``name``'s loss for its timm ``model``: the config's loss section, its layer pairs with
+    the student's and the cached teacher's shapes, ``model`` set up for it (a distillation token's
+    second head).  The pipeline's trainer builds the same module."""
+    from stages.pairs import feature_shapes, shaped_pairs
 
-    def forward(self, student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,
-                student_feats: list[torch.Tensor] | None = None,
-                teacher_specs: list[torch.Tensor] | None = None) -> LossTerms:
-        return spectralkd_loss(student_logits, labels, teacher_logits, student_feats, teacher_specs, kind=self.kind,
-                               alpha=self.alpha, tau=self.tau, beta=self.beta, w_fft=self.w_fft,
-                               label_smoothing=self.label_smoothing)
+    from .api import layer_pairs
+
+    st = config.student(name)
+    needs = losses.needs(st.loss, st.pairs)
+    pairs = layer_pairs(config, name) if needs.reads_layers else ()
+    shapes = feature_shapes(model, [s for s, _ in pairs], config.data.image_size)
+    fn = losses.build(st.loss, shaped_pairs(pairs, shapes, cache, needs, name), config.data.num_classes)
+    fn.prepare(model)
+    return fn

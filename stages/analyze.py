@@ -29,12 +29,13 @@ from cache.verify import DIGESTS, digest_problems, file_digests, recorded_bytes,
 from pipeline.config import TEACHER_NAME, PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write, atomic_write_text
-from pipeline.graph import student_node
+from pipeline.nodes import student_node
 
 from . import models
 from .data import ViewDataset, sequential_batches, view_loader
-from .dynamics import plot_dynamics, read_snapshots, report_section, save_figure, student_dynamics
-from .spectral import (channel_entropy_sum, channel_spectrum_sum, inverse_spectrum, profile_distance,  # noqa: F401
+from .dynamics import plot_dynamics, read_snapshots, student_dynamics
+from .report import make_report, plot_across_depth, plot_channel_spectra
+from .spectral import (channel_entropy_sum, channel_spectrum_sum, profile_distance,  # noqa: F401
                        radial_energy_sum)
 
 log = logging.getLogger("pipeline")
@@ -133,71 +134,13 @@ def write_cached_teacher_layers(store: FeatureStore, cache, rows: tuple[int, int
         arr = store.new_array(TEACHER, layer.name, n, layer.feature_shape(), rows_per_shard)
         for s in range(0, n, rows_per_shard):
             e = min(n, s + rows_per_shard)
-            if "features" in cache.spec.store:
-                block = cache.read_layer("features", layer.index, a0 + s, a0 + e)
-            else:
-                spectra = torch.from_numpy(cache.read_layer("spectra", layer.index, a0 + s, a0 + e))
-                block = inverse_spectrum(spectra, layer.width).numpy().astype(np.float16)
-            store.write_shard(arr, s // rows_per_shard, block)
+            block = cache.read_layer("features", layer.index, a0 + s, a0 + e)  # stored, or irfft2 of the spectra
+            store.write_shard(arr, s // rows_per_shard, block.astype(np.float16, copy=False))
         done.append(layer.index)
     return done
 
 
 # ----------------------------------------------------------------------------- outputs
-
-
-def plot_across_depth(int_rows: list[dict], quantity: str, ylabel: str, title: str, path: Path) -> dict:
-    """One of ``intensity.parquet``'s quantities against relative depth, one line per model (the
-    teacher in bold); returns what the figure shows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    by_model: dict[str, list[dict]] = {}
-    for r in int_rows:
-        by_model.setdefault(r["model"], []).append(r)
-    for model, rs in by_model.items():
-        rs = sorted(rs, key=lambda r: r["depth_frac"])
-        style = dict(color="black", linewidth=2.5, marker="o") if model == TEACHER else dict(marker=".")
-        ax.plot([r["depth_frac"] for r in rs], [r[quantity] for r in rs], label=model, **style)
-    ax.set_xlabel("relative depth (layer / (depth - 1))")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    legend = ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
-    shown = {"legend": [t.get_text() for t in legend.get_texts()], "xlabel": ax.get_xlabel(),
-             "ylabel": ax.get_ylabel(), "lines": {l.get_label(): len(l.get_xdata()) for l in ax.get_lines()}}
-    plt.close(fig)
-    return shown
-
-
-def _plot_spectra(rows: list[dict], model: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    layers = sorted({r["layer"] for r in rows if r["model"] == model})
-    cmap = plt.get_cmap("viridis")
-    for i, layer in enumerate(layers):
-        rs = sorted((r for r in rows if r["model"] == model and r["layer"] == layer), key=lambda r: r["frequency"])
-        c = len(rs)
-        half = rs[: c // 2 + 1]  # |FFT| of a real signal is symmetric
-        ax.plot([r["frequency"] for r in half], [r["value"] for r in half], color=cmap(i / max(1, len(layers) - 1)),
-                label=f"layer {layer}")
-    ax.set_xlabel("channel frequency f")
-    ax.set_ylabel("S_l(f)")
-    ax.set_yscale("log")
-    ax.set_title(f"Channel spectra per layer: {model}")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
 
 
 def _write_table(path: Path, rows: list[dict]) -> None:
@@ -279,7 +222,7 @@ def run(ctx) -> dict:
                       "Channel entropy across depth (val split, final models)", out / "channel_entropy.png")
     plots = ["intensity.png", "channel_entropy.png"]
     for model in models_seen.layer_index:
-        _plot_spectra(tables["channel_spectra"], model, out / f"channel_spectra_{model}.png")
+        plot_channel_spectra(tables["channel_spectra"], model, out / f"channel_spectra_{model}.png")
         plots.append(f"channel_spectra_{model}.png")
     if tables["dynamics"]:
         plots += plot_dynamics(tables["dynamics"], out)
@@ -426,62 +369,6 @@ def top_layers(teacher_rows: list[dict], k: int) -> list[int]:
     return [r["layer"] for r in sorted(teacher_rows, key=lambda r: -r["intensity"])[:k]]
 
 
-def make_report(cfg, tables: dict, plots: list[str], n_rows: int, kinds: dict[str, str]) -> str:
-    int_rows, prof_rows, pair_rows = tables["intensity"], tables["profile_distance"], tables["layer_pairs"]
-    radial_rows = tables["radial_energy"]
-    t_rows = sorted((r for r in int_rows if r["model"] == TEACHER), key=lambda r: r["layer"])
-    top = sorted(t_rows, key=lambda r: -r["intensity"])[:3]
-    lines = [
-        "# Spectral analysis",
-        "",
-        f"Val split, {n_rows} rows. Teacher `{cfg.teacher.model}`; students: "
-        + (", ".join(f"`{s.name}` ({s.loss.kind})" for s in cfg.distill.students) or "none") + ".",
-        "",
-        "![intensity across depth](intensity.png)",
-        "",
-        "## Where the teacher concentrates information",
-        "",
-        "Most information-rich teacher layers (highest intensity L): "
-        + ", ".join(f"layer {r['layer']} (L = {r['intensity']:.4g})" for r in top) + ".",
-        "",
-        "| layer | intensity | low-band energy | high-band energy |",
-        "|---|---|---|---|",
-    ]
-    bands = {}
-    for r in radial_rows:
-        if r["model"] == TEACHER:
-            bands.setdefault(r["layer"], {})[r["band"]] = r["value"]
-    for r in t_rows:
-        b = bands.get(r["layer"], {})
-        lo, hi = b.get(0, float("nan")), b.get(max(b) if b else 0, float("nan"))
-        lines.append(f"| {r['layer']} | {r['intensity']:.4g} | {lo:.3f} | {hi:.3f} |")
-    lines += ["", "## Do students mirror the teacher?", "",
-              "Profile distance: mean |difference| between the student's intensity profile and the teacher's "
-              "(each divided by its mean, teacher interpolated at the student's relative depths). Lower is closer.",
-              "", "| student | kind | profile distance |", "|---|---|---|"]
-    for r in sorted(prof_rows, key=lambda r: r["profile_distance"]):
-        lines.append(f"| {r['model']} | {r['kind']} | {r['profile_distance']:.4f} |")
-    none = [r for r in prof_rows if r["kind"] == "none"]
-    kd = [r for r in prof_rows if r["kind"] != "none"]
-    if none and kd:
-        base = min(r["profile_distance"] for r in none)
-        closer = [r["model"] for r in kd if r["profile_distance"] < base]
-        lines += ["", f"Finding: {len(closer)} of {len(kd)} distilled students are closer to the teacher's profile "
-                  f"than the closest no-KD student ({base:.4f})" + (f": {', '.join(closer)}." if closer else ".")]
-    if pair_rows:
-        lines += ["", "### Distilled layer pairs", "",
-                  "| student | student layer | teacher layer | relative intensity distance | spectrum distance |",
-                  "|---|---|---|---|---|"]
-        for r in pair_rows:
-            lines.append(f"| {r['model']} | {r['student_layer']} | {r['teacher_layer']} | "
-                         f"{r['relative_intensity_distance']:.4f} | {r['spectrum_distance']:.4f} |")
-    lines += [""] + report_section(tables["dynamics"], kinds)
-    lines += ["## Plots", ""] + [f"- [{p}]({p})" for p in plots]
-    lines += ["", "Tables: intensity.parquet (with channel entropy), channel_spectra.parquet, radial_energy.parquet, "
-              "profile_distance.parquet, layer_pairs.parquet, dynamics.parquet (long format).", ""]
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- select-layers
 
 
@@ -522,4 +409,4 @@ def select_layers_cli(runner, k: int, method: str, student_depth: int | None) ->
     pairs = propose_layers(vals, k, method, student_depth)
     prof = ", ".join(f"{r['layer']}:{r['intensity']:.3g}" for r in t_rows)
     return (f"# teacher intensity by layer: {prof}\n# method {method}, k={k}\n"
-            f"layers: [{', '.join(f'[{s}, {t}]' for s, t in pairs)}]   # [student_layer, teacher_layer]")
+            f"pairs: [{', '.join(f'[{s}, {t}]' for s, t in pairs)}]   # [student_layer, teacher_layer]")

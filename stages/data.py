@@ -32,7 +32,8 @@ from pipeline.errors import PipelineError
 
 from cache.rows import Rows, Samples  # noqa: F401  (the row table)
 
-from .views import ViewPolicy, erase, mix, random_bits, view_array
+from .pixels import erase, mix
+from .views import ViewPolicy, random_bits, view_array
 
 
 class SourceChanged(PipelineError):

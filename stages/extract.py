@@ -17,11 +17,8 @@
    stored values (a read row's, in the stored dtype) are not finite stops the pass naming the
    array and rows: the cache is never marked complete with them.
 
-With ``extract.location`` (a store URL) the cache is written to ``<location>/<fingerprint[:12]>/cache.zarr``
-instead of the output folder, which then holds only the record (its summary names the URL).  Every
-rank, on whatever node, finds the same cache there from the config alone, so ranks that share
-nothing but the store write disjoint shards of one cache, and an interrupted run resumes from
-the committed shards.
+With ``extract.location`` (a store URL) the cache is ``<location>/<fingerprint[:12]>/cache.zarr``,
+the output folder keeping the record: ranks on nodes that share only the store find it from the config.
 """
 
 from __future__ import annotations
@@ -41,7 +38,7 @@ from tqdm.auto import tqdm
 from cache.codec import encode
 from cache.layout import CacheSpec, LayerSpec, root_attributes
 from cache.manifest import manifest_table
-from cache.reader import CACHE_DIR, CACHE_URL, Cache, cache_path
+from cache.reader import CACHE_DIR, CACHE_URL, Cache, cache_path, commit_problems
 from cache.writer import CacheWriter
 from pipeline import dist
 from pipeline.config import PipelineConfig
@@ -165,15 +162,8 @@ def cache_location(cfg: PipelineConfig, out: Path, fingerprint: str) -> Location
 
 
 def output_problems(runner, out: Path, lock: dict) -> list[str]:
-    """What is wrong with a finished extract output now: a file of the cache's commit missing (its
-    metadata, manifest or shard index), locally or on the store its record names."""
-    where = Location(cache_path(SimpleNamespace(path=out, lock=lock)))
-    names = ("zarr.json", "manifest.parquet", "shards.parquet")
-    try:
-        present = {n for n in names if (where / n).exists()}
-    except OSError as e:
-        return [f"{where}: cannot be reached ({e})"]
-    return [f"{where / n} is missing" for n in names if n not in present]
+    """A file of the cache's commit missing, locally or on the store the record names."""
+    return commit_problems(cache_path(SimpleNamespace(path=out, lock=lock)))
 
 
 def run(ctx) -> dict:

@@ -1,4 +1,5 @@
-"""Students grouped by everything but their seed, and each group against its sweep's reference.
+"""Students grouped by everything but their seed, each group against its sweep's reference, and the
+distill summary table (:func:`summary_table`).
 
 A group is the set of students whose training config (``pipeline.config.ResolvedStudent``,
 decisive fields) differs only in name and seed.  For a group of a sweep with a ``reference``, the
@@ -14,8 +15,10 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
-from pipeline.config import PipelineConfig, decisive
+from pipeline.config import PipelineConfig
+from pipeline.schema import decisive
 
 
 @dataclass
@@ -108,3 +111,28 @@ def groups_markdown(rows: list[dict]) -> str:
             diff = f"{r.get('diff_mean', math.nan):+.2f} (n={r.get('diff_n', 0)}, no interval)"
         lines.append(f"| {r['group']} | {r['n']} | {r['mean']:.2f}{sd} | {diff} | {r['reference'] or '-'} |")
     return "\n".join(lines) + "\n"
+
+
+def summary_table(teacher_summary: dict, cfg: PipelineConfig, rows: list[dict]) -> tuple[pa.Table, str]:
+    """Every run (teacher first) as a table with its seed group, and the markdown summary: the runs,
+    then, when some runs differ only by seed, their groups with mean, sd, n and paired differences."""
+    label = {name: g.label for g in student_groups(cfg) for name in g.members.values()}
+    all_rows = [{"model": f"teacher ({cfg.teacher.model})", "kind": "teacher", "mode": "-", "group": "teacher",
+                 "seed": None, "val_top1": teacher_summary.get("val_top1"),
+                 "val_top5": teacher_summary.get("val_top5"), "params": teacher_summary.get("params")}]
+    for r in rows:
+        all_rows.append({"model": r["student"], "kind": r["kind"], "mode": r["mode"], "group": label[r["student"]],
+                         "seed": r["seed"], "val_top1": r["val_top1"], "val_top5": r["val_top5"],
+                         "params": r["params"]})
+    table = pa.Table.from_pylist(all_rows)
+    md = ["| model | kind | mode | seed | val top-1 | val top-5 | params |", "|---|---|---|---|---|---|---|"]
+    for r in all_rows:
+        t1 = f"{r['val_top1']:.2f}" if r["val_top1"] is not None else "-"
+        t5 = f"{r['val_top5']:.2f}" if r["val_top5"] is not None else "-"
+        seed = r["seed"] if r["seed"] is not None else "-"
+        md.append(f"| {r['model']} | {r['kind']} | {r['mode']} | {seed} | {t1} | {t5} | {r['params'] or '-'} |")
+    text = "\n".join(md) + "\n"
+    groups = group_rows(cfg, {r["student"]: r["val_top1"] for r in rows})
+    if cfg.distill.sweep or any(g["n"] > 1 for g in groups):
+        text += "\nRuns that differ only by seed, grouped:\n\n" + groups_markdown(groups)
+    return table, text

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from pipeline.config import ConfigError, PipelineConfig, has_spectral_term
+import losses
+from pipeline.config import ConfigError, PipelineConfig
+from pipeline.dist import CPUS_ENV
 from pipeline.errors import PipelineError
-from pipeline.fanout import CPUS_ENV
 
 from .tracking import check_installed
 
@@ -118,7 +119,7 @@ def load_student(runner, cfg: PipelineConfig, name: str) -> torch.nn.Module:
     """Student ``name``'s final weights, in eval mode: ``final.pt`` of its complete record, its bytes
     checked against the sha256 the record holds (a damaged or swapped file is named)."""
     from cache.verify import recorded_file, required_record
-    from pipeline.graph import student_node
+    from pipeline.nodes import student_node
 
     st = cfg.student(name)
     path = recorded_file(required_record(runner, student_node(name)), "final.pt")
@@ -283,12 +284,12 @@ def plan_models(cfg: PipelineConfig) -> ModelPlan:
             check_optimizer(s.optimizer, f"{where}.optimizer")
         depths[s.name] = meta_depth(s.model, s.kwargs, cfg.data.num_classes, where, cfg.data.image_size)
         resolved = []
-        for j, (sl, tl) in enumerate(s.layers):
-            sn = layer_index(sl, depths[s.name], s.model, f"{where}.layers[{j}][0]")
-            tn = layer_index(tl, tdepth, t.model, f"{where}.layers[{j}][1]")
+        for j, (sl, tl) in enumerate(s.pairs):
+            sn = layer_index(sl, depths[s.name], s.model, f"{where}.pairs[{j}][0]")
+            tn = layer_index(tl, tdepth, t.model, f"{where}.pairs[{j}][1]")
             mode = s.mode or cfg.distill.defaults.mode
-            if has_spectral_term(s.loss.kind, s.layers) and mode == "cached" and tn not in cached:
-                raise ConfigError(f"{where}.layers[{j}][1]: teacher layer {tl} is not in the cache "
+            if losses.needs(s.loss, s.pairs).reads_layers and mode == "cached" and tn not in cached:
+                raise ConfigError(f"{where}.pairs[{j}][1]: teacher layer {tl} is not in the cache "
                                   f"(extract.layers = {cfg.extract.layers})")
             resolved.append((sn, tn))
         pairs[s.name] = tuple(resolved)

@@ -23,7 +23,6 @@ import torch
 
 from pipeline.errors import PipelineError
 
-from .spectral import pool_channels
 from .views import random_bits
 
 RA_STREAM = 1 << 43  # the random numbers of epoch e's image choice: stream RA_STREAM + e
@@ -76,37 +75,29 @@ def image_rows_of(cache, rows, views: int, trained: np.ndarray) -> tuple[np.ndar
 
 
 class RepeatedBatches:
-    """An epoch of repeated-augmentation batches, as :class:`stages.distill.CachedBatches` yields
-    them: (x, y, rows, targets), targets dense (pooled to ``widths`` on CPU)."""
+    """An epoch of repeated-augmentation batches, as :class:`stages.batches.CachedBatches` yields
+    them: (x, y, rows, targets), the targets what ``targets`` reads (:class:`stages.batches.StudentTargets`)."""
 
     LRU_UNITS = 64  # units kept while an epoch reads without a memory budget
 
-    def __init__(self, cache, dataset, batches: list[list[int]], layers: list[int], want_logits: bool,
-                 num_workers: int = 0, memory: dict | None = None, widths: dict[int, int] | None = None,
+    def __init__(self, targets, dataset, batches: list[list[int]], num_workers: int = 0, memory: dict | None = None,
                  teacher_input=None):
-        self.cache, self.dataset, self.batches = cache, dataset, batches
+        self.targets, self.dataset, self.batches = targets, dataset, batches
         self.teacher_input = teacher_input  # an online teacher normalized otherwise gets its own "teacher_x"
-        self.layers, self.want_logits, self.num_workers = layers, want_logits, num_workers
-        # unit -> decoded targets: every unit, kept across epochs (a budget holds them all), or the
+        self.num_workers = num_workers
+        # unit -> target tensors: every unit, kept across epochs (a budget holds them all), or the
         # last LRU_UNITS read
         self.memory, self.keep = (memory, True) if memory is not None else (OrderedDict(), False)
-        self.widths = widths or {}
-        self.unit = cache.chunk_rows()
+        self.unit = targets.cache.chunk_rows()
 
     def __len__(self) -> int:
         return max(1, len(self.batches))
 
     def _unit_targets(self, u: int) -> dict:
-        a, b = u * self.unit, min((u + 1) * self.unit, self.cache.spec.rows)
+        a, b = u * self.unit, min((u + 1) * self.unit, self.targets.cache.spec.rows)
         got = self.memory.get((a, b))
         if got is None:
-            got = {}
-            if self.want_logits:
-                got["logits"] = torch.from_numpy(self.cache.read("logits", a, b))
-            for t in self.layers:
-                v = torch.from_numpy(self.cache.read_layer("spectra", t, a, b))
-                w = self.widths.get(t)
-                got[t] = pool_channels(v.float(), w) if w is not None and w != v.shape[1] else v
+            got = self.targets.tensors(self.targets.read(a, b))
             self.memory[(a, b)] = got
             while not self.keep and len(self.memory) > self.LRU_UNITS:
                 self.memory.popitem(last=False)
@@ -115,7 +106,7 @@ class RepeatedBatches:
         return got
 
     def _targets(self, rows: np.ndarray) -> dict:
-        if not (self.want_logits or self.layers):
+        if not self.targets.any:
             return {}
         units = rows // self.unit
         parts = {u: self._unit_targets(int(u)) for u in np.unique(units)}

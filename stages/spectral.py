@@ -9,9 +9,9 @@ Notation (ARCHITECTURE.md and the README's loss section): features ``X`` are (B,
   ``adaptive_avg_pool1d`` groups them).  Linear and on another axis than the FFT, so it commutes
   with it: the cached teacher spectrum is pooled to the student's width at read time.
 * :func:`spectral_layer_loss`: MSE over the stacked (real, imag) of the student's spectrum and the
-  pooled teacher spectrum.
-* :func:`spectralkd_loss`: ``(1 - alpha) * CE_ls(z_s, y) + alpha * T^2 * KL(p_t || p_s)
-  + beta * w_fft * mean_pairs(layer loss)``.
+  pooled teacher spectrum; :func:`spectral_term` its mean over layer pairs, L_spec.
+* :func:`kd_kl`: ``T^2 * KL(p_t || p_s)``.  The losses that combine these terms are the registry's
+  (``losses/``).
 * :func:`channel_spectrum` / :func:`intensity`: the interpretability measure
   ``S_l(f) = mean_{b,h,w} |FFT_C(X)[f]| / C`` and ``L(X) = mean_f S_l(f)``.
 """
@@ -19,13 +19,11 @@ Notation (ARCHITECTURE.md and the README's loss section): features ``X`` are (B,
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import LOSS_KINDS, has_spectral_term, needs_teacher_logits
 from pipeline.errors import PipelineError
 
 
@@ -62,12 +60,6 @@ def spectrum(x: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(torch.fft.rfft2(x, norm="ortho"))
 
 
-def inverse_spectrum(s: torch.Tensor, width: int) -> torch.Tensor:
-    """Features back from a stored spectrum: irfft2 with the original width."""
-    c = torch.view_as_complex(s.float().contiguous())
-    return torch.fft.irfft2(c, s=(c.shape[-2], width), norm="ortho")
-
-
 def pool_channels(t: torch.Tensor, channels: int, axis: int = 1) -> torch.Tensor:
     """Adaptive average pooling of axis ``axis`` down to ``channels`` (identity if equal).
 
@@ -87,37 +79,26 @@ def pool_channels(t: torch.Tensor, channels: int, axis: int = 1) -> torch.Tensor
     return pooled.reshape(*shape[:-1], channels).movedim(-1, axis)
 
 
-def spectral_layer_loss(student_spec: torch.Tensor, teacher_spec: torch.Tensor) -> torch.Tensor:
+def spectral_layer_loss(student_spectrum: torch.Tensor, teacher_spectrum: torch.Tensor) -> torch.Tensor:
     """MSE between a student spectrum and the teacher's, pooled to the student's width first."""
-    t = pool_channels(teacher_spec.float(), student_spec.shape[1], axis=1)
-    return F.mse_loss(student_spec.float(), t)
+    t = pool_channels(teacher_spectrum.float(), student_spectrum.shape[1], axis=1)
+    return F.mse_loss(student_spectrum.float(), t)
 
 
-def check_pair(student_feat_shape, teacher_spec_shape, pair_name: str) -> None:
+def check_pair(student_feat_shape, teacher_spectrum_shape, pair_name: str) -> None:
     """Clear error for spatial mismatches between a student feature map and a teacher spectrum."""
     h, w = student_feat_shape[-2:]
-    th, tw = teacher_spec_shape[-3], teacher_spec_shape[-2]
+    th, tw = teacher_spectrum_shape[-3], teacher_spectrum_shape[-2]
     if (h, w // 2 + 1) != (th, tw):
         raise PipelineError(
             f"layer pair {pair_name}: student grid {h}x{w} (spectrum {h}x{w // 2 + 1}) does not match "
             f"the teacher spectrum {th}x{tw}"
         )
-    if student_feat_shape[1] > teacher_spec_shape[1]:
+    if student_feat_shape[1] > teacher_spectrum_shape[1]:
         raise PipelineError(
             f"layer pair {pair_name}: student has {student_feat_shape[1]} channels, more than the "
-            f"teacher's {teacher_spec_shape[1]}: channel pooling only narrows"
+            f"teacher's {teacher_spectrum_shape[1]}: channel pooling only narrows"
         )
-
-
-@dataclass
-class LossTerms:
-    total: torch.Tensor
-    ce: torch.Tensor
-    kd: torch.Tensor
-    spec: torch.Tensor
-
-    def items(self) -> dict[str, float]:
-        return {k: float(getattr(self, k).detach()) for k in ("total", "ce", "kd", "spec")}
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -127,78 +108,19 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float
     return (tau * tau) * F.kl_div(log_ps, log_pt, log_target=True, reduction="batchmean")
 
 
-def spectralkd_loss(
-    student_logits: torch.Tensor,
-    labels: torch.Tensor,
-    teacher_logits: torch.Tensor | None = None,
-    student_feats: list[torch.Tensor] | None = None,
-    teacher_specs: list[torch.Tensor] | None = None,
-    *,
-    kind: str = "spectral",
-    alpha: float = 0.9,
-    tau: float = 1.0,
-    beta: float = 1.0,
-    w_fft: float = 0.2,
-    label_smoothing: float = 0.1,
-) -> LossTerms:
-    """The SpectralKD objective.  Usable in any training loop.
-
-    Args:
-        student_logits: (B, K) student logits.
-        labels: (B,) class indices, or (B, K) class probabilities (mixed labels; label smoothing
-            applies to them as timm's ``mixup_target`` does).
-        teacher_logits: (B, K) teacher logits (kinds 'logits', 'spectral', 'hard').
-        student_feats: student NCHW feature maps, one per layer pair (the kinds with a spectral term).
-        teacher_specs: teacher spectra (B, C_t, H, W//2+1, 2) as :func:`spectrum` returns them
-            (float16 from the cache is fine), one per layer pair, C_t >= C_s.
-        kind: the official ``DistillationLoss`` types, with CE = label-smoothed cross-entropy and
-            L_spec the mean over layer pairs of :func:`spectral_layer_loss`:
-
-            - 'none': CE (alpha is not applied);
-            - 'logits': (1 - alpha) CE + alpha T^2 KL (soft KD, no spectral term);
-            - 'spectral' (official 'soft'): (1 - alpha) CE + alpha T^2 KL + beta w_fft L_spec;
-            - 'spectral_only' (official 'fft'): (1 - alpha) CE + beta w_fft L_spec;
-            - 'hard' (DeiT's hard distillation): (1 - alpha) CE + alpha CE(z_s, argmax z_t), plus
-              beta w_fft L_spec when feature maps are given.
-
-    Returns:
-        LossTerms(total, ce, kd, spec); kd and spec are zero tensors where the kind has none
-        (kd is the KL term, or for 'hard' the cross-entropy against the teacher's argmax).
-    """
-    if kind not in LOSS_KINDS:
-        raise ValueError(f"unknown loss kind {kind!r} ({' | '.join(LOSS_KINDS)})")
-    ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=label_smoothing)
-    zero = ce.new_zeros(())
-    if kind == "none":
-        return LossTerms(ce, ce, zero, zero)
-    kd = zero
-    if needs_teacher_logits(kind):
-        if teacher_logits is None:
-            raise ValueError(f"loss kind {kind!r} needs teacher_logits")
-        # teacher quantities are targets: no gradient flows into them
-        if kind == "hard":
-            kd = F.cross_entropy(student_logits.float(), teacher_logits.detach().argmax(dim=1))
-        else:
-            kd = kd_kl(student_logits, teacher_logits.detach(), tau)
-    spec = zero
-    if has_spectral_term(kind, student_feats):
-        spec = spectral_term(kind, student_feats, teacher_specs)
-    total = (1 - alpha) * ce + alpha * kd + beta * w_fft * spec  # kd is zero for 'spectral_only'
-    return LossTerms(total, ce, kd, spec)
-
-
-def spectral_term(kind: str, student_feats, teacher_specs) -> torch.Tensor:
+def spectral_term(student_feats, teacher_spectra, who: str = "the spectral term") -> torch.Tensor:
     """L_spec: the mean over layer pairs of :func:`spectral_layer_loss`.  Small maps on CPU take
-    :class:`_MatrixSpectralMSE` (the same value, its gradient formed in one pass)."""
-    if not student_feats or teacher_specs is None or len(student_feats) != len(teacher_specs):
-        raise ValueError(f"loss kind {kind!r} needs one teacher spectrum per student feature map")
-    for i, (f, ts) in enumerate(zip(student_feats, teacher_specs)):
+    :class:`_MatrixSpectralMSE` (the same value, its gradient formed in one pass).  ``who`` names the
+    loss in the error for missing spectra."""
+    if not student_feats or teacher_spectra is None or len(student_feats) != len(teacher_spectra):
+        raise ValueError(f"loss kind {who!r} needs one teacher spectrum per student feature map")
+    for i, (f, ts) in enumerate(zip(student_feats, teacher_spectra)):
         check_pair(f.shape, ts.shape, f"#{i}")
     if all(_matrix_path(f) for f in student_feats):
         targets = tuple(pool_channels(ts.detach().float(), f.shape[1], axis=1)
-                        for f, ts in zip(student_feats, teacher_specs))
+                        for f, ts in zip(student_feats, teacher_spectra))
         return _MatrixSpectralMSE.apply(targets, *student_feats)
-    losses = [spectral_layer_loss(spectrum(f), ts.detach()) for f, ts in zip(student_feats, teacher_specs)]
+    losses = [spectral_layer_loss(spectrum(f), ts.detach()) for f, ts in zip(student_feats, teacher_spectra)]
     return torch.stack(losses).mean()
 
 

@@ -25,12 +25,14 @@ are stored as fixed-size lists in the manifest.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
+
+from pipeline.config import RAND_AUGMENT_LEVELS, rand_augment_options
+
+from .pixels import color_jitter_op, rand_augment_op
 
 # ----------------------------------------------------------------------------- random numbers
 
@@ -88,8 +90,6 @@ RA_OPS = tuple(dict.fromkeys(_RAND_OPS + _RAND_INCREASING_OPS))
 # ops whose magnitude gets a random sign (timm's _randomly_negate)
 _SIGNED_OPS = frozenset({"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "ColorIncreasing",
                          "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"})
-_LEVEL_DENOM = 10.0
-_TRANSLATE_PCT = 0.45
 
 
 @dataclass(frozen=True)
@@ -102,43 +102,15 @@ class RandAugment:
     layers: int = 2
     prob: float = 0.5
     magnitude_std: float = 0.0
-    magnitude_max: float = _LEVEL_DENOM
+    magnitude_max: float = RAND_AUGMENT_LEVELS
 
     @classmethod
     def parse(cls, text: str) -> RandAugment:
-        """timm's grammar: sections ``m`` (magnitude), ``n`` (layers), ``p`` (probability), ``mstd``
-        (magnitude sd; over 100 means uniform in [0, m]), ``mmax`` (magnitude clip), ``inc`` (the
-        increasing op set).  Other policies (AutoAugment, AugMix, TrivialAugment, weighted op sets)
-        are refused by name."""
-        parts = text.split("-")
-        if parts[0] != "rand":
-            raise ValueError(f"{text!r}: only timm's RandAugment strings ('rand-m9-mstd0.5-inc1') are replayed; "
-                             f"AutoAugment, AugMix and TrivialAugment policies are not")
-        out = {"magnitude": 10.0, "layers": 2, "prob": 0.5, "magnitude_std": 0.0, "magnitude_max": _LEVEL_DENOM}
-        increasing = False
-        for section in parts[1:]:
-            key, value = re.match(r"([a-z]*)(.*)", section).groups()
-            try:
-                number = float(value)
-            except ValueError:
-                raise ValueError(f"{text!r}: section {section!r} is not a RandAugment option (m, n, p, mstd, mmax, "
-                                 f"inc with a number; op sets 't...' are not replayed)") from None
-            if key == "m":
-                out["magnitude"] = number
-            elif key == "n" and number == int(number) and 1 <= number <= 16:
-                out["layers"] = int(number)
-            elif key == "p" and 0 <= number <= 1:
-                out["prob"] = number
-            elif key == "mstd" and number >= 0:
-                out["magnitude_std"] = math.inf if number > 100 else number
-            elif key == "mmax" and number > 0:
-                out["magnitude_max"] = number
-            elif key == "inc":
-                increasing = bool(int(number))
-            else:
-                raise ValueError(f"{text!r}: section {section!r} is not a valid RandAugment option "
-                                 f"(m, n in 1..16, p in [0, 1], mstd >= 0, mmax > 0, inc)")
-        return cls(ops=_RAND_INCREASING_OPS if increasing else _RAND_OPS, **out)
+        """timm's ``rand-`` string (grammar: :func:`pipeline.config.rand_augment_options`) with its op
+        set: the increasing one with ``inc1``."""
+        options = rand_augment_options(text)
+        increasing = options.pop("increasing")
+        return cls(ops=_RAND_INCREASING_OPS if increasing else _RAND_OPS, **options)
 
 
 @dataclass(frozen=True)
@@ -455,105 +427,3 @@ def resize_center_crop(img: Image.Image, size: int, crop_pct: float, resample) -
         img = img.resize(new, resample)
     top, left = int(round((new[1] - size) / 2.0)), int(round((new[0] - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
-
-
-def rand_augment_op(img: Image.Image, name: str, level: float, fill, resample) -> Image.Image:
-    """One RandAugment op at a signed magnitude level (0..10, timm's scale), as timm's op table maps
-    levels to arguments (timm.data.auto_augment: LEVEL_TO_ARG, NAME_TO_OP)."""
-    m = abs(level) / _LEVEL_DENOM
-    sign = -1.0 if level < 0 else 1.0
-    affine = {"resample": resample, "fillcolor": fill}
-    if name == "AutoContrast":
-        return ImageOps.autocontrast(img)
-    if name == "Equalize":
-        return ImageOps.equalize(img)
-    if name == "Invert":
-        return ImageOps.invert(img)
-    if name == "Rotate":
-        return img.rotate(sign * m * 30.0, **affine)
-    if name == "Posterize":
-        return _posterize(img, int(m * 4))
-    if name == "PosterizeIncreasing":
-        return _posterize(img, 4 - int(m * 4))
-    if name == "Solarize":
-        return ImageOps.solarize(img, min(256, int(m * 256)))
-    if name == "SolarizeIncreasing":
-        return ImageOps.solarize(img, 256 - min(256, int(m * 256)))
-    if name == "SolarizeAdd":
-        return _solarize_add(img, min(128, int(m * 110)))
-    if name in _ENHANCERS:
-        return _ENHANCERS[name](img).enhance(m * 1.8 + 0.1)
-    if name.endswith("Increasing") and name[: -len("Increasing")] in _ENHANCERS:
-        return _ENHANCERS[name[: -len("Increasing")]](img).enhance(max(0.1, 1.0 + sign * m * 0.9))
-    if name == "ShearX":
-        return img.transform(img.size, Image.AFFINE, (1, sign * m * 0.3, 0, 0, 1, 0), **affine)
-    if name == "ShearY":
-        return img.transform(img.size, Image.AFFINE, (1, 0, 0, sign * m * 0.3, 1, 0), **affine)
-    if name == "TranslateXRel":
-        return img.transform(img.size, Image.AFFINE, (1, 0, sign * m * _TRANSLATE_PCT * img.size[0], 0, 1, 0),
-                             **affine)
-    if name == "TranslateYRel":
-        return img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, sign * m * _TRANSLATE_PCT * img.size[1]),
-                             **affine)
-    raise ValueError(f"unknown RandAugment op {name!r}")
-
-
-_ENHANCERS = {"Color": ImageEnhance.Color, "Contrast": ImageEnhance.Contrast,
-              "Brightness": ImageEnhance.Brightness, "Sharpness": ImageEnhance.Sharpness}
-
-
-def _posterize(img: Image.Image, bits: int) -> Image.Image:
-    """Keep ``bits`` high bits per channel; 0 bits is black (as PIL did before it refused 0, which
-    timm's PosterizeIncreasing asks for at magnitude 10)."""
-    if bits >= 8:
-        return img
-    return img.point([0] * 256 * len(img.getbands())) if bits <= 0 else ImageOps.posterize(img, bits)
-
-
-def _solarize_add(img: Image.Image, add: int, thresh: int = 128) -> Image.Image:
-    lut = [min(255, i + add) if i < thresh else i for i in range(256)]
-    return img.point(lut * len(img.getbands()))
-
-
-def color_jitter_op(img: Image.Image, component: int, factor: float) -> Image.Image:
-    """Component 0-3 of torchvision's ColorJitter (brightness, contrast, saturation, hue) at ``factor``."""
-    from torchvision.transforms import functional as F
-
-    adjust = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)[component]
-    return adjust(img, factor)
-
-
-# ----------------------------------------------------------------------------- replay: erasing and mixing
-
-
-def erase(x: torch.Tensor, boxes: np.ndarray, seeds: np.ndarray, mode: str) -> torch.Tensor:
-    """timm's RandomErasing on normalized views ``x`` (B, C, H, W), in place: each row's boxes
-    (``erase_box``: (top, left, height, width) per box, height 0 for none) are filled with N(0, 1)
-    noise per pixel (``pixel``), per channel (``rand``) or zeros (``const``); the noise comes from a
-    CPU generator seeded by the row's ``erase_seed``, so every device gets the same values."""
-    boxes = np.asarray(boxes).reshape(len(x), -1, 4)
-    for i in np.flatnonzero(boxes[:, :, 2].max(axis=1) > 0):
-        g = torch.Generator().manual_seed(int(seeds[i]))
-        for top, left, h, w in boxes[i].tolist():
-            if h <= 0:
-                continue
-            shape = (x.shape[1], h, w) if mode == "pixel" else (x.shape[1], 1, 1)
-            fill = torch.zeros(shape) if mode == "const" else torch.randn(shape, generator=g)
-            x[i, :, top : top + h, left : left + w] = fill.to(x.device, x.dtype)
-    return x
-
-
-def mix(x: torch.Tensor, partner: torch.Tensor, lam: np.ndarray, box: np.ndarray) -> torch.Tensor:
-    """timm's Mixup/CutMix on normalized views, in place: a row with a cutmix box takes its
-    partner's pixels inside it; any other row with ``lam < 1`` becomes ``lam x + (1 - lam) partner``."""
-    box = np.asarray(box).reshape(len(x), 4)
-    lam = np.asarray(lam, dtype=np.float32)
-    for i in np.flatnonzero((box[:, 2] > 0) & (box[:, 3] > 0)):
-        top, left, h, w = box[i].tolist()
-        x[i, :, top : top + h, left : left + w] = partner[i, :, top : top + h, left : left + w]
-    blend = np.flatnonzero((box[:, 2] == 0) & (lam < 1))
-    if len(blend):
-        b = torch.from_numpy(blend).to(x.device)
-        w = torch.from_numpy(lam[blend]).to(x.device, x.dtype).view(-1, 1, 1, 1)
-        x[b] = x[b] * w + partner[b] * (1 - w)
-    return x

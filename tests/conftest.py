@@ -34,7 +34,7 @@ TINY = {
              "loss": {"kind": "none"}},
             {"name": "spectral", "model": "deit_tiny_patch16_224",
              "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2},
-             "layers": [[0, 0], [1, 3]], "loss": {"kind": "spectral"}},
+             "pairs": [[0, 0], [1, 3]], "loss": {"kind": "spectral"}},
         ],
     },
     "analyze": {"workers": 1, "memory_limit": "2GiB", "radial_bands": 3},

@@ -165,4 +165,4 @@ def test_select_layers_cli_prints_pairs(built, tmp_path):
     t = pq.read_table(Path(runner.record("analyze").path) / "intensity.parquet").to_pylist()
     teacher = sorted((x for x in t if x["model"] == "teacher"), key=lambda x: -x["intensity"])
     top2 = sorted(x["layer"] for x in teacher[:2])
-    assert line.startswith(f"layers: [[0, {top2[0]}], [1, {top2[1]}]]")
+    assert line.startswith(f"pairs: [[0, {top2[0]}], [1, {top2[1]}]]")

@@ -1,5 +1,6 @@
 """The public API as users call it: open_cache, CacheDataset (with DataLoader workers and
-DistributedSampler), the loss module, run/status, and the two examples against the pipeline's trainer."""
+DistributedSampler), a student's loss module, run/status, and the two examples against the pipeline's
+trainer."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tests.conftest import ROOT, TINY, copy_upstream, write_config
 
 
 def _trainer(cfg, runner, name: str):
-    from stages.distill import Trainer
+    from stages.trainer import Trainer
 
     cache = spectralkd.open_cache(cfg)
     return Trainer(cfg, cfg.student(name), cache, Path("/nonexistent"), runner.model_plan)
@@ -27,13 +28,13 @@ def _trainer(cfg, runner, name: str):
 
 def _pipeline_batch(tr, rows: np.ndarray):
     """The trainer's own batch of cache rows ``rows`` (in that order), as its loader gives it."""
-    from stages.distill import CachedBatches
+    from stages.batches import CachedBatches
 
     b = tr.cache.block("train", 0)
     keep = np.zeros(tr.cache.spec.rows, dtype=bool)
     keep[rows] = True
-    batches = CachedBatches(tr.cache, tr.dataset, (b.start, b.stop), len(rows), layers=sorted(set(tr.t_layers)),
-                            want_logits=True, seed=0, shuffle=False, rows_used=keep, widths=tr.widths)
+    batches = CachedBatches(tr.targets, tr.dataset, (b.start, b.stop), len(rows), seed=0, shuffle=False,
+                            train_mask=keep)
     x, y, got_rows, targets = next(iter(batches))
     assert got_rows.tolist() == sorted(rows.tolist())
     return x, tr.dataset.label_targets(y, got_rows, tr.cfg.data.num_classes), got_rows, targets
@@ -110,17 +111,23 @@ def test_a_damaged_shard_is_the_named_error_through_a_dataloader(built, tmp_path
             pass
 
 
-def test_loss_module_is_the_pipeline_loss():
-    from stages.spectral import spectralkd_loss
-
-    g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
-    y = torch.randint(0, 10, (4,), generator=g)
-    feats = [torch.randn(4, 8, 4, 4, generator=g)]
-    specs = [torch.randn(4, 16, 4, 3, 2, generator=g)]
-    got = spectralkd.SpectralKDLoss(kind="spectral", w_fft=0.3)(s, y, t, feats, specs)
-    want = spectralkd_loss(s, y, t, feats, specs, kind="spectral", w_fft=0.3)
-    assert float(got.total) == float(want.total) and float(got.spec) > 0
+def test_a_students_loss_is_the_trainers(built):
+    """spectralkd.student_loss builds the module the pipeline's trainer trains with: the same
+    config, pairs and shapes, hence the same terms on the same batch."""
+    cfg, runner, recs = built
+    tr = _trainer(cfg, runner, "spectral")
+    mine = spectralkd.student_loss(cfg, "spectral", tr.model, tr.cache)
+    assert mine.pairs == tr.loss_fn.pairs and mine.reads == tr.loss_fn.reads and mine.reads.pooled
+    x, y, rows, targets = next(iter(tr.train_batches(0)))
+    with torch.no_grad():
+        logits, feats = tr.net(x)
+        got = mine(spectralkd.StudentOutputs(logits, feats),
+                   spectralkd.TeacherTargets(targets["logits"], [targets[t] for t in tr.t_layers]), y)
+        want = tr.loss(x, y, targets)
+    assert list(got) == list(want) == ["total", "ce", "kd", "spectral"]
+    assert all(float(got[k]) == float(want[k]) for k in got) and float(got["spectral"]) > 0
+    with pytest.raises(ValueError, match="unknown loss kind 'soft'"):
+        spectralkd.loss("soft")
 
 
 def test_run_and_status_from_python(built, tmp_path):
@@ -158,6 +165,6 @@ def test_examples_first_step_loss_equals_the_trainers(built, tmp_path, script, p
     order = np.argsort(first["rows"])  # the trainer's batch holds the same rows, in cache order
     assert rows.tolist() == np.array(first["rows"])[order].tolist()
     with torch.no_grad():
-        want = float(tr.loss(x, y, targets).total)
+        want = float(tr.loss(x, y, targets)["total"])
     assert first["loss"] == pytest.approx(want, rel=1e-5)
     assert any(s["step"] == 1 for s in steps)  # and it trains on

@@ -28,7 +28,8 @@ from torchvision.transforms import functional as TF
 
 from pipeline.config import PipelineError, config_from_dict
 from stages.data import ImageReader, ViewDataset, decode_image
-from stages.views import (RA_OPS, RandAugment, ViewPolicy, crop_box, erase, rand_augment_op, sample_erasing,
+from stages.pixels import erase, rand_augment_op
+from stages.views import (RA_OPS, RandAugment, ViewPolicy, crop_box, sample_erasing,
                           sample_rand_augment, sample_views, val_views, view_array)
 from tests.conftest import ROOT, assert_reproduces_cached_targets, copy_upstream, tiny_tree
 
@@ -371,7 +372,7 @@ def test_online_teacher_gets_the_batch_normalized_as_extract_normalizes_it(deit_
     normalized with its own mean and std, then erased and mixed: what extract feeds it."""
     from cache.reader import open_cache
     from stages import models
-    from stages.distill import Trainer
+    from stages.trainer import Trainer
     from stages.train import optimizer
 
     cfg, recs, _ = deit_cache
@@ -393,7 +394,7 @@ def test_online_teacher_gets_the_batch_normalized_as_extract_normalizes_it(deit_
     live.targets_online = lambda inp, f=live.targets_online: seen.append(inp) or f(inp)
     xb, yb, rb, ex = next(iter(live.train_batches(0)))
     terms = live.step(xb, batches.dataset.label_targets(yb, rb, 10), ex, optimizer(live.model, "adamw", 1e-3, 0.05))
-    assert np.isfinite(terms.total.item()) and torch.equal(seen[0], ex["teacher_x"])
+    assert np.isfinite(terms["total"]) and torch.equal(seen[0], ex["teacher_x"])
     # the same normalization: no second input
     same = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"mean": None, "std": None})})
     same = same.model_copy(update={"data": cfg.data.model_copy(update={"mean": (0.5,) * 3, "std": (0.5,) * 3})})
@@ -490,14 +491,16 @@ def test_mixed_label_loss_equals_timms_mixup_target_and_soft_cross_entropy():
     from timm.data.mixup import mixup_target
     from timm.loss import SoftTargetCrossEntropy
 
-    from stages.spectral import spectralkd_loss
+    from losses import StudentOutputs, TeacherTargets
+    from losses.spectralkd import SpectralKD, SpectralKDConfig
 
     g = torch.Generator().manual_seed(0)
     z = torch.randn(8, 10, generator=g)
     y = torch.randint(0, 10, (8,), generator=g)
     lam = 0.3
     soft = lam * torch.nn.functional.one_hot(y, 10).float() + (1 - lam) * torch.nn.functional.one_hot(y.flip(0), 10)
-    ours = spectralkd_loss(z, soft, kind="none", label_smoothing=0.1).total
+    none = SpectralKD(SpectralKDConfig(kind="none", label_smoothing=0.1))
+    ours = none(StudentOutputs(z), TeacherTargets(), soft)["total"]
     want = SoftTargetCrossEntropy()(z, mixup_target(y, 10, lam, smoothing=0.1))
     assert ours.item() == pytest.approx(want.item(), rel=1e-6)
     # and in float64 numpy: the lam-weighted smoothed cross-entropies
@@ -509,7 +512,7 @@ def test_mixed_label_loss_equals_timms_mixup_target_and_soft_cross_entropy():
 
 def test_a_student_steps_on_a_mixed_cache(deit_cache):
     from cache.reader import open_cache
-    from stages.distill import Trainer
+    from stages.trainer import Trainer
     from stages.train import optimizer
 
     cfg, recs, _ = deit_cache
@@ -521,4 +524,4 @@ def test_a_student_steps_on_a_mixed_cache(deit_cache):
     assert soft.shape == (len(y), 10) and torch.allclose(soft.sum(1), torch.ones(len(y)))
     assert (soft.max(1).values < 1).any()  # some rows carry two labels
     terms = tr.step(x, soft, targets, optimizer(tr.model, "adamw", 1e-3, 0.05))
-    assert np.isfinite(terms.total.item()) and terms.spec.item() > 0 and terms.kd.item() > 0
+    assert np.isfinite(terms["total"]) and terms["spectral"] > 0 and terms["kd"] > 0

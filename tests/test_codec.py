@@ -191,7 +191,7 @@ def test_pooled_int8_cache_trains_its_width_and_refuses_others(built, tmp_path):
     # a student of another width is refused before training, naming the option
     narrow = {"name": "narrow", "model": "deit_tiny_patch16_224",
               "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 8, "depth": 2, "num_heads": 2},
-              "layers": [[0, 0], [1, 3]], "loss": {"kind": "spectral"}}
+              "pairs": [[0, 0], [1, 3]], "loss": {"kind": "spectral"}}
     tree = tiny_tree(**{"extract.compress.pool": 16, "extract.compress.quantize": "int8"})
     tree["distill"]["students"].append(narrow)
     cfg3 = config_from_dict(tree, workdir=str(tmp_path / "w"))

@@ -7,7 +7,8 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import ConfigError, check_models, config_from_dict, load_config
+from pipeline.config import ConfigError, config_from_dict, load_config
+from pipeline.graph import Runner
 from tests.conftest import ROOT, TINY, cli, tiny_tree, write_config
 
 
@@ -15,7 +16,7 @@ def err(tree, overrides=None, models=False) -> str:
     with pytest.raises(ConfigError) as e:
         cfg = config_from_dict(tree, overrides)
         if models:
-            check_models(cfg)
+            Runner(cfg).check_models()
     msg = str(e.value)
     assert "\n" not in msg
     return msg
@@ -23,7 +24,7 @@ def err(tree, overrides=None, models=False) -> str:
 
 def test_default_pipeline_yaml_is_valid():
     cfg = load_config(ROOT / "pipeline.yaml")
-    check_models(cfg)
+    Runner(cfg).check_models()
     assert cfg.data.source == "digits"
     assert {s.loss.kind for s in cfg.distill.students} == {"none", "logits", "spectral"}
 
@@ -54,7 +55,7 @@ def test_out_of_range_layer():
 def test_student_layer_not_cached_fails_before_work():
     tree = tiny_tree(**{"extract.layers": [0]})
     msg = err(tree, models=True)
-    assert msg.startswith("distill.students[1].layers[1][1]: teacher layer 3 is not in the cache")
+    assert msg.startswith("distill.students[1].pairs[1][1]: teacher layer 3 is not in the cache")
 
 
 def test_unknown_model():
@@ -93,7 +94,7 @@ _values = st.one_of(st.integers(-5, 50), st.text(max_size=6), st.none(), st.bool
 _paths = st.sampled_from([
     "data.source", "data.image_size", "data.augment.scale", "data.val_fraction", "teacher.model", "teacher.fit",
     "teacher.fit.epochs", "teacher.kwargs", "extract.layers", "extract.views", "extract.store",
-    "extract.rows_per_shard", "distill.students", "distill.students[0].layers", "distill.students[1].loss.kind",
+    "extract.rows_per_shard", "distill.students", "distill.students[0].pairs", "distill.students[1].loss.kind",
     "distill.defaults.lr", "analyze.workers", "analyze.scheduler", "seed", "bogus", "teacher.bogus",
 ])
 
@@ -108,7 +109,7 @@ def test_random_configs_never_traceback(path, value):
         return
     try:
         cfg = config_from_dict(tree)
-        check_models(cfg)
+        Runner(cfg).check_models()
     except ConfigError as e:
         msg = str(e)
         assert msg and "\n" not in msg and ":" in msg
@@ -131,11 +132,11 @@ def test_common_options_mean_the_same_before_or_after_the_command():
 
 
 def test_loss_kinds_that_need_layers_or_cached_spectra():
-    with pytest.raises(ConfigError, match="'spectral_only' needs layers"):
+    with pytest.raises(ConfigError, match="'spectral_only' needs pairs"):
         config_from_dict(tiny_tree(**{"distill.students[0].loss.kind": "spectral_only"}))
     cfg = config_from_dict(tiny_tree(**{"distill.students[0].loss.kind": "hard"}))  # hard: layers optional
     assert cfg.student("none").loss.kind == "hard"
-    with pytest.raises(ConfigError, match=r"students\[1\] \(spectral\) is a cached spectral student"):
+    with pytest.raises(ConfigError, match=r"students\[1\] \(spectral\) reads teacher layers \(hard\) but extract"):
         config_from_dict(tiny_tree(**{"distill.students[1].loss.kind": "hard", "extract.store": ["logits"]}))
     with pytest.raises(ConfigError, match="loss.kind"):
         config_from_dict(tiny_tree(**{"distill.students[0].loss.kind": "soft"}))

@@ -19,7 +19,8 @@ from pipeline.config import config_from_dict
 from pipeline.errors import PipelineError
 from pipeline.graph import Runner
 from stages import models
-from stages.distill import Trainer, check_cache_teacher, student_dir
+from stages.distill import check_cache_teacher
+from stages.trainer import Trainer
 from stages.spectral import pool_channels
 from cache.reader import cache_path, open_cache
 from tests.conftest import ROOT, TINY, copy_upstream, tiny_tree, write_config
@@ -40,9 +41,10 @@ def test_cached_loss_equals_online_loss(built):
     torch.manual_seed(0)
     cached = tr.loss(x, y, tg)
     online = tr.loss(x, y, tr.targets_online(x))
-    for k in ("total", "ce", "kd", "spec"):
-        assert getattr(cached, k).item() == pytest.approx(getattr(online, k).item(), rel=2e-3, abs=1e-5), k
-    assert cached.spec.item() > 0 and cached.kd.item() > 0
+    assert list(cached) == ["total", "ce", "kd", "spectral"]
+    for k in cached:
+        assert cached[k].item() == pytest.approx(online[k].item(), rel=2e-3, abs=1e-5), k
+    assert cached["spectral"].item() > 0 and cached["kd"].item() > 0
 
 
 def test_loader_reads_one_view_per_epoch_in_chunk_units(built):
@@ -69,14 +71,16 @@ def test_students_train_from_one_cache(built):
     assert [r["kind"] for r in summary] == ["teacher", "none", "spectral"]
     assert (Path(rec.path) / "summary.md").read_text().count("|") > 10
     for name in ("none", "spectral"):
-        m = pq.read_table(student_dir(runner, name) / "metrics.parquet").to_pylist()
+        m = pq.read_table(runner.student_dir(name) / "metrics.parquet").to_pylist()
         assert len(m) == 1
-        assert {"loss_ce", "loss_kd", "loss_spec", "val_top1", "val_top5"} <= set(m[0])
+        assert {"loss_total", "loss_ce", "val_top1", "val_top5"} <= set(m[0])
         assert 0 <= m[0]["val_top1"] <= 100
-    spec = pq.read_table(student_dir(runner, "spectral") / "metrics.parquet").to_pylist()[0]
-    assert spec["loss_spec"] > 0 and spec["loss_kd"] > 0
-    none = pq.read_table(student_dir(runner, "none") / "metrics.parquet").to_pylist()[0]
-    assert none["loss_spec"] == 0 and none["loss_kd"] == 0
+    spec = pq.read_table(runner.student_dir("spectral") / "metrics.parquet").to_pylist()[0]
+    assert spec["loss_spectral"] > 0 and spec["loss_kd"] > 0
+    assert spec["loss_total"] == pytest.approx(spec["loss_ce"] + spec["loss_kd"] + spec["loss_spectral"], rel=1e-6)
+    none = pq.read_table(runner.student_dir("none") / "metrics.parquet").to_pylist()[0]
+    assert "loss_spectral" not in none and "loss_kd" not in none  # a loss logs the terms it has
+    assert none["loss_total"] == none["loss_ce"]
     # a second run reuses everything
     again = Runner(cfg).run("distill")
     assert again["distill"].lock["fingerprint"] == rec.lock["fingerprint"]
@@ -110,14 +114,9 @@ def test_missing_teacher_layer_is_named(built):
 
 def test_student_wider_than_teacher_fails_before_training(built, tmp_path):
     cfg, runner, recs = built
-    from stages.distill import check_student, feature_shapes
-    from stages import models
-
     cfg2 = config_from_dict(tiny_tree(**{"distill.students[1].kwargs.embed_dim": 64}), workdir=str(tmp_path))
-    st = cfg2.student("spectral")
-    m = models.create(st.model, st.kwargs, 10)
     with pytest.raises(PipelineError, match=r"layer pair spectral \[0, 0\]: student has 64 channels"):
-        check_student(open_cache(recs["extract"]), feature_shapes(m, [0, 1], 16), st, ((0, 0), (1, 3)))
+        Trainer(cfg2, cfg2.student("spectral"), open_cache(recs["extract"]), tmp_path / "s")
 
 
 @pytest.mark.slow
@@ -151,7 +150,7 @@ def test_sigkill_mid_epoch_resumes_to_same_metrics(built, tmp_path):
     (clean, clean_snaps), (killed, killed_snaps) = results
     assert len(clean) == len(killed) == 4
     for a, b in zip(clean, killed):
-        for k in ("loss_total", "loss_spec", "val_top1", "val_top5", "val_loss", "batch_labels"):
+        for k in ("loss_total", "loss_spectral", "val_top1", "val_top5", "val_loss", "batch_labels"):
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["epoch"], k)
     # the snapshots taken before the kill survive it (kept in the checkpoint): one per layer and epoch
     assert [(s["epoch"], s["layer"]) for s in killed_snaps] == [(e, l) for e in range(4) for l in range(2)]
@@ -190,7 +189,7 @@ def test_torchrun_ddp_distill_two_ranks(built, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = pq.read_table(next(wd.glob("distill/students/spectral-*/metrics.parquet"))).to_pylist()
     assert [row["epoch"] for row in m] == [0, 1]
-    assert all(row["loss_spec"] > 0 and 0 <= row["val_top1"] <= 100 for row in m)
+    assert all(row["loss_spectral"] > 0 and 0 <= row["val_top1"] <= 100 for row in m)
     assert "DDP over 2 processes" in r.stderr
 
 

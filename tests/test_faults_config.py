@@ -12,7 +12,8 @@ from pipeline.__main__ import main
 from pipeline.config import ConfigError, config_from_dict, load_config
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import diff
-from pipeline.graph import FAILED, Runner
+from pipeline.graph import Runner
+from pipeline.nodes import FAILED
 from pipeline.locking import LockedError
 from tests.conftest import TINY, copy_upstream, tiny_tree, write_config
 

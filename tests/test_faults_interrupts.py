@@ -18,7 +18,8 @@ import torch
 
 from pipeline.config import config_from_dict
 from pipeline.errors import PipelineError
-from pipeline.graph import Runner, student_node
+from pipeline.graph import Runner
+from pipeline.nodes import student_node
 from tests.conftest import ROOT, TINY, copy_upstream, tiny_tree, write_config
 
 

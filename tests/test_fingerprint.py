@@ -58,7 +58,7 @@ DECISIVE = [
     ({"extract.amp": "fp16"}, "extract"),
     ({"distill.defaults.epochs": 2}, "distill"),
     ({"distill.students[1].loss.w_fft": 0.05}, "distill"),
-    ({"distill.students[1].layers": [[0, 0]]}, "distill"),
+    ({"distill.students[1].pairs": [[0, 0]]}, "distill"),
     ({"analyze.radial_bands": 5}, "analyze"),
 ]
 
@@ -169,7 +169,7 @@ VALUES = {
     "distill.students[0].name": "renamed",
     "distill.students[0].model": "vit_tiny_patch16_224",
     "distill.students[0].kwargs": {**TINY["distill"]["students"][0]["kwargs"], "embed_dim": 24},
-    "distill.students[0].layers": [[1, 0]],
+    "distill.students[0].pairs": [[1, 0]],
     "distill.students[0].optimizer": "sgd",
     "distill.students[0].mode": "online",
     "distill.students[0].views": 1,
@@ -265,7 +265,8 @@ def node_fingerprints(tree: dict) -> dict[str, str]:
 def test_every_schema_leaf_changes_a_fingerprint_unless_operational(tmp_path):
     """Each leaf of the config schema, set to another valid value, changes at least one node's
     fingerprint, and an operational one changes none: no field drops out of the fingerprints."""
-    from pipeline.config import PipelineConfig, is_operational
+    from pipeline.config import PipelineConfig
+    from pipeline.schema import is_operational
 
     import copy
 
@@ -308,7 +309,7 @@ def test_operational_settings_change_no_output(built, tmp_path):
         r = Runner(config_from_dict(tiny_tree(**change), workdir=str(wd)))
         rec = r.run("distill/spectral")["distill/spectral"]
         state = torch.load(Path(rec.path) / "final.pt", weights_only=True)["state_dict"]
-        losses = pq.read_table(Path(rec.path) / "metrics.parquet").select(["loss_total", "loss_spec"]).to_pylist()
+        losses = pq.read_table(Path(rec.path) / "metrics.parquet").select(["loss_total", "loss_spectral"]).to_pylist()
         outputs.append((rec.lock["fingerprint"], state, losses))
     fp0, state0, losses0 = outputs[0]
     for fp, state, losses in outputs[1:]:

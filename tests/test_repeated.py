@@ -96,7 +96,7 @@ def test_config_refuses_repeats_beyond_the_views_or_the_batch():
 def test_a_student_trains_with_repeated_augmentation(built, tmp_path):
     """With repeated_aug 2 a cached student's batches hold both stored views of each of half the images."""
     from pipeline.graph import Runner
-    from stages.distill import Trainer
+    from stages.trainer import Trainer
 
     cfg, runner, recs = built
     wd = copy_upstream(recs, tmp_path / "w")
@@ -133,7 +133,7 @@ def test_an_online_teacher_normalized_otherwise_gets_its_own_input_under_repeats
 
     import spectralkd
     from pipeline.graph import Runner
-    from stages.distill import Trainer
+    from stages.trainer import Trainer
 
     cfg, runner, recs = built
     wd = copy_upstream(recs, tmp_path / "w")

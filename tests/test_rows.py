@@ -101,7 +101,8 @@ def _class_sorted_shards(recs, out: Path, per_shard: int, order: str) -> str:
 
 @pytest.mark.slow
 def test_class_sorted_shards_give_mixed_batches_and_the_same_cache_as_shuffled(built, tmp_path):
-    from stages.distill import BatchMix, Trainer
+    from stages.batches import BatchMix
+    from stages.trainer import Trainer
 
     cfg, runner, recs = built
     val = str(next(Path(recs["prepare"].path).glob("val-*.tar")))
@@ -137,7 +138,7 @@ def test_class_sorted_shards_give_mixed_batches_and_the_same_cache_as_shuffled(b
 def test_batch_mix_warns_on_class_sorted_batches(caplog):
     import torch
 
-    from stages.distill import BatchMix
+    from stages.batches import BatchMix
 
     labels = np.repeat(np.arange(10), 64)
     mix = BatchMix(labels, 64)

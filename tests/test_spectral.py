@@ -1,4 +1,5 @@
-"""The SpectralKD math against independent float64 numpy computations, plus its properties."""
+"""The SpectralKD math against independent float64 numpy computations, plus its properties (the losses
+built on it: tests/test_losses.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cache.forms import features_of, spectra_of
 from stages.spectral import (
     channel_spectrum,
     channel_spectrum_sum,
-    inverse_spectrum,
     pool_channels,
     radial_energy_sum,
     spectral_term,
-    spectralkd_loss,
     spectrum,
 )
 
@@ -33,141 +33,6 @@ def np_pool(x: np.ndarray, c_out: int) -> np.ndarray:
 def np_spectrum(x: np.ndarray) -> np.ndarray:
     s = np.fft.rfft2(x.astype(np.float64), axes=(-2, -1), norm="ortho")
     return np.stack([s.real, s.imag], axis=-1)
-
-
-def np_log_softmax(z):
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
-def np_ce(zs, y, ls):
-    k = zs.shape[1]
-    target = np.eye(k)[y] * (1 - ls) + ls / k
-    return -(target * np_log_softmax(zs)).sum(1).mean()
-
-
-def np_spec(fs, ts_feats):
-    layer = []
-    for f, t in zip(fs, ts_feats):
-        ss = np_spectrum(f)
-        tt = np_pool(np_spectrum(t), f.shape[1])
-        layer.append(((ss - tt) ** 2).mean())
-    return np.mean(layer)
-
-
-def np_loss(zs, y, zt, fs, ts_feats, alpha, tau, beta, w_fft, ls, kind="spectral"):
-    """The official DistillationLoss types, in float64 numpy; teacher spectra computed from teacher
-    features.  'spectral' = official 'soft', 'spectral_only' = official 'fft'."""
-    ce = np_ce(zs, y, ls)
-    ls_s, ls_t = np_log_softmax(zs / tau), np_log_softmax(zt / tau)
-    kl = (np.exp(ls_t) * (ls_t - ls_s)).sum(1).mean() * tau * tau
-    spec = np_spec(fs, ts_feats) if fs else 0.0
-    if kind == "spectral":
-        return (1 - alpha) * ce + alpha * kl + beta * w_fft * spec
-    if kind == "spectral_only":
-        return (1 - alpha) * ce + beta * w_fft * spec
-    if kind == "hard":
-        return (1 - alpha) * ce + alpha * np_ce(zs, zt.argmax(1), 0.0) + beta * w_fft * spec
-    raise ValueError(kind)
-
-
-@pytest.mark.parametrize("w", [6, 7])
-@pytest.mark.parametrize("c_s,c_t", [(8, 8), (6, 16), (5, 12)])
-def test_spectral_loss_matches_numpy_float64(w, c_s, c_t):
-    rng = np.random.default_rng(w * 100 + c_s)
-    b, h, k = 3, 5, 7
-    zs, zt = rng.normal(size=(b, k)), rng.normal(size=(b, k))
-    y = rng.integers(0, k, b)
-    fs = [rng.normal(size=(b, c_s, h, w)) for _ in range(2)]
-    tf = [rng.normal(size=(b, c_t, h, w)) for _ in range(2)]
-    want = np_loss(zs, y, zt, fs, tf, 0.9, 2.0, 1.0, 0.2, 0.1)
-    terms = spectralkd_loss(
-        torch.tensor(zs, dtype=torch.float32), torch.tensor(y), torch.tensor(zt, dtype=torch.float32),
-        [torch.tensor(f, dtype=torch.float32) for f in fs],
-        [spectrum(torch.tensor(t, dtype=torch.float32)) for t in tf],
-        kind="spectral", alpha=0.9, tau=2.0, beta=1.0, w_fft=0.2, label_smoothing=0.1,
-    )
-    assert terms.total.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
-
-
-@pytest.mark.parametrize("kind,pairs", [("hard", 2), ("hard", 0), ("spectral_only", 1), ("spectral_only", 3)])
-def test_hard_and_spectral_only_match_numpy_float64(kind, pairs):
-    rng = np.random.default_rng(pairs * 7 + len(kind))
-    b, c_s, c_t, h, w, k = 4, 6, 12, 5, 4, 9
-    zs, zt = rng.normal(size=(b, k)) * 2, rng.normal(size=(b, k)) * 2
-    y = rng.integers(0, k, b)
-    fs = [rng.normal(size=(b, c_s, h, w)) for _ in range(pairs)]
-    tf = [rng.normal(size=(b, c_t, h, w)) for _ in range(pairs)]
-    want = np_loss(zs, y, zt, fs, tf, 0.7, 3.0, 0.5, 0.2, 0.1, kind=kind)
-    terms = spectralkd_loss(
-        torch.tensor(zs, dtype=torch.float32), torch.tensor(y), torch.tensor(zt, dtype=torch.float32),
-        [torch.tensor(f, dtype=torch.float32) for f in fs] or None,
-        [spectrum(torch.tensor(t, dtype=torch.float32)) for t in tf] or None,
-        kind=kind, alpha=0.7, tau=3.0, beta=0.5, w_fft=0.2, label_smoothing=0.1,
-    )
-    assert terms.total.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
-    assert terms.ce.item() == pytest.approx(np_ce(zs, y, 0.1), rel=1e-5)
-    if pairs:
-        assert terms.spec.item() == pytest.approx(np_spec(fs, tf), rel=1e-5)
-    else:
-        assert terms.spec.item() == 0
-    if kind == "hard":
-        assert terms.kd.item() == pytest.approx(np_ce(zs, zt.argmax(1), 0.0), rel=1e-5)
-    else:
-        assert terms.kd.item() == 0
-
-
-def test_spectral_only_needs_no_teacher_logits_and_hard_gets_no_gradient_through_argmax():
-    zs = torch.randn(3, 4, requires_grad=True)
-    zt = torch.randn(3, 4, requires_grad=True)
-    f = torch.randn(3, 2, 4, 4, requires_grad=True)
-    terms = spectralkd_loss(zs, torch.tensor([0, 1, 2]), None, [f], [spectrum(torch.randn(3, 4, 4, 4))],
-                            kind="spectral_only")
-    assert terms.spec.item() > 0
-    with pytest.raises(ValueError, match="spectral_only"):
-        spectralkd_loss(zs, torch.tensor([0, 1, 2]), None, kind="spectral_only")
-    hard = spectralkd_loss(zs, torch.tensor([0, 1, 2]), zt, kind="hard")
-    g = torch.autograd.grad(hard.total, [zs, zt], allow_unused=True)
-    assert g[0].abs().sum() > 0 and (g[1] is None or g[1].abs().sum() == 0)
-    with pytest.raises(ValueError, match="unknown loss kind 'soft'"):
-        spectralkd_loss(zs, torch.tensor([0, 1, 2]), zt, kind="soft")
-
-
-def test_gradients_reach_only_the_student():
-    torch.manual_seed(0)
-    student_feat = torch.randn(2, 4, 4, 4, requires_grad=True)
-    student_logits = torch.randn(2, 5, requires_grad=True)
-    teacher_feat = torch.randn(2, 8, 4, 4, requires_grad=True)
-    teacher_logits = torch.randn(2, 5, requires_grad=True)
-    t_spec = spectrum(teacher_feat)
-    terms = spectralkd_loss(student_logits, torch.tensor([0, 3]), teacher_logits, [student_feat], [t_spec])
-    params = [student_feat, student_logits, teacher_feat, teacher_logits]
-    grads = torch.autograd.grad(terms.total, params, allow_unused=True)
-    assert grads[0] is not None and grads[0].abs().sum() > 0
-    assert grads[1] is not None and grads[1].abs().sum() > 0
-    # the loss treats teacher quantities as constants: no gradient flows back into them
-    assert grads[2] is None or grads[2].abs().sum() == 0
-    assert grads[3] is None or grads[3].abs().sum() == 0
-
-
-def test_kinds_select_terms():
-    zs, zt = torch.randn(4, 3), torch.randn(4, 3)
-    y = torch.tensor([0, 1, 2, 0])
-    none = spectralkd_loss(zs, y, kind="none", label_smoothing=0.0)
-    assert none.total.item() == pytest.approx(torch.nn.functional.cross_entropy(zs, y).item(), rel=1e-6)
-    logits = spectralkd_loss(zs, y, zt, kind="logits", alpha=1.0, label_smoothing=0.0)
-    assert logits.spec.item() == 0 and logits.total.item() == pytest.approx(logits.kd.item())
-    assert logits.kd.item() > 0
-    with pytest.raises(ValueError):
-        spectralkd_loss(zs, y, zt, kind="spectral")
-
-
-def test_spatial_mismatch_names_the_pair():
-    from pipeline.errors import PipelineError
-
-    with pytest.raises(PipelineError, match="layer pair #0"):
-        spectralkd_loss(torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(2, 3),
-                        [torch.randn(2, 4, 4, 4)], [spectrum(torch.randn(2, 4, 5, 5))])
 
 
 arrays = st.tuples(st.integers(1, 3), st.integers(2, 12), st.integers(2, 6), st.integers(2, 7), st.integers(0, 10**6))
@@ -199,9 +64,10 @@ def test_spectrum_parseval_linearity_inverse(shape):
     # Parseval for the ortho rfft2: bins other than the DC/Nyquist columns appear twice in the full FFT
     full = np.fft.fft2(x, norm="ortho")
     assert np.sum(np.abs(full) ** 2) == pytest.approx(np.sum(x**2), rel=1e-9)
-    # inverse recovers the features for odd and even widths
-    back = inverse_spectrum(spectrum(torch.tensor(x)), w).numpy()
-    np.testing.assert_allclose(back, x, atol=1e-4)
+    # the reader's forms (cache.forms): its spectra equal numpy's, its inverse recovers the features
+    # for odd and even widths
+    np.testing.assert_allclose(spectra_of(x), np_spectrum(x), atol=1e-4)
+    np.testing.assert_allclose(features_of(spectrum(torch.tensor(x)).numpy(), w), x, atol=1e-4)
 
 
 def test_channel_spectrum_and_partial_sums_match_numpy():
@@ -251,7 +117,7 @@ def test_spectral_term_value_and_gradient_equal_float64_references(b, layers, we
     fs = [rng.normal(size=(b, c, h, w)) for c, _, h, w in layers]
     ts = [np_spectrum(rng.normal(size=(b, c + extra, h, w))) for c, extra, h, w in layers]
     x = [torch.tensor(f, dtype=torch.float32, requires_grad=True) for f in fs]
-    got = spectral_term("spectral", x, [torch.tensor(t, dtype=torch.float16) for t in ts])
+    got = spectral_term(x, [torch.tensor(t, dtype=torch.float16) for t in ts])
     (weight * got).backward()
     t16 = [torch.tensor(t, dtype=torch.float16).double().numpy() for t in ts]  # what the cache holds
     want = np.mean([((np_spectrum(f) - np_pool(t, f.shape[1])) ** 2).mean() for f, t in zip(fs, t16)])
@@ -271,7 +137,7 @@ def test_spectral_term_takes_the_fft_path_for_large_maps_with_the_same_value():
     for fs in (small, large):
         t = [spectrum(torch.tensor(rng.normal(size=f.shape), dtype=torch.float32)) for f in fs]
         want = np.mean([((np_spectrum(f.numpy()) - tt.numpy()) ** 2).mean() for f, tt in zip(fs, t)])
-        assert spectral_term("spectral", fs, t).item() == pytest.approx(want, rel=1e-5)
+        assert spectral_term(fs, t).item() == pytest.approx(want, rel=1e-5)
 
 
 @settings(max_examples=25, deadline=None)

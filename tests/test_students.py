@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import config_from_dict
-from pipeline.graph import Runner, student_node
+from pipeline.graph import Runner
+from pipeline.nodes import student_node
 from pipeline.locking import held_by
 from stages.groups import paired_difference, t975
 from tests.conftest import ROOT, TINY, cli, copy_upstream, tiny_tree, write_config
@@ -181,7 +182,7 @@ def test_dask_students_equal_serial_runs(built, tmp_path):
     for name in ("none", "spectral"):
         ma, mb = _metrics(a, name), _metrics(b, name)
         for ra, rb in zip(ma, mb, strict=True):
-            for k in ("loss_total", "loss_spec", "val_top1", "val_loss"):
+            for k in ("loss_total", "loss_spectral", "val_top1", "val_loss"):
                 assert ra[k] == rb[k], (name, ra["epoch"], k)
     assert b.state("distill").status == "up to date"
 

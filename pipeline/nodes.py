@@ -1,0 +1,20 @@
+"""The names of the stage graph's nodes and of the files every node's output folder may hold.
+
+Each student is the node ``distill/<name>``; a node whose build failed records why in
+``failed.json`` in its output folder.  Stages name the nodes they read through these, without
+importing the graph that runs them.
+"""
+
+from __future__ import annotations
+
+STUDENT = "distill/"  # student nodes are named distill/<student name>
+FAILED = "failed.json"
+
+
+def student_node(name: str) -> str:
+    return STUDENT + name
+
+
+def student_name(node: str) -> str | None:
+    """The student a node ``distill/<name>`` trains, or None for a stage."""
+    return node[len(STUDENT):] if node.startswith(STUDENT) else None
