@@ -470,6 +470,7 @@ class Runner:
                 raise PipelineError(f"{target}: needs every student; not trained: "
                                     f"{', '.join(missing)} (run distill without --student)")
             rec = None if name in forced else self.record(name)
+            self._agree_across_ranks(name, rec)
             if rec is not None:
                 if dist.is_main():
                     log.info(f"{name}: up to date ({rec.lock['fingerprint'][:12]}), skipped")
@@ -487,6 +488,19 @@ class Runner:
             raise PipelineError(f"distill: {len(failed)} student(s) failed and were recorded in {FAILED}; "
                                 f"the next run retries them. First: {failed[0]}")
         return done
+
+    def _agree_across_ranks(self, name: str, rec: Record | None) -> None:
+        """Under torchrun, refuse a node that is up to date on some ranks' nodes only (workdirs not
+        shared between nodes, holding different outputs): some ranks would build it while the others
+        wait for them at another step."""
+        if dist.world_size() <= 1:
+            return
+        have = int(dist.all_reduce_sum([1.0 if rec is not None else 0.0])[0])
+        if 0 < have < dist.world_size():
+            where = f"in {rec.path}" if rec is not None else f"missing from {self.out_dir(name)}"
+            raise PipelineError(f"{name}: up to date on {have} of {dist.world_size()} ranks only (rank {dist.rank()}: "
+                                f"{where}); give every node's workdir the same outputs (copy them, or run {name} "
+                                f"there first)")
 
     def forced_nodes(self, target: str) -> set[str]:
         """What ``--force`` rebuilds: the target; for distill, the chosen students and the summary."""

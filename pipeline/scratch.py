@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import DEFAULT_CONFIG
 from .errors import PipelineError
 from .fsutil import fresh_dir, read_json, replace_dir
-from .graph import STUDENT, Runner
 from .locking import OutputLock
+from .nodes import FAILED, STUDENT
+
+if TYPE_CHECKING:
+    from .graph import Runner
 
 UPSTREAM = "upstream"
 WORK = "work"
@@ -32,7 +36,7 @@ STUDENTS = f"{WORK}/distill/students"
 class ScratchStudents:
     """What every scratch student receives, and the installation of what each one sends back."""
 
-    def __init__(self, runner: Runner, args):
+    def __init__(self, runner: "Runner", args):
         from cache.reader import cache_path
         from pipeline.storage import is_url
 
@@ -74,7 +78,7 @@ class ScratchStudents:
         own = {}
         if final.is_dir() and not force:
             own = {f"{STUDENTS}/{final.name}/{p.relative_to(final)}": p.read_bytes()
-                   for p in final.rglob("*") if p.is_file() and p.name != "failed.json"}
+                   for p in final.rglob("*") if p.is_file() and p.name != FAILED}
         return own
 
     def install(self, name: str, outputs: dict[str, bytes]) -> None:
