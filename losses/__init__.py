@@ -3,8 +3,8 @@
 Each method is one class (:class:`losses.base.DistillLoss`) in a module of this package, registered
 in :data:`REGISTRY` when the package loads (the list below).  The config schema takes the union of the registered
 configs (:data:`LossConfig`, discriminated by ``kind``); the model plan, the loader and the trainer
-ask :func:`needs`, :func:`check` and :func:`build`.  Nothing else knows what a kind means.  Adding a
-method: a module with its class (ARCHITECTURE.md shows FitNets as the worked example), its import
+ask :func:`needs`, :func:`check`, :func:`check_model` and :func:`build`.  Nothing else knows what a
+kind means.  Adding a method: a module with its class (ARCHITECTURE.md shows FitNets as the worked example), its import
 below, and its test against a float64 numpy reference.
 """
 
@@ -28,10 +28,11 @@ def register(cls: type[DistillLoss]) -> type[DistillLoss]:
     return cls
 
 
-from . import spectralkd  # noqa: E402
+from . import at, dist, distill_token, dkd, fitnets, logit_std, mgd, nkd, spectralkd, vitkd  # noqa: E402
 
 # every method, in the order ``loss.kind`` lists them
-for _method in (spectralkd.SpectralKD,):
+for _method in (spectralkd.SpectralKD, dkd.DKD, dist.DIST, nkd.NKD, logit_std.LogitStd, fitnets.FitNets, at.AT,
+                vitkd.ViTKD, mgd.MGD, distill_token.DistillToken):
     register(_method)
 
 KINDS = tuple(REGISTRY)
@@ -70,10 +71,15 @@ def check(config: LossSettings, pairs) -> str | None:
     return loss_class(config.kind).check(config, list(pairs))
 
 
+def check_model(config: LossSettings, model) -> str | None:
+    """Why this loss config cannot train the student ``model`` (built on the meta device; None: it can)."""
+    return loss_class(config.kind).check_model(config, model)
+
+
 def build(config: LossSettings, pairs: tuple[LayerPair, ...] = (), num_classes: int = 0) -> DistillLoss:
     """The loss module of ``config`` for these layer pairs (its extras sized from their shapes)."""
     return loss_class(config.kind)(config, tuple(pairs), num_classes)
 
 
 __all__ = ["DEFAULT", "KINDS", "REGISTRY", "DistillLoss", "LayerPair", "LossConfig", "LossSettings", "Needs",
-           "StudentOutputs", "TeacherTargets", "build", "check", "loss_class", "needs", "register"]
+           "StudentOutputs", "TeacherTargets", "build", "check", "check_model", "loss_class", "needs", "register"]

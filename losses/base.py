@@ -151,6 +151,29 @@ def target_class(labels: torch.Tensor) -> torch.Tensor:
     return labels if labels.ndim == 1 else labels.argmax(dim=1)
 
 
+def generation_block(channels: int) -> torch.nn.Sequential:
+    """conv3x3 - ReLU - conv3x3 at ``channels`` (MGD's and ViTKD's generator of the teacher's map)."""
+    return torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(channels, channels, 3, padding=1))
+
+
+def width_map(c_in: int, c_out: int) -> torch.nn.Module:
+    """A per-token linear map (1x1 convolution) from ``c_in`` to ``c_out`` channels; the identity
+    when the widths are equal."""
+    return torch.nn.Conv2d(c_in, c_out, kernel_size=1) if c_in != c_out else torch.nn.Identity()
+
+
+def non_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, K) -> (B, K - 1): each row without its target class's column."""
+    keep = torch.ones_like(logits, dtype=torch.bool).scatter_(1, target[:, None], False)
+    return logits[keep].view(logits.shape[0], logits.shape[1] - 1)
+
+
+def missing_layers(config: LossSettings, pairs: list) -> str | None:
+    """:meth:`DistillLoss.check` of a method that reads teacher layers: the error when it has no pairs."""
+    return None if pairs else f"loss.kind {config.kind!r} needs pairs: [[student_layer, teacher_layer], ...]"
+
+
 def teacher_logits(teacher: TeacherTargets, kind: str) -> torch.Tensor:
     """The teacher's logits as float32 constants, or a clear error when the batch has none."""
     if teacher.logits is None:

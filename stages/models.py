@@ -208,8 +208,14 @@ def teacher_normalization(cfg: PipelineConfig) -> Normalization:
 
 
 def meta_depth(name: str, kwargs: dict[str, Any], num_classes: int, where: str, image_size: int | None = None) -> int:
-    """The number of intermediates of timm model ``name``, built on the meta device (no weights);
-    with ``image_size``, the model must take inputs of that size (:func:`check_input_size`)."""
+    """The number of intermediates of timm model ``name`` (:func:`meta_model`)."""
+    return depth(meta_model(name, kwargs, num_classes, where, image_size))
+
+
+def meta_model(name: str, kwargs: dict[str, Any], num_classes: int, where: str,
+               image_size: int | None = None) -> torch.nn.Module:
+    """timm model ``name`` built on the meta device (no weights), with forward_intermediates; with
+    ``image_size``, the model must take inputs of that size (:func:`check_input_size`)."""
     import timm
 
     if not timm.is_model(name):
@@ -228,7 +234,7 @@ def meta_depth(name: str, kwargs: dict[str, Any], num_classes: int, where: str, 
         raise ConfigError(f"{where}.model: {name!r} has no forward_intermediates in this timm version")
     if image_size is not None:
         check_input_size(m, name, image_size, where)
-    return depth(m)
+    return m
 
 
 def check_input_size(model: torch.nn.Module, name: str, image_size: int, where: str) -> None:
@@ -264,7 +270,8 @@ def check_optimizer(name: str, where: str) -> None:
 
 def plan_models(cfg: PipelineConfig) -> ModelPlan:
     """Check model names, kwargs and layer indices against timm, and resolve them (before any work).
-    A cached spectral student's teacher layers must be among the cached ones."""
+    A cached spectral student's teacher layers must be among the cached ones; a student's model must
+    suit its loss (:func:`losses.check_model`, e.g. a distillation token's second head)."""
     t = cfg.teacher
     if t.fit is not None:
         check_optimizer(t.fit.optimizer, "teacher.fit.optimizer")
@@ -282,7 +289,10 @@ def plan_models(cfg: PipelineConfig) -> ModelPlan:
         where = f"distill.students[{i}]"
         if s.optimizer:
             check_optimizer(s.optimizer, f"{where}.optimizer")
-        depths[s.name] = meta_depth(s.model, s.kwargs, cfg.data.num_classes, where, cfg.data.image_size)
+        model = meta_model(s.model, s.kwargs, cfg.data.num_classes, where, cfg.data.image_size)
+        depths[s.name] = depth(model)
+        if why := losses.check_model(s.loss, model):
+            raise ConfigError(f"{where}.model: {why}")
         resolved = []
         for j, (sl, tl) in enumerate(s.pairs):
             sn = layer_index(sl, depths[s.name], s.model, f"{where}.pairs[{j}][0]")

@@ -378,7 +378,8 @@ def test_online_teacher_gets_the_batch_normalized_as_extract_normalizes_it(deit_
     cfg, recs, _ = deit_cache
     cache = open_cache(recs["extract"])
     st = cfg.student("spectral").model_copy(update={"mode": "online"})
-    tr = Trainer(cfg, st, cache, Path("/nonexistent"), teacher=object())
+    teacher = models.load_teacher(recs["teacher"], cfg)
+    tr = Trainer(cfg, st, cache, Path("/nonexistent"), teacher=teacher)
     batches = tr.train_batches(0)
     x, _, rows, extras = next(iter(batches))
     raw, _, _, idx = batches.dataset.batch(rows.numpy())
@@ -388,8 +389,7 @@ def test_online_teacher_gets_the_batch_normalized_as_extract_normalizes_it(deit_
     torch.testing.assert_close(x, batches.dataset.normalize(raw, idx), rtol=0, atol=0)
     assert not torch.equal(x, extras["teacher_x"])
     # a step with the live teacher takes its targets from that input
-    live = Trainer(cfg, st, cache, Path("/nonexistent"),
-                   teacher=models.load_teacher(recs["teacher"], cfg))
+    live = Trainer(cfg, st, cache, Path("/nonexistent"), teacher=teacher)
     seen = []
     live.targets_online = lambda inp, f=live.targets_online: seen.append(inp) or f(inp)
     xb, yb, rb, ex = next(iter(live.train_batches(0)))
@@ -398,7 +398,7 @@ def test_online_teacher_gets_the_batch_normalized_as_extract_normalizes_it(deit_
     # the same normalization: no second input
     same = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"mean": None, "std": None})})
     same = same.model_copy(update={"data": cfg.data.model_copy(update={"mean": (0.5,) * 3, "std": (0.5,) * 3})})
-    tr2 = Trainer(same, st, cache, Path("/nonexistent"), teacher=object())
+    tr2 = Trainer(same, st, cache, Path("/nonexistent"), teacher=teacher)
     assert "teacher_x" not in next(iter(tr2.train_batches(0)))[3]
 
 

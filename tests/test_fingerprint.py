@@ -170,6 +170,7 @@ VALUES = {
     "distill.students[0].model": "vit_tiny_patch16_224",
     "distill.students[0].kwargs": {**TINY["distill"]["students"][0]["kwargs"], "embed_dim": 24},
     "distill.students[0].pairs": [[1, 0]],
+    "distill.students[0].loss": {"kind": "logits"},  # its kind; each method's fields: test_every_loss_field_...
     "distill.students[0].optimizer": "sgd",
     "distill.students[0].mode": "online",
     "distill.students[0].views": 1,
@@ -317,3 +318,29 @@ def test_operational_settings_change_no_output(built, tmp_path):
         assert losses == losses0
         assert state.keys() == state0.keys()
         assert all(np.array_equal(state[k].numpy(), state0[k].numpy()) for k in state0)
+
+
+def test_every_loss_field_changes_its_students_fingerprint():
+    """Each field of each registered loss config (the schema's union by ``loss.kind``), set to another
+    valid value, changes the fingerprint of its student's node and of no other student."""
+    import losses
+
+    def fingerprints(kind: str, **fields) -> dict[str, str]:
+        change = {"distill.students[1].loss": {"kind": kind, **fields}}
+        if kind == "distill_token":  # a student with a distillation head
+            change["distill.students[1].model"] = "deit_tiny_distilled_patch16_224"
+        return node_fingerprints(tiny_tree(**change))
+
+    missed = []
+    for kind, cls in losses.REGISTRY.items():
+        base = fingerprints(kind)
+        for name, field in cls.Config.model_fields.items():
+            if name == "kind":
+                continue
+            value = _generic_value(field, getattr(cls.Config(kind=kind), name))
+            assert value is not None, f"{kind}.{name}: no rule makes another value"
+            got = fingerprints(kind, **{name: value})
+            if got["distill/spectral"] == base["distill/spectral"]:
+                missed.append(f"{kind}.{name}")
+            assert got["distill/none"] == base["distill/none"], f"{kind}.{name} changed another student"
+    assert not missed, f"loss fields that change no fingerprint: {missed}"

@@ -195,3 +195,305 @@ def test_needs_say_what_a_student_reads():
     assert losses.needs(SpectralKDConfig(kind="spectral_only"), [(0, 0)]) == losses.Needs(False, "spectra", True)
     assert losses.needs(SpectralKDConfig(kind="hard"), []) == losses.Needs(True, None, False)
     assert losses.needs(SpectralKDConfig(kind="hard"), [(0, 0)]).reads_layers
+
+
+# ----------------------------------------------------------------------------- the comparison set's methods
+
+B, K = 4, 5
+
+
+def logits_case(seed: int, mixed: bool = False):
+    """Student and teacher logits and labels (class indices, or class probabilities when ``mixed``)."""
+    rng = np.random.default_rng(seed)
+    zs, zt = rng.normal(size=(B, K)) * 2, rng.normal(size=(B, K)) * 2
+    if mixed:
+        y = rng.dirichlet(np.ones(K), size=B)
+        return zs, zt, y, torch.tensor(y, dtype=torch.float32)
+    y = rng.integers(0, K, B)
+    return zs, zt, y, torch.tensor(y)
+
+
+def zt32(zt):
+    """The teacher's logits as the loss gets them (float32), back in float64 for the reference."""
+    return f32(zt).numpy().astype(np.float64)
+
+
+def y_class(y):
+    return y if y.ndim == 1 else y.argmax(1)
+
+
+def np_kl_p(pt, ps):
+    """KL(pt || ps) of probability rows, batch mean."""
+    return float((pt * (np.log(pt) - np.log(ps))).sum(1).mean())
+
+
+def drop_target(z, t):
+    keep = np.ones(z.shape, dtype=bool)
+    keep[np.arange(len(z)), t] = False
+    return z[keep].reshape(len(z), -1)
+
+
+def np_dkd(zs, zt, t, alpha, beta, tau):
+    """alpha TCKD + beta NCKD (Zhao et al. 2022, Eq. 7), from the probabilities as written."""
+    rows = np.arange(len(zs))
+    ps, pt = np_softmax(zs / tau), np_softmax(zt / tau)
+    bs = np.stack([ps[rows, t], 1 - ps[rows, t]], 1)
+    bt = np.stack([pt[rows, t], 1 - pt[rows, t]], 1)
+    ns, nt = np_softmax(drop_target(zs, t) / tau), np_softmax(drop_target(zt, t) / tau)
+    return tau * tau * (alpha * np_kl_p(bt, bs) + beta * np_kl_p(nt, ns))
+
+
+@pytest.mark.parametrize("epoch,mixed", [(0, False), (2, False), (5, True)])
+def test_dkd_matches_numpy_float64_with_its_warmup(epoch, mixed):
+    from losses.dkd import DKDConfig
+
+    zs, zt, y, labels = logits_case(epoch, mixed)
+    cfg = DKDConfig(alpha=1.5, beta=0.5, tau=2.0, warmup=4)
+    w = min((epoch + 1) / 4, 1.0)  # mdistiller's min(epoch / warmup, 1), epochs counted from 1
+    t = y_class(y)
+    terms = check_method(losses.build(cfg), lambda z: np_ce(z, y, 0.1) + w * np_dkd(z, zt32(zt), t, 1.5, 0.5, 2.0),
+                         {"logits": zs}, TeacherTargets(f32(zt)), labels, epoch=epoch)
+    assert list(terms) == ["total", "ce", "tckd", "nckd"]
+    assert terms["tckd"].item() == pytest.approx(w * np_dkd(zs, zt32(zt), t, 1.5, 0, 2.0), rel=1e-4)
+    d = DKDConfig()  # mdistiller's ImageNet setting
+    assert (d.alpha, d.beta, d.tau, d.warmup, d.label_smoothing) == (1.0, 0.5, 1.0, 1, 0.1)
+
+
+def np_pearson(a, b):
+    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+    return (a * b).sum(1) / (np.sqrt((a * a).sum(1)) * np.sqrt((b * b).sum(1)) + 1e-8)
+
+
+def test_dist_matches_numpy_float64():
+    from losses.dist import DISTConfig
+
+    zs, zt, y, labels = logits_case(11)
+    cfg = DISTConfig(beta=0.7, gamma=1.3, tau=2.0, kd_weight=2.0)
+
+    def reference(z):
+        ys, yt = np_softmax(z / 2.0), np_softmax(zt32(zt) / 2.0)
+        inter = 1 - np_pearson(ys, yt).mean()
+        intra = 1 - np_pearson(ys.T, yt.T).mean()
+        return np_ce(z, y, 0.1) + 2.0 * 4.0 * (0.7 * inter + 1.3 * intra)
+
+    terms = check_method(losses.build(cfg), reference, {"logits": zs}, TeacherTargets(f32(zt)), labels)
+    assert list(terms) == ["total", "ce", "inter", "intra"]
+    d = DISTConfig()
+    assert (d.beta, d.gamma, d.tau, d.kd_weight) == (1.0, 1.0, 1.0, 2.0)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_nkd_matches_numpy_float64(mixed):
+    from losses.nkd import NKDConfig
+
+    zs, zt, y, labels = logits_case(21, mixed)
+    t = y_class(y)
+    rows = np.arange(B)
+
+    def reference(z):
+        zt_ = zt32(zt)
+        target = -(np_softmax(zt_)[rows, t] * np_log_softmax(z)[rows, t]).mean()
+        rest = -(np_softmax(drop_target(zt_, t) / 1.5) * np_log_softmax(drop_target(z, t) / 1.5)).sum(1).mean()
+        return np_ce(z, y, 0.1) + target + 1.2 * 1.5**2 * rest
+
+    terms = check_method(losses.build(NKDConfig(tau=1.5, gamma=1.2)), reference, {"logits": zs},
+                         TeacherTargets(f32(zt)), labels)
+    assert list(terms) == ["total", "ce", "target", "non_target"]
+    assert (NKDConfig().tau, NKDConfig().gamma) == (1.0, 1.0)  # cls_KD's DeiT setting
+
+
+def test_logit_standardization_matches_numpy_float64():
+    from losses.logit_std import LogitStdConfig
+
+    zs, zt, y, labels = logits_case(31)
+
+    def z_score(z):
+        return (z - z.mean(1, keepdims=True)) / (z.std(1, ddof=1, keepdims=True) + 1e-7)
+
+    reference = lambda z: np_ce(z, y, 0.1) + 9.0 * np_kl(z_score(z), z_score(zt32(zt)), 2.0)  # noqa: E731
+    terms = check_method(losses.build(LogitStdConfig()), reference, {"logits": zs}, TeacherTargets(f32(zt)), labels)
+    assert list(terms) == ["total", "ce", "kd"]
+    # invariant to each row's shift and scale of either side's logits
+    again = losses.build(LogitStdConfig())(StudentOutputs(f32(zs * 3 + 1)), TeacherTargets(f32(zt * 0.5 - 2)),
+                                           labels)["kd"]
+    assert again.item() == pytest.approx(terms["kd"].item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("kind,alpha", [("hard", 0.5), ("soft", 0.3)])
+def test_distillation_token_matches_numpy_float64(kind, alpha):
+    from losses.distill_token import DistillTokenConfig
+
+    zs, zt, y, labels = logits_case(41)
+    zd = np.random.default_rng(42).normal(size=(B, K))
+    cfg = DistillTokenConfig(type=kind, alpha=alpha, tau=2.0)
+
+    def reference(z, d):
+        kd = np_ce(d, zt32(zt).argmax(1)) if kind == "hard" else np_kl(d, zt32(zt), 2.0)
+        return (1 - alpha) * np_ce(z, y, 0.1) + alpha * kd
+
+    terms = check_method(losses.build(cfg), reference, {"logits": zs, "dist_logits": zd}, TeacherTargets(f32(zt)),
+                         labels)
+    assert list(terms) == ["total", "ce", "kd"]
+    with pytest.raises(ValueError, match="distillation head"):
+        losses.build(cfg)(StudentOutputs(f32(zs)), TeacherTargets(f32(zt)), labels)
+    d = DistillTokenConfig()
+    assert (d.type, d.alpha, d.tau, d.label_smoothing) == ("hard", 0.5, 1.0, 0.1)  # DeiT's main.py
+
+
+# ----------------------------------------------------------------------------- feature methods
+
+H = W = 3
+PAIRS = (losses.LayerPair(0, 0, (3, H, W), (4, H, W)), losses.LayerPair(1, 3, (4, H, W), (4, H, W)))
+
+
+def feature_case(seed: int):
+    """Student maps (one 3 channels wide, one 4) and the teacher's maps (4 wide) of PAIRS."""
+    rng = np.random.default_rng(seed)
+    zs, zt, y, labels = logits_case(seed)
+    fs = [rng.normal(size=(B, p.student_shape[0], H, W)) for p in PAIRS]
+    ft = [rng.normal(size=(B, p.teacher_shape[0], H, W)) for p in PAIRS]
+    return zs, zt, y, labels, fs, ft
+
+
+def weights64(loss: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The loss's extras' current weights as float64 arrays, by name."""
+    return {n: p.detach().double().numpy() for n, p in loss.state_dict().items()}
+
+
+def np_conv(x, w, b):
+    """2-D convolution, stride 1, 'same' zero padding, of (B, C, H, W) by (O, C, k, k)."""
+    k = w.shape[-1]
+    p = k // 2
+    xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+    out = np.zeros((x.shape[0], w.shape[0], *x.shape[2:])) + b[None, :, None, None]
+    for i in range(k):
+        for j in range(k):
+            out += np.einsum("oc,bchw->bohw", w[:, :, i, j], xp[:, :, i:i + x.shape[2], j:j + x.shape[3]])
+    return out
+
+
+def np_generate(x, wt, prefix):
+    """conv3x3 - ReLU - conv3x3 with the weights under ``prefix``."""
+    h = np.maximum(np_conv(x, wt[f"{prefix}.0.weight"], wt[f"{prefix}.0.bias"]), 0)
+    return np_conv(h, wt[f"{prefix}.2.weight"], wt[f"{prefix}.2.bias"])
+
+
+def np_linear_map(x, wt, prefix):
+    """A 1x1 convolution, or the identity where the loss has none under ``prefix``."""
+    if f"{prefix}.weight" not in wt:
+        return x
+    return np_conv(x, wt[f"{prefix}.weight"], wt[f"{prefix}.bias"])
+
+
+def test_fitnets_matches_numpy_float64():
+    from losses.fitnets import FitNetsConfig
+
+    zs, zt, y, labels, fs, ft = feature_case(51)
+    loss = losses.build(FitNetsConfig(), PAIRS)
+    wt = weights64(loss)
+    assert [wt[f"regressors.{i}.weight"].shape for i in range(2)] == [(4, 3, 1, 1), (4, 4, 1, 1)]
+
+    def reference(z, *feats):
+        hint = sum(((np_linear_map(f, wt, f"regressors.{i}") - t) ** 2).mean()
+                   for i, (f, t) in enumerate(zip(feats, ft)))
+        return np_ce(z, y, 0.1) + 100.0 * hint
+
+    terms = check_method(loss, reference, {"logits": zs, "features": fs}, TeacherTargets(None, [f32(t) for t in ft]),
+                         labels)
+    assert list(terms) == ["total", "ce", "hint"]
+
+
+def test_attention_transfer_matches_numpy_float64():
+    from losses.at import ATConfig
+
+    zs, zt, y, labels, fs, ft = feature_case(61)
+    ft[1] = ft[1][:, :2]  # the teacher's width need not be the student's
+
+    def att(f):
+        a = (np.abs(f) ** 2).mean(1).reshape(len(f), -1)
+        return a / np.sqrt((a * a).sum(1, keepdims=True))
+
+    reference = lambda z, *feats: np_ce(z, y, 0.1) + 1000.0 * sum(  # noqa: E731
+        ((att(f) - att(t)) ** 2).mean() for f, t in zip(feats, ft))
+    loss = losses.build(ATConfig(), PAIRS)
+    assert not list(loss.parameters())
+    terms = check_method(loss, reference, {"logits": zs, "features": fs}, TeacherTargets(None, [f32(t) for t in ft]),
+                         labels)
+    assert list(terms) == ["total", "ce", "at"]
+
+
+def perturbed(loss: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """``loss`` with every extra moved off its initial value (a zero mask token would hide its use)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in loss.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return loss
+
+
+def test_vitkd_matches_numpy_float64_with_the_same_mask():
+    from losses.vitkd import ViTKDConfig
+
+    zs, zt, y, labels, fs, ft = feature_case(71)
+    cfg = ViTKDConfig(alpha=0.05, beta=0.02, mask_ratio=0.5)
+    loss = perturbed(losses.build(cfg, PAIRS), 0)
+    wt = weights64(loss)
+    assert "mimic.0.weight" in wt and "align.weight" not in wt  # the deep pair's widths are equal
+    torch.manual_seed(5)
+    mask = loss.token_mask(B, H * W).numpy().reshape(B, 1, H, W)
+    torch.manual_seed(5)
+    order = np.argsort(torch.rand(B, H * W).numpy(), axis=1)  # the draws: a random order of the tokens per sample
+    want = np.zeros((B, H * W))
+    np.put_along_axis(want, order[:, int(H * W * 0.5):], 1.0, axis=1)  # masked: all but the first int(L(1-lambda))
+    assert np.array_equal(mask.reshape(B, -1), want) and (want.sum(1) == 5).all()
+
+    def reference(z, f0, f1):
+        mimic = ((np_linear_map(f0, wt, "mimic.0") - ft[0]) ** 2).sum() / B
+        x = f1 * (1 - mask) + wt["mask_token"][None, :, None, None] * mask
+        gen = (((np_generate(x, wt, "generation") - ft[1]) ** 2) * mask).sum() / (B * 0.5)
+        return np_ce(z, y, 0.1) + 0.05 * mimic + 0.02 * gen
+
+    torch.manual_seed(5)  # the loss draws the same mask
+    terms = check_method(loss, reference, {"logits": zs, "features": fs}, TeacherTargets(None, [f32(t) for t in ft]),
+                         labels)
+    assert list(terms) == ["total", "ce", "mimic", "generation"]
+    d = ViTKDConfig()
+    assert (d.alpha, d.beta, d.mask_ratio) == (3e-5, 3e-6, 0.5)  # cls_KD's DeiT setting
+    one = losses.build(cfg, PAIRS[1:])  # one pair: generation only
+    assert list(one(StudentOutputs(f32(zs), [f32(fs[1])]), TeacherTargets(None, [f32(ft[1])]), labels)) == \
+        ["total", "ce", "generation"]
+
+
+def test_mgd_matches_numpy_float64_with_the_same_masks():
+    from losses.mgd import MGDConfig
+
+    zs, zt, y, labels, fs, ft = feature_case(81)
+    cfg = MGDConfig(alpha=0.01, mask_ratio=0.4)
+    loss = perturbed(losses.build(cfg, PAIRS), 1)
+    wt = weights64(loss)
+    assert "aligns.0.weight" in wt and "aligns.1.weight" not in wt
+    torch.manual_seed(6)
+    masks = [loss.channel_mask(B, 4).numpy() for _ in PAIRS]  # one per pair, in order
+    torch.manual_seed(6)
+    draws = [torch.rand(B, 4, 1, 1).numpy() for _ in PAIRS]  # the draws: a channel is zeroed below lambda
+    assert all(np.array_equal(m, (u >= 0.4).astype(np.float32)) for m, u in zip(masks, draws))
+    assert 0 < sum(m.sum() for m in masks) < 2 * B * 4
+
+    def reference(z, *feats):
+        sq = sum(((np_generate(np_linear_map(f, wt, f"aligns.{i}") * m, wt, f"generators.{i}") - t) ** 2).sum()
+                 for i, (f, t, m) in enumerate(zip(feats, ft, masks)))
+        return np_ce(z, y, 0.1) + 0.01 * sq / B
+
+    torch.manual_seed(6)
+    terms = check_method(loss, reference, {"logits": zs, "features": fs}, TeacherTargets(None, [f32(t) for t in ft]),
+                         labels)
+    assert list(terms) == ["total", "ce", "mgd"]
+    assert (MGDConfig().alpha, MGDConfig().mask_ratio) == (7e-5, 0.15)  # cls_KD's ImageNet setting
+
+
+@pytest.mark.parametrize("kind", ["fitnets", "at", "vitkd", "mgd"])
+def test_feature_methods_need_layer_pairs_and_read_features(kind):
+    cls = losses.loss_class(kind)
+    assert losses.needs(cls.Config(kind=kind), [(0, 0)]) == losses.Needs(form="features")
+    assert "needs pairs" in losses.check(cls.Config(kind=kind), [])
+    assert losses.check(cls.Config(kind=kind), [(0, 0)]) is None

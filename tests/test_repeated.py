@@ -141,7 +141,10 @@ def test_an_online_teacher_normalized_otherwise_gets_its_own_input_under_repeats
                                          "teacher.mean": [0.4, 0.4, 0.4], "teacher.std": [0.2, 0.2, 0.2]}),
                             workdir=str(wd))
     cache = spectralkd.open_cache(recs["extract"].path)
-    tr = Trainer(cfg2, cfg2.student("spectral"), cache, tmp_path / "s", Runner(cfg2).model_plan, teacher=object())
+    from stages import models
+
+    teacher = models.load_teacher(recs["teacher"], cfg)
+    tr = Trainer(cfg2, cfg2.student("spectral"), cache, tmp_path / "s", Runner(cfg2).model_plan, teacher=teacher)
     x, y, rows, targets = next(iter(tr.train_batches(0)))
     assert set(targets) == {"teacher_x"} and targets["teacher_x"].shape == x.shape
     assert not torch.allclose(targets["teacher_x"], x)
