@@ -244,6 +244,19 @@ def spec_from_attrs(a: dict) -> CacheSpec:
     )
 
 
+def open_group(where, mode: str):
+    """The Zarr group at ``where`` (a local folder, a store URL or a :class:`pipeline.storage.Location`),
+    opened with this process's store options (:func:`pipeline.storage.configure`) when it is on a store."""
+    import zarr
+
+    from pipeline import storage
+
+    url = str(where)
+    if storage.is_url(url):
+        return zarr.open_group(url, mode=mode, storage_options=storage.options())
+    return zarr.open_group(url, mode=mode)
+
+
 def marker_name(s: int) -> str:
     return f"{COMPLETE_DIR}/{s:06d}.json"
 

@@ -6,6 +6,11 @@ recorded, and every array's metadata, its whole codec chain included, is what th
 gives it.  A row is read only from a shard
 file that exists with the size extract wrote (zarr would read a missing or empty shard as zeros);
 zarr's crc32c then checks every chunk's bytes.
+
+A cache on an object store (``extract.location``) is read the same way, object by object: a
+shard's index with one ranged GET at the size extract recorded (a missing, emptied or truncated
+object is named by that GET, with no HEAD first), then one ranged GET per span of chunks a read
+needs (:class:`cache.shardfile.ShardDecoder`).
 """
 
 from __future__ import annotations
@@ -18,24 +23,39 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import zarr
 
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import diff
+from pipeline.storage import Location
 
 from .codec import decode
 from .forms import FORMS, features_of, spectra_of
 from .shardfile import ShardCorrupt, ShardDecoder
-from .layout import (FORMAT_VERSION, MANIFEST, SHARD_INDEX, CacheSpec, array_json, layer_array, meaning_digest,
-                     shard_key, spec_from_attrs)
+from .layout import (FORMAT_VERSION, MANIFEST, SHARD_INDEX, CacheSpec, array_json, layer_array, marker_name,
+                     meaning_digest, open_group, shard_key, spec_from_attrs)
 
 
 CACHE_DIR = "cache.zarr"  # the cache's folder inside an extract output
+CACHE_URL = "cache"  # the summary key of an extract record whose cache is on a store: its URL
 
 
-def cache_path(record) -> Path:
-    """The cache of a completed extract record (anything with a ``path``)."""
-    return Path(record.path) / CACHE_DIR
+def cache_path(record) -> Path | str:
+    """The cache of a completed extract record (anything with a ``path`` and a ``lock``): the URL
+    its summary records when extract wrote it to a store, else ``cache.zarr`` in its folder."""
+    url = (getattr(record, "lock", None) or {}).get("summary", {}).get(CACHE_URL)
+    return url if url else Path(record.path) / CACHE_DIR
+
+
+def commit_problems(where) -> list[str]:
+    """One line per file of a cache's commit (metadata, manifest, shard index) missing at ``where``
+    (a local folder or a store URL), or the store that cannot be reached."""
+    store = Location(where)
+    names = ("zarr.json", MANIFEST, SHARD_INDEX)
+    try:
+        present = {n for n in names if (store / n).exists()}
+    except OSError as e:
+        return [f"{store}: cannot be reached ({e})"]
+    return [f"{store / n} is missing" for n in names if n not in present]
 
 
 def open_cache(extract_record) -> "Cache":
@@ -58,9 +78,13 @@ class Block:
 class Cache:
     """An opened, complete cache: arrays, manifest columns and the valid mask."""
 
-    def __init__(self, path: str | Path, expect_fingerprint: str | None = None, expect_inputs: dict | None = None):
-        self.path = Path(path)
-        self.group = _open_group(self.path)
+    def __init__(self, path: str | Path | Location, expect_fingerprint: str | None = None,
+                 expect_inputs: dict | None = None):
+        self.store = Location(path)
+        self.remote = self.store.remote
+        self.path = self.store if self.remote else self.store.local  # named in messages; a Path when local
+        self.group = _open_group(self.store)
+        self._arrays: dict = {}
         self.attrs = dict(self.group.attrs)
         fp = self.attrs.get("fingerprint")
         if expect_fingerprint and fp != expect_fingerprint:
@@ -77,12 +101,13 @@ class Cache:
         self._check_arrays()
         self._manifest_sha256 = integrity.get("manifest_sha256")
         # checked at open (digest, then the footer's row count): a damaged manifest refuses the cache at once
-        rows = pq.read_metadata(pa.BufferReader(_checked_bytes(self.path / MANIFEST, self._manifest_sha256,
+        rows = pq.read_metadata(pa.BufferReader(_checked_bytes(self.store / MANIFEST, self._manifest_sha256,
                                                                "manifest"))).num_rows
         if rows != self.spec.rows:
             raise PipelineError(f"{self.path / MANIFEST}: {rows} rows, the arrays have {self.spec.rows}")
         self._rows = None
         self._shard_bytes = self._shard_sizes(integrity.get("shard_index_sha256"))
+        self._check_markers()
         self._checked: set[tuple[str, int]] = set()
         self._decoders: dict[str, ShardDecoder | None] = {}
         self.one_pass = True  # False: every read goes through zarr (benchmarks/distill.py compares)
@@ -91,7 +116,7 @@ class Cache:
 
     def _shard_sizes(self, sha256: str | None) -> dict[str, np.ndarray]:
         """Array name -> the size extract wrote of each of its shard files (-1: not recorded)."""
-        index = _read_table(self.path / SHARD_INDEX, sha256, "shard index")
+        index = _read_table(self.store / SHARD_INDEX, sha256, "shard index")
         names = index.column("array").to_numpy(zero_copy_only=False)
         shards, nbytes = index.column("shard").to_numpy(), index.column("nbytes").to_numpy()
         out = {}
@@ -101,6 +126,17 @@ class Cache:
             sizes[shards[mine]] = nbytes[mine]
             out[name] = sizes
         return out
+
+    def _check_markers(self) -> None:
+        """Refuse a cache with a shard whose completion marker is gone (one listing): markers are
+        part of the commit, and a reader trusts only committed shards."""
+        from .writer import completed_shards
+
+        missing = sorted(set(range(self.spec.num_shards)) - completed_shards(self.store))
+        if missing:
+            raise PipelineError(f"{self.path / marker_name(missing[0])}: shard {missing[0]} is not marked complete"
+                                f"{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}; the cache is "
+                                f"damaged or was not written to the end (rerun extract)")
 
     def _check_meaning(self) -> dict:
         """The recorded integrity digests, after checking the attributes that decide meaning."""
@@ -142,7 +178,7 @@ class Cache:
     def manifest(self) -> pa.Table:
         """The manifest, read and checked against its digest on each access (not kept: at scale it
         is the largest table of a process, and readers turn it into their own columns once)."""
-        return _read_table(self.path / MANIFEST, self._manifest_sha256, "manifest")
+        return _read_table(self.store / MANIFEST, self._manifest_sha256, "manifest")
 
     @property
     def layers(self):
@@ -199,8 +235,12 @@ class Cache:
         return out
 
     def array(self, name: str):
+        """Array ``name``, its metadata read once per cache (each read is a GET on a store)."""
+        if name in self._arrays:
+            return self._arrays[name]
         try:
-            return self.group[name]
+            self._arrays[name] = self.group[name]
+            return self._arrays[name]
         except KeyError:
             raise PipelineError(f"{self.path}: no array {name!r} in the cache") from None
         except (ValueError, TypeError, json.JSONDecodeError) as e:
@@ -213,50 +253,61 @@ class Cache:
             self._valid = self.read("valid", 0, self.spec.rows).astype(bool)
         return self._valid
 
-    def shard_file(self, name: str, s: int) -> Path:
-        return self.path / name / shard_key(self.array(name), s)
+    def shard_file(self, name: str, s: int) -> Path | Location:
+        f = self.store / name / shard_key(self.array(name), s)
+        return f if self.remote else f.local
+
+    def _recorded_size(self, name: str, s: int) -> int | None:
+        sizes = self._shard_bytes.get(name)
+        return int(sizes[s]) if sizes is not None and 0 <= s < len(sizes) and sizes[s] >= 0 else None
+
+    def _damaged(self, name: str, s: int, what: str) -> PipelineError:
+        return PipelineError(f"{self.shard_file(name, s)}: shard {s} of {name} {what}; the cache is damaged "
+                             f"(run `python -m pipeline verify`, then extract with --force)")
 
     def check_shard_file(self, name: str, s: int) -> None:
-        """Refuse shard ``s`` of ``name`` unless its file exists with the size extract wrote."""
+        """Refuse shard ``s`` of ``name`` unless its file exists with the size extract wrote (a stat
+        locally, a HEAD on a store)."""
         if (name, s) in self._checked:
             return
-        f = self.shard_file(name, s)
-        sizes = self._shard_bytes.get(name)
-        want = int(sizes[s]) if sizes is not None and 0 <= s < len(sizes) and sizes[s] >= 0 else None
-        try:
-            got = f.stat().st_size
-        except FileNotFoundError:
-            got = None
+        want = self._recorded_size(name, s)
+        got = Location(self.shard_file(name, s)).size()
         if want is None or got != want:
-            what = "is missing" if got is None else f"is {got} bytes, extract wrote {want}"
-            raise PipelineError(
-                f"{f}: shard {s} of {name} {what}; the cache is damaged "
-                f"(run `python -m pipeline verify`, then extract with --force)"
-            )
+            raise self._damaged(name, s, "is missing" if got is None else f"is {got} bytes, extract wrote {want}")
         self._checked.add((name, s))
 
     def decoder(self, name: str) -> ShardDecoder | None:
         """The one-pass reader of array ``name`` (None: ``one_pass`` off, or a compressor of the spec's
-        chain, checked at open, that only zarr decodes)."""
+        chain, checked at open, that only zarr decodes).  It reads each shard's index at the size
+        extract recorded."""
         if not self.one_pass:
             return None
         if name not in self._decoders:
-            self._decoders[name] = ShardDecoder.for_array(self.array(name), self.path / name)
+            self._decoders[name] = ShardDecoder.for_array(self.array(name), self.store / name,
+                                                          sizes=self._shard_bytes.get(name))
         return self._decoders[name]
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of one array; a missing, resized or corrupt shard file is named.
         Shard files are read in one pass each (:class:`cache.shardfile.ShardDecoder`), every
         chunk's crc32c checked (the chain, crc32c included, was checked at open, so a read through
-        zarr checks them too)."""
+        zarr checks them too).  Locally each shard file's size is checked once first; on a store
+        the decoder's ranged GET of the index at the recorded size is that check (no HEAD)."""
         rps = self.spec.rows_per_shard
-        for s in range(start // rps, (max(start, stop - 1)) // rps + 1):
-            self.check_shard_file(name, s)
+        shards = range(start // rps, (max(start, stop - 1)) // rps + 1)
+        dec = self.decoder(name)
+        for s in shards:
+            if dec is None or not self.remote:
+                self.check_shard_file(name, s)
+            elif self._recorded_size(name, s) is None:
+                raise self._damaged(name, s, "has no recorded size")
         try:
-            dec = self.decoder(name)
             return dec.read(start, stop) if dec is not None else self.array(name)[start:stop]
+        except FileNotFoundError:
+            s = next(s for s in shards if Location(self.shard_file(name, s)).size() is None)
+            raise self._damaged(name, s, "is missing") from None
         except ShardCorrupt as e:
-            raise PipelineError(f"{self.path}/{name}: shard {e.shard} is corrupt ({e.why}, reading rows "
+            raise PipelineError(f"{self.path}/{name}: shard {e.shard} is corrupt ({e.why} in {e.path}, reading rows "
                                 f"{start}..{stop - 1}); run `python -m pipeline verify` and rerun extract with --force"
                                 ) from None
         except ValueError as e:  # zarr's reads
@@ -289,7 +340,7 @@ class Cache:
         from .manifest import rows_of_manifest
 
         if self._rows is None:
-            self._rows = rows_of_manifest(self.manifest, self.path)
+            self._rows = rows_of_manifest(self.manifest, self.path if not self.remote else str(self.store))
         return self._rows
 
     def column(self, name: str) -> np.ndarray:
@@ -297,10 +348,10 @@ class Cache:
         return self.manifest.column(name).to_numpy(zero_copy_only=False)
 
 
-def _open_group(path: Path):
+def _open_group(path: Location):
     """The cache's Zarr group, read-only; a missing or unreadable zarr.json is named."""
     try:
-        return zarr.open_group(str(path), mode="r")
+        return open_group(path, mode="r")
     except FileNotFoundError:
         raise PipelineError(f"{path}: no cache here; run extract") from None
     except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
@@ -308,19 +359,21 @@ def _open_group(path: Path):
         raise PipelineError(f"{path / 'zarr.json'}: cannot read the cache's metadata ({why})") from None
 
 
-def _checked_bytes(path: Path, sha256: str | None, what: str) -> bytes:
+def _checked_bytes(path: Location, sha256: str | None, what: str) -> bytes:
     """The bytes of a file of the cache, after checking them against the recorded digest."""
     try:
         data = path.read_bytes()
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: cannot read the {what} (it is missing)") from None
     except OSError as e:
-        raise PipelineError(f"{path}: cannot read the {what} ({e.strerror})") from None
+        raise PipelineError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
     if hashlib.sha256(data).hexdigest() != sha256:
         raise PipelineError(f"{path}: the {what} is not the one extract wrote (sha256 mismatch); refusing the cache "
                             f"(rerun extract --force)")
     return data
 
 
-def _read_table(path: Path, sha256: str | None, what: str) -> pa.Table:
+def _read_table(path: Location, sha256: str | None, what: str) -> pa.Table:
     """A Parquet file of the cache, its bytes checked against the recorded digest."""
     data = _checked_bytes(path, sha256, what)
     try:

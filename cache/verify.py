@@ -21,11 +21,12 @@ from tqdm.auto import tqdm
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import file_digest
 
-from .layout import MANIFEST, marker_name
+from .layout import MANIFEST
 from .reader import Cache, cache_path
+from .writer import completed_shards
 
 
-def verify_cache(path: Path, fingerprint: str | None, teacher_digest: str | None = None,
+def verify_cache(path: Path | str, fingerprint: str | None, teacher_digest: str | None = None,
                  progress: bool = True) -> list[str]:
     """Every problem of the cache at ``path``: opening (digests, metadata), identity, each shard
     file of each array (size, checksums, finite values), and the manifest against the arrays."""
@@ -53,8 +54,8 @@ def _identity_problems(cache: Cache, fingerprint: str | None, teacher_digest: st
 def _shard_problems(cache: Cache, progress: bool) -> list[str]:
     """Markers, then every shard of every array read whole (sizes and crc32c checked)."""
     spec, path = cache.spec, cache.path
-    problems = [f"{path}: shard {s} is not marked complete" for s in range(spec.num_shards)
-                if not (path / marker_name(s)).exists()]
+    marked = completed_shards(cache.store)
+    problems = [f"{path}: shard {s} is not marked complete" for s in range(spec.num_shards) if s not in marked]
     arrays = spec.arrays()
     bar = tqdm(total=spec.num_shards * len(arrays), desc="verify", unit="shard", disable=not progress or None)
     for name in arrays:

@@ -6,6 +6,11 @@ shard files are fsynced, a marker ``_complete/<s>.json`` (with each file's size)
 atomically; a shard without its marker is rewritten on resume, a shard with one is never touched
 again.  :meth:`CacheWriter.finalize` checks every marked file against its recorded size, writes the
 shard index and records the digests readers check (:mod:`cache.reader`).
+
+The cache may live on an object store (``extract.location``: a :class:`pipeline.storage.Location`
+URL).  There is no rename there: each shard object is written whole by one PUT, by the one rank
+that owns the shard, and the markers, then the shard index and the ``complete`` attribute, are
+written after the objects they vouch for: they are the commit, and readers trust nothing else.
 """
 
 from __future__ import annotations
@@ -13,8 +18,8 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import io
+import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,22 +28,30 @@ import pyarrow.parquet as pq
 import zarr
 
 from pipeline.errors import PipelineError
-from pipeline.fsutil import WriteError, atomic_write_bytes, atomic_write_json, describe_os_error, fsync_dir, read_json
+from pipeline.fsutil import WriteError, describe_os_error, fsync_dir
+from pipeline.storage import Location
 
 from .layout import (COMPLETE_DIR, FORMAT_VERSION, MANIFEST, SHARD_INDEX, CacheSpec, marker_name, meaning_digest,
-                     shard_key, spec_to_attrs)
+                     open_group, shard_key, spec_to_attrs)
 from .shardfile import ShardEncoder
 
 
-def _disk_error(path: Path, e: OSError, what: str) -> PipelineError:
+def completed_shards(where: str | Path | Location) -> set[int]:
+    """The shards of the cache at ``where`` that have their completion marker (one listing)."""
+    return {int(name[:-5]) for name in (Location(where) / COMPLETE_DIR).listing()
+            if name.endswith(".json") and name[:-5].isdigit()}
+
+
+def _disk_error(path, e: OSError, what: str) -> PipelineError:
     where = e.filename if isinstance(e, WriteError) else path  # the file itself, when known
     return PipelineError(f"{where}: cannot write {what} ({describe_os_error(e)}); "
                          f"completed shards are kept, rerun to resume")
 
 
 class CacheWriter:
-    def __init__(self, path: str | Path, spec: CacheSpec):
-        self.path = Path(path)
+    def __init__(self, path: str | Path | Location, spec: CacheSpec):
+        self.store = Location(path)
+        self.path = self.store if self.store.remote else self.store.local  # for messages (and local callers)
         self.spec = spec
         self.group = None
         self._arrays: dict[str, zarr.Array] = {}  # opened once: each open reads the array's metadata
@@ -50,21 +63,21 @@ class CacheWriter:
 
         ``fresh`` starts over even when a cache with the same fingerprint is there (--force).
         """
-        zj = self.path / "zarr.json"
+        store = self.store
         try:
-            if zj.exists() and not fresh:
-                g = zarr.open_group(str(self.path), mode="r+")
+            if (store / "zarr.json").exists() and not fresh:
+                g = open_group(store, mode="r+")
                 if g.attrs.get("fingerprint") == attrs["fingerprint"]:
                     self.group = g
-                    for tmp in self.path.rglob(".*.tmp"):  # a shard write cut short by a crash
-                        tmp.unlink(missing_ok=True)
+                    if not store.remote:
+                        for tmp in store.local.rglob(".*.tmp"):  # a shard write cut short by a crash
+                            tmp.unlink(missing_ok=True)
                     return True
                 # another fingerprint in this folder: never mix, start over
-            if (self.path / COMPLETE_DIR).exists():  # markers of another cache's shards
-                shutil.rmtree(self.path / COMPLETE_DIR)
-            self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / SHARD_INDEX).unlink(missing_ok=True)
-            g = zarr.open_group(str(self.path), mode="w")
+            (store / COMPLETE_DIR).remove_tree()  # markers of another cache's shards
+            store.make_dirs()
+            (store / SHARD_INDEX).remove()
+            g = open_group(store, mode="w")
             manifest_bytes = _parquet_bytes(manifest)
             full = {
                 **attrs,
@@ -79,18 +92,15 @@ class CacheWriter:
             g.attrs.update(full)
             for name in self.spec.arrays():
                 g.create_array(name, **self.spec.array_args(name))  # the reader checks the same arguments
-            atomic_write_bytes(self.path / MANIFEST, [manifest_bytes])
-            (self.path / COMPLETE_DIR).mkdir(exist_ok=True)
+            (store / MANIFEST).write_bytes([manifest_bytes])
+            (store / COMPLETE_DIR).make_dirs()
             self.group = g
             return False
         except OSError as e:
             raise _disk_error(self.path, e, "the cache") from None
 
     def completed(self) -> set[int]:
-        d = self.path / COMPLETE_DIR
-        if not d.exists():
-            return set()
-        return {int(p.stem) for p in d.glob("*.json") if p.stem.isdigit()}
+        return completed_shards(self.store)
 
     # ---------------------------------------------------------------- shards
     def _array(self, name: str) -> zarr.Array:
@@ -98,20 +108,21 @@ class CacheWriter:
             self._arrays[name] = self.group[name]
         return self._arrays[name]
 
-    def _shard_file(self, name: str, s: int) -> Path:
-        return self.path / name / shard_key(self._array(name), s)
+    def _shard_file(self, name: str, s: int) -> Location:
+        return self.store / name / shard_key(self._array(name), s)
 
     def _encoder(self, name: str) -> ShardEncoder | None:
         if name not in self._encoders:
-            self._encoders[name] = ShardEncoder.for_array(self._array(name), self.path / name)
+            self._encoders[name] = ShardEncoder.for_array(self._array(name), self.store / name)
         return self._encoders[name]
 
     def write_shard(self, s: int, data: dict[str, np.ndarray], bad: list[dict]) -> None:
         """Write shard ``s`` of every array (data[name] holds exactly the shard's rows), then mark it.
 
-        Each array's shard file is encoded in one pass and renamed into place after an fsync
-        (:mod:`cache.shardfile`); an array whose codecs that path does not know goes through
-        zarr's own assignment and is fsynced afterwards.
+        Each array's shard file is encoded in one pass and put in place whole (:mod:`cache.shardfile`:
+        renamed after an fsync locally, one PUT on a store); an array whose codecs that path does not
+        know goes through zarr's own assignment (fsynced afterwards locally).  The marker is
+        written last.
         """
         a, b = self.spec.shard_rows(s)
         try:
@@ -123,20 +134,18 @@ class CacheWriter:
                     raise ValueError(f"shard {s}: {name} has {block.shape[0]} rows, expected {b - a}")
                 enc = self._encoder(name)
                 if enc is not None:
-                    f = enc.write(s, block)
+                    f, sizes[name] = enc.write(s, block)
                 else:
                     self._array(name)[a:b] = block
                     f = self._shard_file(name, s)
-                    fd = os.open(f, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                sizes[name] = f.stat().st_size
-                dirs.add(f.parent)
+                    if not f.remote:
+                        _fsync_file(f.local)
+                    sizes[name] = f.size()
+                if not f.remote:
+                    dirs.add(f.local.parent)
             for d in dirs:
                 fsync_dir(d)
-            atomic_write_json(self.path / marker_name(s), {"shard": s, "rows": [a, b], "bad": bad, "files": sizes})
+            (self.store / marker_name(s)).write_json({"shard": s, "rows": [a, b], "bad": bad, "files": sizes})
         except OSError as e:
             raise _disk_error(self.path, e, f"shard {s}") from None
 
@@ -147,17 +156,20 @@ class CacheWriter:
         missing = sorted(set(range(self.spec.num_shards)) - done)
         if missing:
             raise PipelineError(f"{self.path}: shards {missing[:10]} are not complete; rerun extract")
+        markers = self.store.read_many([marker_name(s) for s in sorted(done)])
+        on_disk = self.store.files()  # one listing: every file's size
         bad, names, shards, sizes = [], [], [], []
         for s in sorted(done):
-            marker = read_json(self.path / marker_name(s))
+            marker = json.loads(markers[marker_name(s)])
             bad.extend(marker.get("bad", []))
             for name in self.spec.arrays():
                 want = marker.get("files", {}).get(name)
-                f = self._shard_file(name, s)
-                got = f.stat().st_size if f.exists() else None
+                key = f"{name}/{shard_key(self._array(name), s)}"
+                got = on_disk.get(key)
                 if want is None or got != want:
-                    (self.path / marker_name(s)).unlink(missing_ok=True)  # rewritten by the next run
-                    raise PipelineError(f"{f}: shard {s} file is {'missing' if got is None else f'{got} bytes'}, "
+                    (self.store / marker_name(s)).remove()  # rewritten by the next run
+                    raise PipelineError(f"{self.store / key}: shard {s} file is "
+                                        f"{'missing' if got is None else f'{got} bytes'}, "
                                         f"extract wrote {want} bytes; rerun extract to rewrite it")
                 names.append(name)
                 shards.append(s)
@@ -166,13 +178,21 @@ class CacheWriter:
                           "nbytes": np.array(sizes, dtype=np.int64)})
         index_bytes = _parquet_bytes(index)
         try:
-            atomic_write_bytes(self.path / SHARD_INDEX, [index_bytes])
+            (self.store / SHARD_INDEX).write_bytes([index_bytes])
             integrity = {**self.group.attrs.get("integrity", {}),
                          "shard_index_sha256": hashlib.sha256(index_bytes).hexdigest()}
             self.group.attrs.update({**extra, "complete": True, "bad_rows": bad, "integrity": integrity})
         except OSError as e:
             raise _disk_error(self.path, e, "the cache attributes") from None
         return {"bad_rows": bad}
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

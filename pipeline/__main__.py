@@ -209,11 +209,16 @@ def _fan_out(cfg, args, runner: Runner, forced: set[str]) -> set[str]:
         return set()
     names = [student_name(n) for n in todo]
     force = {student_name(n): n in forced for n in todo}
+    scratch = None
+    if not cfg.distill.shared_workdir:  # workers share only the store: students train in scratch workdirs
+        from .scratch import ScratchStudents
+
+        scratch = ScratchStudents(runner, args)
     if cfg.distill.scheduler:
         log.info(f"distill: {len(names)} student(s) to the Dask scheduler at {cfg.distill.scheduler}")
-        outcomes = run_dask(args, names, cfg.distill.scheduler, force)
+        outcomes = run_dask(args, names, cfg.distill.scheduler, force, scratch=scratch)
     else:
-        outcomes = run_local(args, names, min(args.jobs, len(names)), force)
+        outcomes = run_local(args, names, min(args.jobs, len(names)), force, scratch=scratch)
     check_outcomes(outcomes)
     return set(todo)
 

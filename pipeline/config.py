@@ -33,6 +33,15 @@ class ConfigError(PipelineError):
     """A config problem, reported as one line naming the key path at fault."""
 
 
+def _keys(tree: Any) -> list[str]:
+    """Every key of a nested dict (lists walked too)."""
+    if isinstance(tree, dict):
+        return [str(k) for k in tree] + [k for v in tree.values() for k in _keys(v)]
+    if isinstance(tree, list):
+        return [k for v in tree for k in _keys(v)]
+    return []
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -169,6 +178,23 @@ class DataConfig(Section):
     eval: EvalConfig = EvalConfig()
     on_bad_sample: Literal["skip", "fail"] = "skip"
     decoded_cache_mb: int = operational(256, ge=0)  # decoded images kept per process for later views and epochs
+    # input shards on a store: whole objects each process keeps in memory (one GET each) up to this
+    object_cache_mb: int = operational(256, ge=0)
+    # fsspec options for every store URL (input shards, extract.location): endpoint_url, client_kwargs
+    # (region_name), anon...; never credentials, which come from the environment (pipeline/storage.py)
+    storage_options: dict[str, Any] = operational({})
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_credentials(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from .storage import CREDENTIAL_KEYS
+
+        found = sorted(k for k in _keys(v) if k.lower() in CREDENTIAL_KEYS)
+        if found:
+            raise ValueError(f"{found[0]}: credentials never go in the config (it is recorded in every lock.json); "
+                             f"set them in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+                             f"GOOGLE_APPLICATION_CREDENTIALS) as the store's client expects")
+        return v
 
     @field_validator("std")
     @classmethod
@@ -264,6 +290,16 @@ class ExtractConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = operational("auto")
     amp: Literal["bf16", "fp16", "none"] = "bf16"
     compress: CompressConfig = CompressConfig()
+    # where the cache is written: null, the output folder; a store URL (s3://bucket/prefix), then
+    # <location>/<fingerprint[:12]>/cache.zarr (operational: the same bytes wherever they are)
+    location: str | None = operational(None)
+
+    @field_validator("location")
+    @classmethod
+    def _location(cls, v: str | None) -> str | None:
+        if v is not None and ("://" not in v or v.startswith("file://") or not v.split("://", 1)[1].strip("/")):
+            raise ValueError("a store URL with a bucket, e.g. s3://bucket/caches (null: the cache is in the workdir)")
+        return v
 
     @field_validator("store")
     @classmethod
@@ -459,6 +495,9 @@ class DistillConfig(Section):
     sweep: list[SweepConfig] = []
     # train students as tasks of an existing Dask distributed scheduler (tcp://host:8786)
     scheduler: str | None = operational(None)
+    # false: the processes --jobs and the scheduler start share no folder with this one, only the
+    # store (extract.location): each trains in a scratch workdir and its output comes back here
+    shared_workdir: bool = operational(True)
 
     @field_validator("scheduler")
     @classmethod
@@ -726,8 +765,8 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] = Pipel
             if m not in msgs:
                 msgs.append(m)
     msg = "; or ".join(msgs)
-    if isinstance(value, (dict, list)) and len(repr(value)) > 80:
-        return f"{path}: {msg}"
+    if (isinstance(value, (dict, list)) and len(repr(value)) > 80) or "storage_options" in map(str, loc):
+        return f"{path}: {msg}"  # store options may hold a secret: never echoed
     return f"{path}: {value!r} is not allowed: {msg}"
 
 

@@ -67,3 +67,16 @@ def all_reduce_min(value: int) -> int:
         t = t.cuda()
     tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
     return int(t.item())
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` (anything picklable) on every rank; ``obj`` itself for one process."""
+    if world_size() <= 1:
+        return obj
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -9,12 +9,17 @@ distill/<name>`` with the same config arguments, so it is built, locked and reco
 * ``distill.scheduler``: an existing Dask distributed scheduler (``tcp://host:8786``, e.g. a
   dask-jobqueue SLURMCluster's); each student is one task whose worker runs the process with as
   many threads (and ``PIPELINE_CPUS``) as the worker has.  Results land in the shared workdir.
+
+With ``distill.shared_workdir: false`` the processes share no folder with this one: each trains in
+a scratch workdir that receives the upstream records, and its output folder comes back here
+(:mod:`pipeline.scratch`); only the store (input shards, the cache) is shared.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,14 +89,15 @@ def slot_env(slot: int, jobs: int, cores: list[int] | None) -> dict:
     return env
 
 
-def start_process(argv: list[str], env: dict, cores: list[int] | None = None) -> subprocess.Popen:
+def start_process(argv: list[str], env: dict, cores: list[int] | None = None,
+                  cwd: str | None = None) -> subprocess.Popen:
     """Start one student's process, pinned to ``cores``; its output comes on ``stdout``."""
     def pin():
         if cores and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, cores)
 
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=pin)
+                            preexec_fn=pin, cwd=cwd)
 
 
 def follow(name: str, proc: subprocess.Popen, t0: float, echo: bool = True) -> Outcome:
@@ -165,22 +171,35 @@ class _Slots:
             return list(self.running.values())
 
 
-def run_local(args, names: list[str], jobs: int, force: dict[str, bool]) -> list[Outcome]:
-    """Train ``names`` as separate processes, ``jobs`` at a time (``force[name]``: rebuild it).  On
-    Ctrl-C or SIGTERM (a KeyboardInterrupt here) no new student starts and the running ones are
+def run_local(args, names: list[str], jobs: int, force: dict[str, bool], scratch=None) -> list[Outcome]:
+    """Train ``names`` as separate processes, ``jobs`` at a time (``force[name]``: rebuild it); with
+    ``scratch`` (a :class:`pipeline.scratch.ScratchStudents`) each in a scratch workdir of its own.
+    On Ctrl-C or SIGTERM (a KeyboardInterrupt here) no new student starts and the running ones are
     stopped (:func:`stop_processes`) before the interrupt goes on."""
+    from .scratch import scratch_folder, student_outputs, write_files
+
     sets = core_sets(jobs) if not _gpu_count() else [None] * jobs
-    log.info(f"distill: {len(names)} student(s), {len(sets)} at a time")
+    log.info(f"distill: {len(names)} student(s), {len(sets)} at a time"
+             + (", each in a scratch workdir" if scratch else ""))
     slots = _Slots(names)
+    folders: dict[str, str] = {}
 
     def worker(slot: int) -> None:
         def start(name: str) -> subprocess.Popen:
             log.info(f"distill: {name} starts in slot {slot}" + (f" (cores {sets[slot]})" if sets[slot] else ""))
-            return start_process(student_argv(args, name, force[name]), slot_env(slot, jobs, sets[slot]), sets[slot])
+            env = slot_env(slot, jobs, sets[slot])
+            if scratch is None:
+                return start_process(student_argv(args, name, force[name]), env, sets[slot])
+            folders[name] = scratch_folder()
+            write_files(folders[name], {**scratch.files, **scratch.claim(name, force[name])})
+            return start_process([sys.executable, *scratch.argv(name, force[name])], env, sets[slot], folders[name])
 
         while (started := slots.start_next(start)) is not None:
             name, proc = started
             out = follow(name, proc, time.time())
+            if scratch is not None:
+                out = _installed(scratch, out, student_outputs(folders[name]))
+                shutil.rmtree(folders.pop(name), ignore_errors=True)
             log.info(f"distill: {name} finished in slot {slot} (exit {out.returncode}, {out.seconds:.1f}s)")
             slots.finish(out)
 
@@ -196,7 +215,20 @@ def run_local(args, names: list[str], jobs: int, force: dict[str, bool]) -> list
         for t in threads:
             t.join(timeout=5)
         raise
+    finally:
+        if scratch is not None:
+            scratch.release()
     return slots.outcomes
+
+
+def _installed(scratch, out: Outcome, outputs: dict[str, bytes]) -> Outcome:
+    """``out`` after installing the student's folder that came back (kept on failure too: its
+    checkpoint); a folder that cannot be installed fails the student, naming why."""
+    try:
+        scratch.install(out.student, outputs)
+    except (PipelineError, OSError) as e:
+        return Outcome(out.student, out.returncode or -1, f"{out.tail}\n{e}", out.seconds, out.where)
+    return out
 
 
 def dask_task():
@@ -232,8 +264,53 @@ def dask_task():
     return run_student_process
 
 
+def dask_scratch_task():
+    """The Dask task of a student in a scratch workdir on its worker: the folder gets ``common`` and
+    ``own`` files, the student runs there (stopped when the run's stop event is set), and the
+    files of its output folder go back with the exit code.  Made inside this function so that
+    cloudpickle sends it by value."""
+    def run_student_in_scratch(argv: list[str], env: dict, common: dict, own: dict, stop_event: str,
+                               poll_s: float, kill_after_s: float) -> tuple[int, str, bool, dict]:
+        import signal
+        import subprocess
+        import sys
+        import tempfile
+        from pathlib import Path
+
+        from distributed import Event
+
+        stop, stopped = Event(stop_event), False
+        if stop.is_set():
+            return 130, "stopped before it started", True, {}
+        with tempfile.TemporaryDirectory(prefix="spectralkd-student-") as folder:
+            for rel, data in {**common, **own}.items():
+                (Path(folder) / rel).parent.mkdir(parents=True, exist_ok=True)
+                (Path(folder) / rel).write_bytes(data)
+            with tempfile.TemporaryFile("w+") as output:
+                proc = subprocess.Popen([sys.executable, *argv], env=env, cwd=folder, stdout=output,
+                                        stderr=subprocess.STDOUT, text=True)
+                while proc.poll() is None:
+                    if stop.wait(timeout=poll_s):
+                        stopped = True
+                        proc.send_signal(signal.SIGTERM)
+                        try:
+                            proc.wait(timeout=kill_after_s)
+                        except subprocess.TimeoutExpired:
+                            proc.kill()
+                        break
+                returncode = proc.wait()
+                output.seek(0)
+                tail = "\n".join(output.read().splitlines()[-20:])
+            work = Path(folder) / "work"
+            outputs = {str(p.relative_to(work)): p.read_bytes()
+                       for p in (work / "distill" / "students").rglob("*") if p.is_file()}
+            return returncode, tail, stopped, outputs
+
+    return run_student_in_scratch
+
+
 def run_dask(args, names: list[str], scheduler: str, force: dict[str, bool],
-             wait_for_workers_s: float = 600.0) -> list[Outcome]:
+             wait_for_workers_s: float = 600.0, scratch=None) -> list[Outcome]:
     """Train ``names`` on the Dask cluster at ``scheduler``, one student per worker at a time, so
     each gets all of its worker's threads (and GPU); workers that join later (a dask-jobqueue
     cluster scaling up) are used as they come.  A task runs the student's command
@@ -252,14 +329,21 @@ def run_dask(args, names: list[str], scheduler: str, force: dict[str, bool],
         except TimeoutError:
             raise PipelineError(f"distill.scheduler: no worker joined {scheduler} "
                                 f"in {wait_for_workers_s:.0f}s") from None
-        return _DaskRun(client, args, names, force).run()
+        try:
+            return _DaskRun(client, args, names, force, scratch).run()
+        finally:
+            if scratch is not None:
+                scratch.release()
 
 
 class _DaskRun:
     """One fan-out over a Dask cluster: free workers take the next student until none is left."""
 
-    def __init__(self, client, args, names: list[str], force: dict[str, bool]):
+    def __init__(self, client, args, names: list[str], force: dict[str, bool], scratch=None):
         self.client, self.args, self.todo, self.force = client, args, list(names), force
+        self.scratch = scratch
+        # the files every scratch student starts with, sent to the cluster once
+        self.common = client.scatter(scratch.files, hash=False) if scratch is not None else None
         self.running: dict = {}  # future -> (student, worker, start time)
         self.outcomes: list[Outcome] = []
         self.stop_event = f"pipeline-stop-{uuid.uuid4().hex}"  # one per run: set, it stops this run's tasks
@@ -285,10 +369,15 @@ class _DaskRun:
             n = self.todo.pop(0)
             threads = str(workers[w].get("nthreads", 1))
             env = {**self.base_env, "OMP_NUM_THREADS": threads, CPUS_ENV: threads}
-            # run in this directory, so relative paths of the config resolve as here (shared filesystem)
-            fut = self.client.submit(dask_task(), student_argv(self.args, n, self.force[n]), env, os.getcwd(),
-                                     self.stop_event, DASK_POLL_S, STOP_KILL_AFTER_S, key=f"student-{n}",
-                                     pure=False, workers=[w], allow_other_workers=True)
+            if self.scratch is not None:  # a scratch workdir on the worker; its output comes back
+                fut = self.client.submit(dask_scratch_task(), self.scratch.argv(n, self.force[n]), env, self.common,
+                                         self.scratch.claim(n, self.force[n]), self.stop_event, DASK_POLL_S,
+                                         STOP_KILL_AFTER_S, key=f"student-{n}", pure=False, workers=[w],
+                                         allow_other_workers=True)
+            else:  # run in this directory, so relative paths of the config resolve as here (shared filesystem)
+                fut = self.client.submit(dask_task(), student_argv(self.args, n, self.force[n]), env, os.getcwd(),
+                                         self.stop_event, DASK_POLL_S, STOP_KILL_AFTER_S, key=f"student-{n}",
+                                         pure=False, workers=[w], allow_other_workers=True)
             self.running[fut] = (n, w, time.time())
 
     def wait_some(self, timeout: float) -> set:
@@ -303,10 +392,14 @@ class _DaskRun:
         for fut in done:
             n, w, t0 = self.running.pop(fut)
             try:
-                returncode, tail, _ = fut.result()
+                returncode, tail, _, *outputs = fut.result()
                 out = Outcome(n, returncode, tail, time.time() - t0, w)
+                if self.scratch is not None:
+                    out = _installed(self.scratch, out, outputs[0])
             except Exception as e:  # noqa: BLE001 - the task itself failed on the worker (no such directory...)
                 out = Outcome(n, -1, f"the task failed on {w}: {type(e).__name__}: {e}", time.time() - t0, w)
+                if self.scratch is not None:
+                    self.scratch.install(n, {})  # nothing came back: release its lock
             log.info(f"distill: {n} finished on {w} (exit {out.returncode}, {out.seconds:.1f}s)")
             self.outcomes.append(out)
 

@@ -11,6 +11,7 @@ import errno
 import io
 import json
 import os
+import posixpath
 import shutil
 import tempfile
 from pathlib import Path
@@ -156,12 +157,13 @@ def atomic_torch_save(path: str | Path, obj: Any) -> None:
 def recorded_path(path: str, base: str | Path, within: str | Path) -> str:
     """How an output records ``path``: relative to ``base`` (the recording file's folder) when it is a
     local path inside ``within`` (the workdir), so the workdir can be moved or mounted elsewhere and
-    runs work from any directory; absolute for other local paths; URLs as they are."""
+    runs work from any directory; absolute for other local paths, and for every local path when the
+    recording file is on a store (``base`` a URL); URLs as they are."""
     if "://" in path:
         return path
     p = os.path.abspath(path)
     w = os.path.abspath(within)
-    if os.path.commonpath([p, w]) == w:
+    if "://" not in str(base) and os.path.commonpath([p, w]) == w:
         return os.path.relpath(p, os.path.abspath(base))
     return p
 
@@ -170,6 +172,9 @@ def resolve_recorded(path: str, base: str | Path) -> str:
     """The path an output recorded with :func:`recorded_path`, relative to its ``base`` folder."""
     if "://" in path or os.path.isabs(path):
         return path
+    if "://" in str(base):  # a relative path beside a file on a store (a local cache copied there)
+        protocol, rest = str(base).split("://", 1)
+        return f"{protocol}://{posixpath.normpath(rest.rstrip('/') + '/' + path)}"
     return os.path.normpath(os.path.join(os.path.abspath(base), path))
 
 

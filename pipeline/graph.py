@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import dist
+from . import dist, storage
 from .config import PipelineConfig
 from .schema import decisive
 from .fingerprint import diff, file_digest, fingerprint, library_versions
@@ -194,8 +194,7 @@ GRAPH: dict[str, Stage] = {
     "teacher": Stage("teacher", ("prepare",), _teacher_params, _teacher_identity, "stages.teacher",
                      problems=_files_problems("model.pt")),
     "extract": Stage("extract", ("teacher",), _extract_params, module="stages.extract", distributed=True,
-                     problems=_files_problems("cache.zarr/zarr.json", "cache.zarr/manifest.parquet",
-                                              "cache.zarr/shards.parquet")),
+                     problems=_module_problems("stages.extract")),
     "distill": Stage("distill", ("extract",), _distill_params, module="stages.distill", distributed=True,
                      problems=_distill_problems),
     "analyze": Stage("analyze", ("distill",), _analyze_params, module="stages.analyze",
@@ -281,6 +280,7 @@ class Runner:
         # read-only workdirs whose up-to-date outputs serve this one (a lab's shared cache)
         self.upstream_workdirs = [Path(w) for w in cfg.upstream_workdirs]
         self.options = options or {}
+        storage.configure(cfg.data.storage_options)  # endpoint, region...: every store URL this process opens
         self._fp: dict[str, tuple[str, dict]] = {}
         self._model_plan = None
         self.versions = library_versions()
@@ -470,6 +470,7 @@ class Runner:
                 raise PipelineError(f"{target}: needs every student; not trained: "
                                     f"{', '.join(missing)} (run distill without --student)")
             rec = None if name in forced else self.record(name)
+            self._agree_across_ranks(name, rec)
             if rec is not None:
                 if dist.is_main():
                     log.info(f"{name}: up to date ({rec.lock['fingerprint'][:12]}), skipped")
@@ -487,6 +488,19 @@ class Runner:
             raise PipelineError(f"distill: {len(failed)} student(s) failed and were recorded in {FAILED}; "
                                 f"the next run retries them. First: {failed[0]}")
         return done
+
+    def _agree_across_ranks(self, name: str, rec: Record | None) -> None:
+        """Under torchrun, refuse a node that is up to date on some ranks' nodes only (workdirs not
+        shared between nodes, holding different outputs): some ranks would build it while the others
+        wait for them at another step."""
+        if dist.world_size() <= 1:
+            return
+        have = int(dist.all_reduce_sum([1.0 if rec is not None else 0.0])[0])
+        if 0 < have < dist.world_size():
+            where = f"in {rec.path}" if rec is not None else f"missing from {self.out_dir(name)}"
+            raise PipelineError(f"{name}: up to date on {have} of {dist.world_size()} ranks only (rank {dist.rank()}: "
+                                f"{where}); give every node's workdir the same outputs (copy them, or run {name} "
+                                f"there first)")
 
     def forced_nodes(self, target: str) -> set[str]:
         """What ``--force`` rebuilds: the target; for distill, the chosen students and the summary."""
@@ -594,7 +608,6 @@ class Runner:
             if lock["complete"]:
                 atomic_write_json(self.latest_path(name), lock)
             log.info(f"{name}: done in {wall:.1f}s")
-        dist.barrier()
-        if not dist.is_main():
-            lock = read_json(final / "lock.json")
+        # rank 0's record, sent to every rank: ranks on other nodes may not share this workdir
+        lock = dist.broadcast_object(lock if dist.is_main() else None)
         return Record(name, final, lock)

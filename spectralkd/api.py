@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cache.reader import CACHE_DIR, Cache
+from pipeline.storage import is_url
 from cache.reader import open_cache as open_extract_record
 from pipeline.config import DEFAULT_CONFIG, PipelineConfig, config_from_dict, load_config
 from pipeline.errors import PipelineError
@@ -31,7 +32,10 @@ def open_cache(source: str | Path | dict | PipelineConfig | None = None, workdir
     ``source`` is a cache folder (``.../cache.zarr``) or an extract output folder holding one, or a
     config (file, dict or :class:`~pipeline.config.PipelineConfig`, with ``workdir``/``overrides``):
     then the cache of its up-to-date extract, refused unless it matches the config's fingerprint and
-    the teacher's current weights."""
+    the teacher's current weights.  A store URL (``s3://bucket/caches/<fp>/cache.zarr``) is opened
+    there (endpoint and credentials from the environment, e.g. ``AWS_ENDPOINT_URL``)."""
+    if isinstance(source, str) and is_url(source):
+        return Cache(source)
     if isinstance(source, (str, Path)) and Path(source).is_dir():
         path = Path(source)
         return Cache(path / CACHE_DIR if (path / CACHE_DIR).is_dir() else path)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline import storage
 from pipeline.errors import PipelineError
 
 from cache.rows import Rows, Samples  # noqa: F401  (the row table)
@@ -41,13 +42,50 @@ class SourceChanged(PipelineError):
 
 
 class ImageReader:
-    """Reads image bytes by (url, offset, size), keeping a few shard files open per process."""
+    """Reads image bytes by (url, offset, size), keeping a few local shard files open per process.
 
-    def __init__(self, max_open: int = 16):
+    A shard on a store is read whole (one GET of the span its samples occupy) while that fits the
+    process's ``object_mb`` budget, and the members of a shard past the budget with one ranged GET
+    each, which also takes in the bytes just after (a sample's label member follows its image).
+    Every member read is checked against the crc32 prepare recorded by the caller
+    (:meth:`ViewDataset.checked_bytes`), from a kept copy as from the store."""
+
+    LOOKAHEAD = 1536  # bytes read past a member on a store: the next member's tar header and a small label
+
+    def __init__(self, max_open: int = 16, object_mb: float = 0):
         self._files: dict[str, object] = {}
         self.max_open = max_open
+        self.object_mb = object_mb
+        self._objects: dict[str, bytes] = {}  # store objects kept whole (up to the budget, never evicted)
+        self._object_left = int(object_mb * 2**20)
+        self._last: tuple[str, int, bytes] | None = None  # the last ranged read: url, start, bytes
 
-    def read(self, url: str, offset: int, size: int) -> bytes:
+    def read(self, url: str, offset: int, size: int, span: int | None = None) -> bytes:
+        """``size`` bytes at ``offset`` of ``url``; ``span``: the bytes of the object its samples
+        occupy (from the index), which may be read whole once."""
+        if storage.is_url(url):
+            data = self._read_object(url, offset, size, span)
+        else:
+            data = self._read_file(url, offset, size)
+        if len(data) != size:
+            raise OSError(f"short read ({len(data)} of {size} bytes)")
+        return data
+
+    def _read_object(self, url: str, offset: int, size: int, span: int | None) -> bytes:
+        whole = self._objects.get(url)
+        if whole is None and span is not None and span <= self._object_left:
+            whole = self._objects[url] = storage.read_range(url, 0, span)
+            self._object_left -= span
+        if whole is not None and offset + size <= len(whole):
+            return whole[offset : offset + size]
+        last = self._last
+        if last is not None and last[0] == url and last[1] <= offset and offset + size <= last[1] + len(last[2]):
+            return last[2][offset - last[1] : offset - last[1] + size]
+        data = storage.read_range(url, offset, offset + size + self.LOOKAHEAD)
+        self._last = (url, offset, data)
+        return data[:size]
+
+    def _read_file(self, url: str, offset: int, size: int) -> bytes:
         f = self._files.get(url)
         if f is None:
             if len(self._files) >= self.max_open:
@@ -56,18 +94,16 @@ class ImageReader:
             f = fsspec.open(url, "rb").open()
             self._files[url] = f
         f.seek(offset)
-        data = f.read(size)
-        if len(data) != size:
-            raise OSError(f"short read ({len(data)} of {size} bytes)")
-        return data
+        return f.read(size)
 
     def close(self) -> None:
         for f in self._files.values():
             f.close()
         self._files.clear()
 
-    def __getstate__(self) -> dict:  # file handles do not cross process boundaries
-        return {"max_open": self.max_open, "_files": {}}
+    def __getstate__(self) -> dict:  # file handles and kept objects do not cross process boundaries
+        return {"max_open": self.max_open, "object_mb": self.object_mb, "_files": {}, "_objects": {},
+                "_object_left": int(self.object_mb * 2**20), "_last": None}
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -142,12 +178,14 @@ class ViewDataset(torch.utils.data.Dataset):
     whose image or label bytes changed or cannot be read raises :class:`SourceChanged`.
     """
 
-    def __init__(self, rows: Rows, size: int, mean, std, cache_mb: float = 0, policy: ViewPolicy | None = None):
+    def __init__(self, rows: Rows, size: int, mean, std, cache_mb: float = 0, policy: ViewPolicy | None = None,
+                 object_mb: float = 0):
         self.rows = rows
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
         self.policy = policy or ViewPolicy(size=size, mean=self.mean)
         self.fill = self.policy.fill
-        self.reader = ImageReader()
+        self.reader = ImageReader(object_mb=object_mb)  # object_mb: input shards on a store kept whole
+        self._spans: np.ndarray | None = None
         # decoded images kept for the views, epochs and splits that come back to them, up to cache_mb
         # per process; once it is full, later images are decoded every time (no eviction churn)
         self._images: dict[tuple[str, int], Image.Image] = {}
@@ -158,7 +196,19 @@ class ViewDataset(torch.utils.data.Dataset):
         """The dataset of ``rows`` under a ``data:`` config section (size, view policy, decoded cache),
         normalized as ``norm`` says (a :class:`stages.models.Normalization`; None: ``data.mean/std``)."""
         mean, std = (norm.mean, norm.std) if norm is not None else (data.mean, data.std)
-        return cls(rows, data.image_size, mean, std, cache_mb=data.decoded_cache_mb, policy=ViewPolicy.of(data))
+        return cls(rows, data.image_size, mean, std, cache_mb=data.decoded_cache_mb, policy=ViewPolicy.of(data),
+                   object_mb=data.object_cache_mb)
+
+    def spans(self) -> np.ndarray:
+        """Per shard url of the rows' samples, the bytes its indexed members occupy (from 0)."""
+        if self._spans is None:
+            s = self.rows.samples
+            ends = np.zeros(len(s.urls), dtype=np.int64)
+            np.maximum.at(ends, s.url, s.offset.astype(np.int64) + s.size)
+            if s.cls_offset is not None:
+                np.maximum.at(ends, s.url, np.where(s.cls_crc32 >= 0, s.cls_offset.astype(np.int64) + s.cls_size, 0))
+            self._spans = ends
+        return self._spans
 
     def image(self, j: int, row: int | None = None) -> Image.Image:
         """The decoded RGB image of sample ``j`` of the rows' table (from the decoded-image cache
@@ -190,7 +240,9 @@ class ViewDataset(torch.utils.data.Dataset):
     def _read_member(self, j: int, row: int | None, what: str, offset: int, size: int, crc: int) -> bytes:
         s = self.rows.samples
         try:
-            data = self.reader.read(s.urls[s.url[j]], offset, size)
+            url = s.urls[s.url[j]]
+            span = int(self.spans()[s.url[j]]) if storage.is_url(url) else None
+            data = self.reader.read(url, offset, size, span)
         except (OSError, ValueError) as e:
             raise self._changed(j, row, what, f"cannot be read now ({e})") from None
         if crc >= 0 and zlib.crc32(data) != crc:

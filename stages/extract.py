@@ -16,6 +16,9 @@
    bounded queue.  Under torchrun rank r owns the shards s with s % world == r.  A batch whose
    stored values (a read row's, in the stored dtype) are not finite stops the pass naming the
    array and rows: the cache is never marked complete with them.
+
+With ``extract.location`` (a store URL) the cache is ``<location>/<fingerprint[:12]>/cache.zarr``,
+the output folder keeping the record: ranks on nodes that share only the store find it from the config.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import queue
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -34,11 +38,12 @@ from tqdm.auto import tqdm
 from cache.codec import encode
 from cache.layout import CacheSpec, LayerSpec, root_attributes
 from cache.manifest import manifest_table
-from cache.reader import CACHE_DIR, Cache
+from cache.reader import CACHE_DIR, CACHE_URL, Cache, cache_path, commit_problems
 from cache.writer import CacheWriter
 from pipeline import dist
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
+from pipeline.storage import Location
 
 from . import models
 from .data import ORDER_STREAM, Rows, ViewDataset, layout_order, view_loader
@@ -148,8 +153,17 @@ class _Writers:
             raise self.error
 
 
-def _disk_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+def cache_location(cfg: PipelineConfig, out: Path, fingerprint: str) -> Location:
+    """Where extract writes the cache: ``cache.zarr`` in its output folder, or with
+    ``extract.location`` under ``<location>/<fingerprint[:12]>/`` on the store."""
+    if cfg.extract.location:
+        return Location(cfg.extract.location) / fingerprint[:12] / CACHE_DIR
+    return Location(Path(out) / CACHE_DIR)
+
+
+def output_problems(runner, out: Path, lock: dict) -> list[str]:
+    """A file of the cache's commit missing, locally or on the store the record names."""
+    return commit_problems(cache_path(SimpleNamespace(path=out, lock=lock)))
 
 
 def run(ctx) -> dict:
@@ -161,7 +175,7 @@ def run(ctx) -> dict:
     train, val, skipped = _samples(cfg, ctx.upstream["prepare"])
     device = models.resolve_device(e.device)
     model = models.load_teacher(ctx.upstream["teacher"], cfg).to(device)
-    path = Path(ctx.out) / CACHE_DIR
+    path = cache_location(cfg, ctx.out, ctx.fingerprint)
     rows, blocks = plan_rows(cfg, train, val)
     spec = CacheSpec(
         rows=len(rows), rows_per_shard=e.rows_per_shard, num_classes=cfg.data.num_classes,
@@ -180,7 +194,8 @@ def run(ctx) -> dict:
     pass_s = time.time() - t_pass
     dist.barrier()
     summary: dict = {"rows": spec.rows, "shards": spec.num_shards, "rows_computed": n_todo,
-                     "teacher_pass_s": round(pass_s, 3), "teacher_pass_split": split}
+                     "teacher_pass_s": round(pass_s, 3), "teacher_pass_split": split,
+                     **({CACHE_URL: str(path)} if path.remote else {})}
     if dist.is_main():
         fin = writer.finalize({"extract_seconds": round(time.time() - t_start, 2)})
         summary.update({"bad_rows": len(fin["bad_rows"]), "skipped_samples": len(skipped), **_sizes(path, spec)})
@@ -260,19 +275,24 @@ def _open_cache_shards(ctx, writer: CacheWriter, attrs: dict, manifest: pa.Table
     return [s for s in range(n) if s % dist.world_size() == dist.rank() and s not in done]
 
 
-def _sizes(path: Path, spec: CacheSpec) -> dict:
+def _sizes(path: Location, spec: CacheSpec) -> dict:
     """The cache's bytes, and per cached layer array its bytes per view on disk (a spectrum's scales
     included) and its compression against the float32 dense form at teacher width."""
+    files = path.files()  # one listing
+
+    def nbytes(prefix: str = "") -> int:
+        return sum(v for k, v in files.items() if not prefix or k.startswith(prefix + "/"))
+
     raw32, stored = {}, {}
     for name, i in spec.layer_arrays("spectra").items():
         layer = spec.layers[i]
         raw32[name] = 4 * layer.channels * layer.height * (layer.width // 2 + 1) * 2
-        stored[name] = sum(_disk_bytes(path / n) for n in spec.spectrum_parts(layer).values())
+        stored[name] = sum(nbytes(n) for n in spec.spectrum_parts(layer).values())
     for name, i in spec.layer_arrays("features").items():
         layer = spec.layers[i]
         raw32[name] = 4 * layer.channels * layer.height * layer.width
-        stored[name] = _disk_bytes(path / name)
-    return {"cache_bytes": _disk_bytes(path),
+        stored[name] = nbytes(name)
+    return {"cache_bytes": nbytes(),
             "bytes_per_view": {n: round(stored[n] / spec.rows, 1) for n in stored},
             "compression_vs_float32": {n: round(raw32[n] * spec.rows / max(1, stored[n]), 2) for n in stored}}
 

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline import storage
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import file_digest
@@ -42,13 +43,26 @@ MTIME = 0.0  # fixed tar member time: shards depend on content only
 
 
 def source_identity(cfg: PipelineConfig) -> dict:
-    """What, beyond config values, decides prepare's output: the input files' names and sizes."""
+    """What, beyond config values, decides prepare's output: the input files' names and sizes, and
+    for objects on a store their ETag too (a rewritten object of the same size is another input),
+    from one listing per folder."""
     d = cfg.data
     if d.source == "shards":
         out = {}
         for split, pat in (("train", d.train_shards), ("val", d.val_shards)):
+            urls = expand_urls(pat)
+            remote = [u for u in urls if storage.is_url(u)]
+            try:
+                objects = storage.object_identities(remote)
+            except FileNotFoundError as e:
+                raise PipelineError(f"data.{split}_shards: {e} does not exist") from None
+            except OSError as e:
+                raise PipelineError(f"data.{split}_shards: cannot list {remote[0]} ({e})") from None
             entries = []
-            for url in expand_urls(pat):
+            for url in urls:
+                if url in objects:
+                    entries.append(objects[url])
+                    continue
                 require_regular_file(url, f"data.{split}_shards")
                 fs, path = fsspec.core.url_to_fs(url)
                 try:

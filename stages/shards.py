@@ -4,8 +4,10 @@ A webdataset shard is a tar of samples ``<key>.<ext>``; each sample here has an 
 (png/jpg/jpeg/webp) and a ``cls`` label.  :func:`scan_shards` reads each tar once (prepare does,
 into ``index.parquet``) and returns, per sample, where its image and label bytes sit (url, offset,
 size) and their crc32s, so any stage can rebuild any sample's view, checked, without scanning
-again.  Input rules: shards are regular files (:func:`require_regular_file`), a key names one
-sample in all the shards (:func:`check_unique_keys`), and member names are UTF-8.  The
+again.  Shards may be local files or objects on a store (``s3://bucket/train-{000000..000099}.tar``,
+read with ``data.storage_options``: :mod:`pipeline.storage`).  Input rules: local shards are
+regular files (:func:`require_regular_file`), a key names one sample in all the shards
+(:func:`check_unique_keys`), and member names are UTF-8.  The
 table is columnar (:class:`cache.rows.Samples`): numpy and Arrow columns, no Python object per
 sample, so millions of samples cost tens of bytes each and DataLoader workers share them without
 copy-on-read growth.
@@ -30,6 +32,7 @@ import pyarrow.parquet as pq
 from braceexpand import braceexpand
 
 from cache.rows import RECORDED_COLUMNS, SAMPLE_COLUMNS, Sample, Samples, string_hashes  # noqa: F401  (the sample table)
+from pipeline import storage
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import file_digest
 from pipeline.fsutil import read_json, resolve_recorded
@@ -71,6 +74,8 @@ def require_regular_file(url: str, field: str | None = None) -> None:
     config field that lists it, for the message.  Other filesystems' urls are left to their reads."""
     from fsspec.implementations.local import LocalFileSystem
 
+    if storage.is_url(url):
+        return
     fs, path = fsspec.core.url_to_fs(url)
     if not isinstance(fs, LocalFileSystem):
         return
@@ -126,7 +131,7 @@ def scan_shard(url: str) -> tuple[list[Sample], list[BadSample]]:
     not_utf8: dict[str, str] = {}  # readable key -> the first such member's readable name
     cut: BadSample | None = None
     try:
-        f = fsspec.open(url, "rb").open()
+        f = storage.open_file(url)
     except (OSError, ValueError) as e:
         raise PipelineError(f"{url}: cannot open shard ({e})") from None
     with f:
@@ -194,7 +199,7 @@ def check_unique_keys(samples: Samples) -> None:
 
 def _members(url: str, key: str) -> str:
     """The names of the members of sample ``key`` in tar ``url`` (for messages: one more header scan)."""
-    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:", encoding="utf-8",
+    with storage.open_file(url) as f, tarfile.open(fileobj=f, mode="r:", encoding="utf-8",
                                                     errors="surrogateescape") as tf:
         names = [m.name for m in tf if m.isfile() and _split_name(m.name)[0] == key]
     return "members " + ", ".join(names)

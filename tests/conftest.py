@@ -102,3 +102,39 @@ def built(tmp_path_factory):
     runner = Runner(cfg)
     recs = runner.run("extract")
     return cfg, runner, recs
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """An S3 endpoint on 127.0.0.1 (moto's standalone server, as s3fs and zarr-python test against) with
+    a bucket ``test``; fake credentials come from the environment, as a real client's do.  Returns the
+    config's ``data.storage_options`` for it."""
+    import logging
+    import socket
+
+    pytest.importorskip("s3fs", reason="object storage needs the s3 extra (pip install -e '.[dev]')")
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    fake = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+            "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in fake}
+    os.environ.update(fake)
+    options = {"endpoint_url": f"http://127.0.0.1:{port}"}
+    import fsspec
+
+    fsspec.filesystem("s3", **options).mkdir("test")
+    try:
+        yield options
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -148,6 +148,8 @@ VALUES = {
     "data.augment.auto_augment": "rand-m9-mstd0.5-inc1",
     "data.augment.color_jitter": 0.4,
     "data.eval.crop_pct": 0.875,
+    "data.storage_options": {"endpoint_url": "http://127.0.0.1:9000", "client_kwargs": {"region_name": "eu-west-1"}},
+    "extract.location": "s3://bucket/caches",
     "teacher.model": "vit_tiny_patch16_224",
     "teacher.kwargs": {**TINY["teacher"]["kwargs"], "embed_dim": 48},
     "teacher.mean": [0.4, 0.4, 0.4],
