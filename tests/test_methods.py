@@ -161,9 +161,10 @@ def test_a_resumed_student_restores_its_extras(methods, tmp_path, monkeypatch, k
 @pytest.mark.slow
 def test_sigkill_of_a_masked_method_with_extras_resumes_to_same_metrics(built, tmp_path):
     """MGD (extras, random masks): a ``distill`` process killed after its first checkpoint and rerun
-    in-process ends with the metrics and the final extras of an uninterrupted run."""
+    in-process ends with the metrics, the snapshots and the final weights and extras of an
+    uninterrupted run; the snapshots taken before the kill survive it (kept in the checkpoint)."""
     session_cfg, _, _ = built
-    tree = methods_tree(["mgd"], **{"distill.defaults.epochs": 3})
+    tree = methods_tree(["mgd"], **{"distill.defaults.epochs": 3, "distill.defaults.snapshot_every": 1})
     conf = write_config(tmp_path / "p.yaml", tree)
     results = []
     for kill in (False, True):
@@ -184,12 +185,16 @@ def test_sigkill_of_a_masked_method_with_extras_resumes_to_same_metrics(built, t
         cfg.upstream_workdirs = [str(session_cfg.workdir)]
         rec = Runner(cfg).run("distill/mgd")["distill/mgd"]
         metrics = pq.read_table(Path(rec.path) / "metrics.parquet").to_pylist()
-        results.append((metrics, torch.load(Path(rec.path) / "final.pt", weights_only=True)))
-    (clean, clean_final), (killed, killed_final) = results
+        snaps = pq.read_table(Path(rec.path) / "snapshots.parquet").to_pylist()
+        results.append((metrics, snaps, torch.load(Path(rec.path) / "final.pt", weights_only=True)))
+    (clean, clean_snaps, clean_final), (killed, killed_snaps, killed_final) = results
     assert len(clean) == len(killed) == 3
     for a, b in zip(clean, killed):
-        for k in ("loss_total", "loss_mgd", "val_top1", "val_loss"):
+        for k in ("loss_total", "loss_ce", "loss_mgd", "val_top1", "val_top5", "val_loss", "batch_labels"):
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["epoch"], k)
+    assert [(x["epoch"], x["layer"]) for x in killed_snaps] == [(e, layer) for e in range(3) for layer in range(2)]
+    for a, b in zip(clean_snaps, killed_snaps):
+        assert a["entropy_sum"] == pytest.approx(b["entropy_sum"], rel=1e-5), (a["epoch"], a["layer"])
     assert state_equal(clean_final["loss_state_dict"], killed_final["loss_state_dict"])
     assert state_equal(clean_final["state_dict"], killed_final["state_dict"])
 
