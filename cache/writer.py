@@ -175,6 +175,19 @@ class CacheWriter:
         return {"bad_rows": bad}
 
 
+def resumable_attrs(path: str | Path, fingerprint: str) -> dict | None:
+    """The root attributes of the cache at ``path`` when :meth:`CacheWriter.create_or_resume` would
+    resume it (a cache with this fingerprint is there), else None: a resumed run encodes with the
+    spec its finished shards were written with (calibrated quantization tables)."""
+    if not (Path(path) / "zarr.json").exists():
+        return None
+    try:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return attrs if attrs.get("fingerprint") == fingerprint and "spec" in attrs else None
+
+
 def _parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
