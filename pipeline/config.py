@@ -452,6 +452,7 @@ class StudentConfig(_Model):
     train_per_class: int | None = Field(None, ge=1)
     eval_every: int | None = Field(None, ge=1)
     repeated_aug: int | None = Field(None, ge=1)
+    tier: str | None = None  # the derived cache (a name in tiers) the student reads; null: the extract's
 
     @field_validator("name")
     @classmethod
@@ -679,6 +680,22 @@ class PipelineConfig(_Model):
                                  f"{len(self.extract.layers)} layers {self.extract.layers}; give one, or one per layer")
         return self
 
+    @model_validator(mode="after")
+    def _student_tiers(self) -> "PipelineConfig":
+        names = [t.name for t in self.tiers]
+        for i, s in enumerate(self.distill.students):
+            if s.tier is None:
+                continue
+            if s.tier not in names:
+                raise ValueError(f"distill.students[{i}] ({s.name}): tier {s.tier!r} is not in tiers "
+                                 f"({', '.join(names) or 'none configured'})")
+            views = self.tier(s.tier).views
+            st = resolve_student(s, self.distill.defaults)
+            if views is not None and isinstance(st.views, int) and st.views > views:
+                raise ValueError(f"distill.students[{i}] ({s.name}): views {st.views} is more than tier "
+                                 f"{s.tier!r} holds ({views})")
+        return self
+
     def tier(self, name: str) -> TierConfig:
         for t in self.tiers:
             if t.name == name:
@@ -747,6 +764,7 @@ class ResolvedStudent(_Model):
     repeated_aug: int
     track: list[str] = operational(...)
     track_steps: bool = operational(...)
+    tier: str | None = None
 
 
 def resolve_student(s: StudentConfig, d: TrainDefaults) -> ResolvedStudent:
