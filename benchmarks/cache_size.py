@@ -9,8 +9,9 @@ in ``work/proxy``) up to its exact cache, then every encoding as a tier derived 
 
 * student-agnostic (any student width): ``exact`` (Hermitian-packed float16, the extract's cache),
   ``int8`` (per row and channel), ``step-E`` (a quantization table per layer and frequency calibrated
-  to a relative error E, entropy-coded by blosc-zstd over bit planes) and ``step-E-delta`` (each
-  layer stored as its difference from the previous block's decoded values);
+  to a relative error E, entropy-coded by blosc-zstd over bit planes), ``step-E-delta`` (each
+  layer stored as its difference from the previous block's decoded values), ``step-E-basis`` and
+  ``step-E-delta-basis`` (the channels turned by the calibration rows' principal components first);
 * width-specific (pooled to the spectral student's width W at derivation): ``poolW``,
   ``poolW-int8``, ``poolW-step-E-delta``.
 
@@ -21,12 +22,9 @@ added: 2000 B), the 0th-order entropy of the stored integers (an ideal entropy c
 layer and frequency's integers, for the step encodings), and the relative error of the
 spectral-loss gradient with respect to the student's features ``||g - g_exact|| / ||g_exact||``
 against float32 targets computed live from the teacher, at an untrained student and at one
-trained from the exact cache (seed 0).  Two more rows are measured in-process and not offered: a
-channel basis per layer (PCA of the calibration rows, all C components kept, float64) applied
-before the step quantizer at the same error, to show what a channel basis would save.
-``--students`` names encodings whose spectral students train for ``--seeds`` seeds beside the
-exact cache's: val top-1 mean +- sd (n) and the paired difference to the exact cache's students
-with its 95% interval (``stages.groups.paired_difference``).
+trained from the exact cache (seed 0).  ``--students`` names encodings whose spectral students
+train for ``--seeds`` seeds beside the exact cache's: val top-1 mean +- sd (n) and the paired
+difference to the exact cache's students with its 95% interval (``stages.groups.paired_difference``).
 """
 
 from __future__ import annotations
@@ -51,6 +49,8 @@ def encodings(width: int, errors: list[float]) -> dict[str, tuple[bool, dict]]:
     for e in errors:
         out[f"step-{e:g}"] = (True, {"quantize": "step", "error": e})
         out[f"step-{e:g}-delta"] = (True, {"quantize": "step", "error": e, "delta": True})
+        out[f"step-{e:g}-basis"] = (True, {"quantize": "step", "error": e, "basis": True})
+        out[f"step-{e:g}-delta-basis"] = (True, {"quantize": "step", "error": e, "delta": True, "basis": True})
     out[f"pool{width}"] = (False, {"pool": width})
     out[f"pool{width}-int8"] = (False, {"pool": width, "quantize": "int8"})
     e = errors[len(errors) // 2]
@@ -148,59 +148,6 @@ def entropy_bits(cache, rows: tuple[int, int]) -> float:
     return bits / teacher_values(cache) * (cache.spec.layers[0].channels / cache.spec.layers[0].stored_channels)
 
 
-def blosc_bytes(u: np.ndarray, clevel: int) -> int:
-    """Bytes of uint16 integers through the cache's step compressor (blosc zstd, bit-shuffled), in
-    chunks of 64 rows."""
-    from numcodecs import Blosc
-
-    codec = Blosc(cname="zstd", clevel=clevel, shuffle=Blosc.BITSHUFFLE)
-    return sum(len(codec.encode(np.ascontiguousarray(u[i : i + 64]))) for i in range(0, len(u), 64))
-
-
-def channel_basis_bytes(exact_cache, rows: tuple[int, int], error: float, delta: bool, clevel: int
-                        ) -> tuple[float, float]:
-    """Bytes per row of the spectra of ``rows`` quantized at ``error`` (in-process, as the step
-    encoding does) without and with a channel basis per layer: the PCA of the calibration rows'
-    packed values (of the delta residuals, with ``delta``), uncentred, every component kept, so the
-    error stays the same (an orthonormal map of the channels).  Returns (without, with)."""
-    import torch
-
-    from cache.codec import calibrate_steps, pack, packed_weights, zigzag
-
-    cal = (0, min(256, exact_cache.block("train").stop))
-    total = [0.0, 0.0]
-    recon: list[dict] = [{}, {}]  # per variant: layer index -> (calibration rows, rows) decoded
-    for layer in exact_cache.spec.layers:
-        def packed(a, b, idx=layer.index, w=layer.width):
-            return pack(torch.from_numpy(exact_cache.read_layer("spectra", idx, a, b)).float(), w).numpy()
-
-        x_cal, x = packed(*cal), packed(*rows)
-        w = np.sqrt(packed_weights(layer.height, layer.width)).astype(np.float32)
-        for k in (0, 1):
-            base = recon[k].get(layer.index - 1) if delta else None
-            b_cal, b_x = base if base is not None else (np.zeros_like(x_cal), np.zeros_like(x))
-            basis = _pca((x_cal - b_cal) * w) if k else np.eye(x.shape[1], dtype=np.float32)
-
-            def coef(v, basis=basis):
-                return np.einsum("nch,cd->ndh", v, basis).astype(np.float32)
-
-            steps = calibrate_steps(coef(x_cal), layer.height, layer.width, error, coef(b_cal))
-            q_cal, q = np.round(coef(x_cal - b_cal) / steps), np.round(coef(x - b_x) / steps)
-            total[k] += blosc_bytes(zigzag(torch.from_numpy(q)).numpy(), clevel)
-            back = basis.T.astype(np.float32)
-            recon[k][layer.index] = (b_cal + np.einsum("ndh,dc->nch", q_cal * steps, back),
-                                     b_x + np.einsum("ndh,dc->nch", q * steps, back))
-    n = rows[1] - rows[0]
-    return total[0] / n, total[1] / n
-
-
-def _pca(v: np.ndarray) -> np.ndarray:
-    """(C, C) orthonormal channel basis of (n, C, HW) values, by energy (float64 covariance)."""
-    m = np.moveaxis(v, 1, -1).reshape(-1, v.shape[1]).astype(np.float64)
-    vals, vecs = np.linalg.eigh(m.T @ m)
-    return vecs[:, np.argsort(vals)[::-1]].astype(np.float32)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--proxy", action="store_true", help="the trained 14 x 14 proxy (benchmarks/proxy_teacher.py)")
@@ -289,12 +236,6 @@ def main() -> None:
         paper = (bits * PAPER_VALUES / 8 + PAPER_LOGITS) / 1000
         print(f"{name:<22} {'yes' if agnostic else 'no':>8} {logit_b + spec_b:>9.0f} {spec_b:>9.0f} {bits:>8.3f} "
               f"{entropy_bits(cache, rows):>7.3f} {paper:>9.1f} {e_u:>18.5f} {e_t:>8.5f}", flush=True)
-    for e in errors:
-        for delta in (False, True):
-            plain, pca = channel_basis_bytes(exact_cache, rows, e, delta, args.clevel)
-            name = f"step-{e:g}{'-delta' if delta else ''}"
-            print(f"{name + ' in-process':<30} {plain * 8 / tv:.3f} bits/value; with a channel basis (PCA, "
-                  f"not offered) {pca * 8 / tv:.3f} ({pca / plain:.2f}x)")
     if top1:
         print("\nstudents (val top-1 after the config's epochs), paired by seed with the exact cache's:")
         for name in top1:

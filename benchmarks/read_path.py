@@ -84,6 +84,7 @@ def settings(errors: list[float], width: int) -> dict[str, dict]:
     for e in errors:
         out[f"step {e:g}"] = {"quantize": "step", "error": e}
         out[f"step {e:g} delta"] = {"quantize": "step", "error": e, "delta": True}
+        out[f"step {e:g} delta basis"] = {"quantize": "step", "error": e, "delta": True, "basis": True}
     e = errors[0]
     out[f"pool {width} int8"] = {"pool": width, "quantize": "int8"}
     out[f"pool {width} step {e:g} delta"] = {"pool": width, "quantize": "step", "error": e, "delta": True}
@@ -117,7 +118,7 @@ def write_cache(path: Path, dense: list, logits: np.ndarray, compress: dict, row
     if quantize == "step":
         n = min(256, rows)
         packed = {la.name: pack(pooled(i, 0, n).to(torch.float16).float(), h).numpy() for i, la in enumerate(layers)}
-        spec = calibrated_spec(spec, packed, bool(compress.get("delta")))
+        spec = calibrated_spec(spec, packed, bool(compress.get("delta")), bool(compress.get("basis")))
     writer = CacheWriter(path, spec)
     attrs = {"fingerprint": "bench", "blocks": [{"split": "train", "view": 0, "start": 0, "stop": rows}],
              "layers": [], "views": 1}

@@ -29,6 +29,13 @@ row, real and imaginary parts on the last axis.  On disk (``extract.compress``):
   difference from that layer's *decoded* values (closed loop, so errors never accumulate along the
   chain: each layer stays within its own steps).  Consecutive blocks of a residual stream differ by
   one update, so the difference is smaller than the layer.  Decoding a layer decodes its chain.
+* **basis** (with step): the channels of each layer (of its delta residual, when delta-coded) are
+  turned by an orthonormal basis, the principal components of the calibration rows (a C x C
+  covariance summed in float64: memory bounded by C^2 whatever the rows), before quantization, and
+  turned back after.  Every component is kept, so the error bound is the step's (an orthonormal map
+  keeps distances); the gain is energy compaction: the components past the first few carry little
+  energy and round to zero.  The basis is recorded in the spec (float32, base64) and applied in
+  float64, so the numpy and torch decoders agree.
 * channel pooling happens before encoding (extract pools the features to the declared width); the
   codec only sees the pooled channel count.
 
@@ -161,25 +168,71 @@ def unzigzag(u: np.ndarray) -> np.ndarray:
     return (u >> 1) ^ -(u & 1)
 
 
-def quantize_steps(x: torch.Tensor, steps: torch.Tensor, base: torch.Tensor | None = None
+def quantize_steps(x: torch.Tensor, steps: torch.Tensor, base: torch.Tensor | None = None, basis: str | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed values ``x`` (..., H*W) float32 as integers of ``steps`` (H*W,), after subtracting
-    ``base`` (the decoded previous layer, for delta coding); returns (zigzag uint16, the decoded
-    float32 values exactly as :func:`dequantize_steps` gives them).  Raises StepOverflow past
-    :data:`STEP_LIMIT` steps."""
+    """Packed values ``x`` (B, C, H*W) float32 as integers of ``steps`` (H*W,), after subtracting
+    ``base`` (the decoded previous layer, for delta coding) and turning the channels by ``basis``;
+    returns (zigzag uint16, the decoded float32 values exactly as :func:`dequantize_steps` gives
+    them).  Raises StepOverflow past :data:`STEP_LIMIT` steps."""
     r = x - base if base is not None else x
+    if basis is not None:
+        b = torch.from_numpy(basis_matrix(basis)).to(r.device)
+        r = torch.einsum("nch,cd->ndh", r.double(), b).float()
     q = torch.round(r / steps)
     if q.numel() and float(q.abs().max()) > STEP_LIMIT:
         raise StepOverflow(f"a value is {float(q.abs().max()):.0f} steps large (at most {STEP_LIMIT})")
     q = q.to(torch.int32)
     recon = q.to(torch.float32) * steps
+    if basis is not None:
+        recon = torch.einsum("ndh,cd->nch", recon.double(), b).float()
     return zigzag(q), (recon + base if base is not None else recon)
 
 
-def dequantize_steps(u: np.ndarray, steps: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
-    """float32 packed values of zigzag integers ``u`` of ``steps``, plus ``base`` (delta coding)."""
+def dequantize_steps(u: np.ndarray, steps: np.ndarray, base: np.ndarray | None = None,
+                     basis: str | None = None) -> np.ndarray:
+    """float32 packed values of zigzag integers ``u`` of ``steps``, turned back by ``basis``, plus
+    ``base`` (delta coding)."""
     recon = unzigzag(u).astype(np.float32) * np.asarray(steps, dtype=np.float32)
+    if basis is not None:
+        recon = np.einsum("ndh,cd->nch", recon.astype(np.float64), basis_matrix(basis)).astype(np.float32)
     return recon + base if base is not None else recon
+
+
+@functools.lru_cache(maxsize=64)
+def basis_matrix(encoded: str) -> np.ndarray:
+    """The (C, C) float64 channel basis (columns: components) a spec records as base64 float32."""
+    import base64
+
+    raw = np.frombuffer(base64.b64decode(encoded), dtype="<f4")
+    c = int(round(np.sqrt(raw.size)))
+    if c * c != raw.size:
+        raise ValueError(f"a channel basis of {raw.size} numbers is not square")
+    return raw.reshape(c, c).astype(np.float64)
+
+
+def encode_basis(basis: np.ndarray) -> str:
+    """A (C, C) basis as the spec records it: float32 little-endian, base64."""
+    import base64
+
+    return base64.b64encode(np.ascontiguousarray(basis, dtype="<f4").tobytes()).decode("ascii")
+
+
+def fit_basis(values: np.ndarray, height: int, width: int, base: np.ndarray | None = None) -> np.ndarray:
+    """The principal components (C, C) float32, by energy, of calibration rows ``values`` (n, C, H*W)
+    (their residuals from ``base``), in the loss's metric, uncentred: the channel covariance is
+    summed in float64 a row at a time (memory C^2).  Signs fixed (each column's largest entry
+    positive) so the basis is the same wherever it is fitted from the same numbers."""
+    w = np.sqrt(packed_weights(height, width))
+    c = values.shape[1]
+    cov = np.zeros((c, c), dtype=np.float64)
+    for i in range(len(values)):
+        r = values[i].astype(np.float64) - (base[i] if base is not None else 0.0)
+        r = r * w
+        cov += r @ r.T
+    vals, vecs = np.linalg.eigh(cov)
+    vecs = vecs[:, np.argsort(vals, kind="stable")[::-1]]
+    vecs *= np.where(vecs[np.abs(vecs).argmax(axis=0), np.arange(c)] < 0, -1.0, 1.0)
+    return vecs.astype(np.float32)
 
 
 def encode(dense: torch.Tensor, width: int, packed: bool, quantize: str, steps: torch.Tensor | None = None,
@@ -195,23 +248,23 @@ def encode(dense: torch.Tensor, width: int, packed: bool, quantize: str, steps: 
     return {"values": values.to(torch.float16)}
 
 
-def encode_step(dense: torch.Tensor, width: int, steps, base: torch.Tensor | None = None
+def encode_step(dense: torch.Tensor, width: int, steps, base: torch.Tensor | None = None, basis: str | None = None
                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """A 'step' layer's parts, and its decoded packed float32 values (the ``base`` of a layer
     delta-coded against it).  The input is the float16 spectrum, what an exact cache holds, so
     re-encoding an exact cache gives the bytes a direct extract gives."""
     values = pack(dense.to(torch.float16).float(), width)
     table = torch.as_tensor(np.asarray(steps, dtype=np.float32)).to(values.device)
-    u, recon = quantize_steps(values, table, base)
+    u, recon = quantize_steps(values, table, base, basis)
     return {"values": u}, recon
 
 
 def decode(parts: dict[str, np.ndarray], height: int, width: int, packed: bool, quantize: str,
-           steps=None, base: np.ndarray | None = None) -> np.ndarray:
+           steps=None, base: np.ndarray | None = None, basis: str | None = None) -> np.ndarray:
     """The dense float16 spectra (B, C, H, W//2+1, 2) of a batch of encoded rows as read from disk
     (``base``: the decoded packed float32 values of the layer a delta-coded layer is stored against,
     :func:`decode_packed`)."""
-    values = decode_packed(parts, quantize, steps, base) if quantize == "step" else parts["values"]
+    values = decode_packed(parts, quantize, steps, base, basis) if quantize == "step" else parts["values"]
     if quantize == "int8":
         values = (values.reshape(*values.shape[:2], -1).astype(np.float32)
                   * parts["scale"].astype(np.float32)[..., None]).reshape(values.shape)
@@ -219,19 +272,20 @@ def decode(parts: dict[str, np.ndarray], height: int, width: int, packed: bool, 
     return unpack(values, height, width) if packed else values
 
 
-def decode_packed(parts: dict[str, np.ndarray], quantize: str, steps=None, base: np.ndarray | None = None
-                  ) -> np.ndarray:
+def decode_packed(parts: dict[str, np.ndarray], quantize: str, steps=None, base: np.ndarray | None = None,
+                  basis: str | None = None) -> np.ndarray:
     """The packed float32 values of a 'step' layer (the base of the next layer of a delta chain)."""
     if quantize != "step":
         raise ValueError(f"decode_packed: quantize {quantize!r} has no float32 packed form")
-    return dequantize_steps(parts["values"], steps, base)
+    return dequantize_steps(parts["values"], steps, base, basis)
 
 
 # ----------------------------------------------------------------------------- decoding on any device
 
 
 def decode_torch(parts: dict[str, torch.Tensor], height: int, width: int, packed: bool, quantize: str,
-                 steps=None, base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 steps=None, base: torch.Tensor | None = None, basis: str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`decode` with torch on the parts' device: (dense float16 spectra, and for 'step' the
     packed float32 values a delta-coded next layer adds to).  Equal to the numpy decoder bit for bit:
     the same float32 products and sums, then one rounding to float16."""
@@ -242,6 +296,9 @@ def decode_torch(parts: dict[str, torch.Tensor], height: int, width: int, packed
         q = (q >> 1) ^ -(q & 1)
         st = torch.as_tensor(np.asarray(steps, dtype=np.float32)).to(values.device)
         recon = q.to(torch.float32) * st
+        if basis is not None:
+            b = torch.from_numpy(basis_matrix(basis)).to(values.device)
+            recon = torch.einsum("ndh,cd->nch", recon.double(), b).float()
         if base is not None:
             recon = recon + base
         values = recon
@@ -266,7 +323,7 @@ def decode_layers_torch(spec, encoded: dict[int, dict[str, torch.Tensor]], indic
                 continue
             base = recon[la.base] if la.base is not None else None
             dense, recon[la.name] = decode_torch(encoded[la.index], la.height, la.width, spec.packed, spec.quantize,
-                                                 la.steps, base)
+                                                 la.steps, base, la.basis)
             if la.index == i:
                 out[i] = dense
     return out

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.errors import PipelineError
 
-from .codec import StepOverflow, calibrate_steps, encode, encode_step
+from .codec import StepOverflow, calibrate_steps, encode, encode_basis, encode_step, fit_basis
 from .layout import CacheSpec, LayerSpec, spec_from_attrs
 from .writer import resumable_attrs
 
@@ -32,7 +32,8 @@ def encoded_layers(spec: CacheSpec, dense: dict[str, torch.Tensor]) -> dict[int,
         if spec.quantize == "step":
             try:
                 out[i], recon[layer.name] = encode_step(dense[layer.name], layer.width, layer.steps,
-                                                        recon[layer.base] if layer.base is not None else None)
+                                                        recon[layer.base] if layer.base is not None else None,
+                                                        layer.basis)
             except StepOverflow as e:
                 raise PipelineError(f"spectra/{layer.name}: {e}: a row far outside the calibration rows' range; "
                                     f"raise compress.calibrate_rows or compress.error") from None
@@ -60,22 +61,33 @@ def chained_layers(layers: list[LayerSpec], delta: bool) -> list[LayerSpec]:
     return out
 
 
-def calibrated_spec(spec: CacheSpec, packed: dict[str, np.ndarray], delta: bool) -> CacheSpec:
+def calibrated_spec(spec: CacheSpec, packed: dict[str, np.ndarray], delta: bool, basis: bool = False) -> CacheSpec:
     """``spec`` with each layer's quantization table (:func:`cache.codec.calibrate_steps`) fitted to
     ``spec.error`` on the calibration rows' packed float32 values (``packed``, by layer name; the
-    float16 spectra), delta bases chained first and each base's calibrated reconstruction used."""
+    float16 spectra), delta bases chained first and each base's calibrated reconstruction used; with
+    ``basis``, each layer's channel basis (:func:`cache.codec.fit_basis`) fitted first and the table
+    calibrated on the components."""
     layers, recon = [], {}
     for layer in chained_layers(spec.layers, delta):
         x = packed[layer.name]
         base = recon.get(layer.base) if layer.base is not None else None
+        b = fit_basis(x, layer.height, layer.width, base).astype(np.float64) if basis else None
+
+        def turned(v, b=b):
+            return v if b is None or v is None else np.einsum("nch,cd->ndh", v.astype(np.float64), b).astype(np.float32)
+
         try:
-            steps = calibrate_steps(x, layer.height, layer.width, spec.error, base)
+            steps = calibrate_steps(turned(x), layer.height, layer.width, spec.error, turned(base))
         except StepOverflow as e:
             raise PipelineError(f"compress.error: {spec.error:g} for layer {layer.index} ({layer.name}): {e}; "
                                 f"allow a larger error") from None
-        q = np.round((x - base if base is not None else x) / steps).astype(np.float32)
-        recon[layer.name] = q * steps + base if base is not None else q * steps
-        layers.append(dataclasses.replace(layer, steps=tuple(float(v) for v in steps)))
+        r = turned(x - base if base is not None else x)
+        back = np.round(r / steps).astype(np.float32) * steps
+        if b is not None:
+            back = np.einsum("ndh,cd->nch", back.astype(np.float64), b).astype(np.float32)
+        recon[layer.name] = back + base if base is not None else back
+        layers.append(dataclasses.replace(layer, steps=tuple(float(v) for v in steps),
+                                          basis=encode_basis(b) if b is not None else None))
     return dataclasses.replace(spec, layers=layers)
 
 

@@ -65,6 +65,8 @@ class LayerSpec:
     steps: tuple[float, ...] | None = None
     # delta coding: the cached layer this one is stored as a difference from (None: stored alone)
     base: str | None = None
+    # quantize 'step' with a channel basis: the (C, C) basis, float32 base64 (cache.codec.basis_matrix)
+    basis: str | None = None
 
     @property
     def stored_channels(self) -> int:
@@ -267,7 +269,7 @@ def spec_from_attrs(a: dict) -> CacheSpec:
 def _layer_attrs(layer: LayerSpec) -> dict:
     """A LayerSpec as attributes; the codec's fields only where set (older caches lack them)."""
     a = dict(layer.__dict__)
-    for k in ("steps", "base"):
+    for k in ("steps", "base", "basis"):
         if a[k] is None:
             del a[k]
     if a.get("steps") is not None:

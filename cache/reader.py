@@ -166,7 +166,7 @@ class Cache:
             return self.read(layer_array(kind, layer.name), start, stop)
         base = self._base_values(layer, start, stop)
         return decode(self.read_encoded(index, start, stop), layer.height, layer.width, self.spec.packed,
-                      self.spec.quantize, layer.steps, base)
+                      self.spec.quantize, layer.steps, base, layer.basis)
 
     def read_encoded(self, index: int, start: int, stop: int) -> dict[str, np.ndarray]:
         """Rows [start, stop) of teacher layer ``index``'s spectrum as stored (part -> array, checked
@@ -190,7 +190,7 @@ class Cache:
         if key not in self._chain:
             base = self.spec.layer_named(layer.base)
             values = decode_packed(self.read_encoded(base.index, start, stop), self.spec.quantize, base.steps,
-                                   self._base_values(base, start, stop))
+                                   self._base_values(base, start, stop), base.basis)
             self._chain = {k: v for k, v in self._chain.items() if k[1:] == (start, stop)}
             self._chain[key] = values
         return self._chain[key]

@@ -248,6 +248,8 @@ class CompressConfig(_Model):
     delta: quantize 'step': a layer whose block follows the previous cached layer's is stored as
         its difference from that layer's decoded values.
     calibrate_rows: quantize 'step': the first rows of the cache (train view 0) the table is fitted on.
+    basis: quantize 'step': turn each layer's channels by the principal components of the calibration
+        rows (every component kept) before quantizing.
     """
 
     packed: bool = True
@@ -256,6 +258,7 @@ class CompressConfig(_Model):
     error: float = Field(0.01, gt=0.0, lt=1.0)
     delta: bool = False
     calibrate_rows: int = Field(256, ge=1)
+    basis: bool = False
 
     @field_validator("pool")
     @classmethod
@@ -269,6 +272,9 @@ class CompressConfig(_Model):
     def _step_options(self) -> "CompressConfig":
         if self.quantize == "step" and not self.packed:
             raise ValueError("quantize 'step' quantizes the packed numbers; set packed: true")
+        if self.basis and self.quantize != "step":
+            raise ValueError(f"basis: true turns the channels before the step quantizer, which needs quantize: step "
+                             f"(quantize is {self.quantize!r})")
         if self.delta and self.quantize != "step":
             raise ValueError(f"delta: true codes a layer's difference from the previous one's decoded values, "
                              f"which needs quantize: step (quantize is {self.quantize!r})")

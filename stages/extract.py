@@ -362,7 +362,8 @@ def calibrate(cfg: PipelineConfig, model, device, rows: Rows, spec: CacheSpec) -
     n = e.compress.calibrate_rows
     log.info(f"extract: calibrating quantization tables to a relative error of {spec.error:g} on "
              f"{min(n, spec.rows)} rows")
-    return calibrated_spec(spec, {k: np.concatenate(v)[:n] for k, v in parts.items()}, e.compress.delta)
+    return calibrated_spec(spec, {k: np.concatenate(v)[:n] for k, v in parts.items()}, e.compress.delta,
+                           e.compress.basis)
 
 
 def _view_loader(ds: ViewDataset, spec: CacheSpec, todo: list[int], e, device) -> torch.utils.data.DataLoader:

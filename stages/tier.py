@@ -144,7 +144,7 @@ def calibrate_from(source: Cache, spec: CacheSpec, c) -> CacheSpec:
     dense = dense_spectra(source, spec, rows)
     packed = {la.name: pack(dense[la.name].to(torch.float16).float(), la.width).numpy() for la in spec.layers}
     log.info(f"tier: calibrating quantization tables to a relative error of {spec.error:g} on {len(rows)} rows")
-    return calibrated_spec(spec, packed, c.delta)
+    return calibrated_spec(spec, packed, c.delta, c.basis)
 
 
 def shard_data(source: Cache, spec: CacheSpec, spans: list[Span], s: int) -> dict[str, np.ndarray]:

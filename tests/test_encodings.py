@@ -9,8 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache.codec import (STEP_LIMIT, StepOverflow, calibrate_steps, decode, decode_layers_torch, decode_torch,
-                         dequantize_steps, encode, encode_step, pack, packed_weights, quantize_steps, unzigzag, zigzag)
+from cache.codec import (STEP_LIMIT, StepOverflow, basis_matrix, calibrate_steps, decode, decode_layers_torch,
+                         decode_torch, dequantize_steps, encode, encode_basis, encode_step, fit_basis, pack,
+                         packed_weights, quantize_steps, unzigzag, zigzag)
 from cache.layout import CacheSpec, LayerSpec
 from cache.reader import open_cache
 from pipeline.config import ConfigError, config_from_dict
@@ -99,22 +100,54 @@ def test_delta_chain_bounds_each_layer_by_its_own_steps():
         base = recon
 
 
-@pytest.mark.parametrize("quantize,packed", [("none", True), ("none", False), ("int8", True), ("step", True)])
-def test_torch_decoder_equals_numpy_decoder(quantize, packed):
+@pytest.mark.parametrize("quantize,packed,basis", [("none", True, False), ("none", False, False),
+                                                   ("int8", True, False), ("step", True, False), ("step", True, True)])
+def test_torch_decoder_equals_numpy_decoder(quantize, packed, basis):
     """decode_torch on CPU tensors gives the numpy decoder's float16 bits (CUDA: benchmarks/gpu_check.sh)."""
     h, w = 5, 6
     dense = _dense(7, (4, 3, h, w)) * 3
     steps = np.full(h * w, 0.02, dtype=np.float32) / np.sqrt(packed_weights(h, w)).astype(np.float32)
     base = pack(_dense(8, (4, 3, h, w)).to(torch.float16).float(), w) if quantize == "step" else None
+    b = encode_basis(np.linalg.qr(np.random.default_rng(3).standard_normal((3, 3)))[0]) if basis else None
     if quantize == "step":
-        parts = encode_step(dense, w, steps, base)[0]
+        parts = encode_step(dense, w, steps, base, b)[0]
     else:
         parts = encode(dense, w, packed, quantize)
     want = decode({k: v.numpy() for k, v in parts.items()}, h, w, packed, quantize, steps,
-                  None if base is None else base.numpy())
-    got, _ = decode_torch(parts, h, w, packed, quantize, steps, base)
+                  None if base is None else base.numpy(), b)
+    got, _ = decode_torch(parts, h, w, packed, quantize, steps, base, b)
     assert got.dtype == torch.float16
     np.testing.assert_array_equal(got.numpy().view(np.uint16), want.view(np.uint16))
+
+
+def test_channel_basis_keeps_the_declared_error_and_compacts_correlated_channels():
+    """Channels mixed from 2 sources: the fitted basis is orthonormal, its first 2 components hold
+    nearly all the energy, each component is within half its step, and the layer's relative error
+    (float64, in the loss's metric) stays within the declared one."""
+    from cache.encoding import calibrated_spec, encoded_layers
+
+    h, w, c = 4, 4, 6
+    rng = np.random.default_rng(5)
+    src = _dense(9, (40, 2, h, w))
+    dense = torch.einsum("nshwk,sc->nchwk", src, torch.from_numpy(rng.standard_normal((2, c))).float())
+    dense = dense + 1e-3 * _dense(10, (40, c, h, w))
+    x = pack(dense.to(torch.float16).float(), w).numpy()
+    b = fit_basis(x, h, w).astype(np.float64)
+    np.testing.assert_allclose(b.T @ b, np.eye(c), atol=1e-6)
+    energy = (np.einsum("nch,cd->ndh", x, b) ** 2).sum(axis=(0, 2))  # per component
+    assert energy[:2].sum() > 0.999 * energy.sum()
+    spec = CacheSpec(rows=40, rows_per_shard=40, num_classes=2, layers=[LayerSpec(0, "b0", c, h, w)],
+                     quantize="step", error=0.05)
+    spec = calibrated_spec(spec, {"b0": x}, delta=False, basis=True)
+    layer = spec.layers[0]
+    np.testing.assert_allclose(basis_matrix(layer.basis), b, atol=0)
+    parts = encoded_layers(spec, {"b0": dense})[0]
+    got = pack(torch.from_numpy(decode({k: v.numpy() for k, v in parts.items()}, h, w, True, "step", layer.steps,
+                                       None, layer.basis)).double(), w).numpy()
+    coef_err = np.einsum("nch,cd->ndh", got - x, b)
+    assert np.all(np.abs(coef_err) <= np.asarray(layer.steps) / 2 + 1e-3 * np.abs(np.einsum("nch,cd->ndh", x, b)))
+    wts = packed_weights(h, w)
+    assert np.sqrt(((got - x) ** 2 * wts).sum() / (x.astype(np.float64) ** 2 * wts).sum()) <= 0.05 * 1.01
 
 
 def test_step_config_needs_packing_and_delta_needs_step():
@@ -122,6 +155,8 @@ def test_step_config_needs_packing_and_delta_needs_step():
         config_from_dict(tiny_tree(**{"extract.compress.quantize": "step", "extract.compress.packed": False}))
     with pytest.raises(ConfigError, match="needs quantize: step"):
         config_from_dict(tiny_tree(**{"extract.compress.delta": True}))
+    with pytest.raises(ConfigError, match="needs quantize: step"):
+        config_from_dict(tiny_tree(**{"extract.compress.basis": True}))
 
 
 @pytest.fixture(scope="module")

@@ -250,8 +250,8 @@ def _leaf_value(path: str, field, current, tmp_path):
     assert value is not None or path in VALUES, f"{path}: no new value for this field; add one to VALUES"
     if path in ("teacher.mean", "teacher.std"):  # they go together
         return {"teacher.mean": VALUES["teacher.mean"], "teacher.std": VALUES["teacher.std"]}
-    if path.endswith("compress.delta"):  # delta coding needs the step encoding
-        return {path: value, path.replace("delta", "quantize"): "step"}
+    if path.endswith(("compress.delta", "compress.basis")):  # they need the step encoding
+        return {path: value, path.rsplit(".", 1)[0] + ".quantize": "step"}
     return {path: value}
 
 

@@ -16,7 +16,7 @@ from pipeline.errors import PipelineError
 from pipeline.graph import Runner
 from tests.conftest import copy_upstream, tiny_tree
 
-ENCODING = {"quantize": "step", "error": 0.05, "delta": True, "calibrate_rows": 200}
+ENCODING = {"quantize": "step", "error": 0.05, "delta": True, "basis": True, "calibrate_rows": 200}
 TIER = {"name": "small", "views": 1, "compress": ENCODING}
 
 
