@@ -151,6 +151,7 @@ def entropy_bits(cache, rows: tuple[int, int]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--proxy", action="store_true", help="the trained 14 x 14 proxy (benchmarks/proxy_teacher.py)")
+    ap.add_argument("--proxy-checkpoint", default=None, help="the proxy's weights, as proxy_teacher.py --checkpoint")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--errors", default="0.01,0.02,0.05", help="relative errors of the step encodings")
     ap.add_argument("--rows", type=int, default=128, help="val rows for gradient errors and entropies")
@@ -171,7 +172,7 @@ def main() -> None:
     if args.proxy:
         from proxy_teacher import WORKDIR, proxy_overrides
 
-        base = proxy_overrides()
+        base = proxy_overrides(checkpoint=args.proxy_checkpoint)
     wd = args.workdir or (str(WORKDIR) if args.proxy else tempfile.mkdtemp(prefix="bench-cache-size-"))
     cfg, _ = default_runner(wd, base + args.overrides)
     spectral = next(s.name for s in cfg.distill.students if s.loss.kind == "spectral")
