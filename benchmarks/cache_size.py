@@ -46,15 +46,17 @@ DISK_KB = 4e12 / (1.28e6 * 30) / 1000  # KB per view that puts 30 views of Image
 def encodings(width: int, errors: list[float]) -> dict[str, tuple[bool, dict]]:
     """name -> (student-agnostic, the tier's compress settings); 'exact' is the extract's cache."""
     out: dict[str, tuple[bool, dict]] = {"exact": (True, {}), "int8": (True, {"quantize": "int8"})}
-    for e in errors:
-        out[f"step-{e:g}"] = (True, {"quantize": "step", "error": e})
-        out[f"step-{e:g}-delta"] = (True, {"quantize": "step", "error": e, "delta": True})
-        out[f"step-{e:g}-basis"] = (True, {"quantize": "step", "error": e, "basis": True})
+    middle = errors[len(errors) // 2]
+    for e in errors:  # every part alone and combined at the middle error; the combination at each error
+        if e == middle:
+            out[f"step-{e:g}"] = (True, {"quantize": "step", "error": e})
+            out[f"step-{e:g}-delta"] = (True, {"quantize": "step", "error": e, "delta": True})
+            out[f"step-{e:g}-basis"] = (True, {"quantize": "step", "error": e, "basis": True})
         out[f"step-{e:g}-delta-basis"] = (True, {"quantize": "step", "error": e, "delta": True, "basis": True})
     out[f"pool{width}"] = (False, {"pool": width})
     out[f"pool{width}-int8"] = (False, {"pool": width, "quantize": "int8"})
-    e = errors[len(errors) // 2]
-    out[f"pool{width}-step-{e:g}-delta"] = (False, {"pool": width, "quantize": "step", "error": e, "delta": True})
+    out[f"pool{width}-step-{middle:g}-delta-basis"] = (False, {"pool": width, "quantize": "step", "error": middle,
+                                                               "delta": True, "basis": True})
     return out
 
 
