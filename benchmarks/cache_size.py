@@ -147,7 +147,7 @@ def entropy_bits(cache, rows: tuple[int, int]) -> float:
             _, counts = np.unique(q[:, :, j], return_counts=True)
             p = counts / counts.sum()
             bits += float(-(p * np.log2(p)).sum()) * q.shape[1]
-    return bits / teacher_values(cache) * (cache.spec.layers[0].channels / cache.spec.layers[0].stored_channels)
+    return bits / teacher_values(cache)
 
 
 def main() -> None:
