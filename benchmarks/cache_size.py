@@ -160,12 +160,14 @@ def main() -> None:
     ap.add_argument("--students", default="", help="encodings whose students train beside the exact cache's")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--clevel", type=int, default=3, help="the tiers' compression level")
+    ap.add_argument("--only", default="", help="measure only these encodings (and the exact cache)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
 
     import torch
 
     from cache.reader import open_cache
+    from pipeline.errors import PipelineError
     from pipeline.graph import Runner
     from stages import models
     from stages.groups import paired_difference
@@ -196,10 +198,14 @@ def main() -> None:
     teacher = models.load_teacher(recs["teacher"], cfg)
     exact_cache = open_cache(recs["extract"])
     caches = {"exact": exact_cache}
-    for n in encs:
+    refused = {}
+    for n in encs if not args.only else ["exact", *args.only.split(",")]:
         if n != "exact":
             print(f"  tier {n} ...", flush=True)
-            caches[n] = open_cache(runner.run(f"tier/{n}")[f"tier/{n}"])
+            try:
+                caches[n] = open_cache(runner.run(f"tier/{n}")[f"tier/{n}"])
+            except PipelineError as e:  # e.g. a step too small for the integers' range
+                refused[n] = str(e)
     pairs = list(runner.model_plan.pairs["exact-s0"])
     layers = sorted({t for _, t in pairs})
     x, rows = val_batch(exact_cache, cfg, args.rows)
@@ -230,6 +236,11 @@ def main() -> None:
     print("-" * len(head))
     tv = teacher_values(exact_cache)
     for name, (agnostic, _) in encs.items():
+        if name not in caches and name not in refused:
+            continue
+        if name in refused:
+            print(f"{name:<22} refused: {refused[name]}")
+            continue
         cache = caches[name]
         logit_b, spec_b = disk_bytes_per_row(cache)
         bits = spec_b * 8 / tv
