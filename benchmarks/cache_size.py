@@ -1,47 +1,63 @@
-"""Bytes per view of each cache encoding, and what each saving costs: gradient error and student top-1.
+"""Bytes per view of each cache encoding, scaled to the paper's shape, and what each saving costs.
 
-    python benchmarks/cache_size.py [--workdir DIR] [--seeds 3] [--set KEY=VALUE ...]
-    python benchmarks/cache_size.py --set teacher.kwargs.embed_dim=192      # a wider teacher
+    python benchmarks/cache_size.py [--proxy] [--workdir DIR] [--errors 0.01,0.02,0.05]
+                                    [--students step-0.02-delta --seeds 5] [--set KEY=VALUE ...]
 
-Builds the default pipeline (or the one ``--set`` makes) up to the fitted teacher once, then one
-cache per encoding (``extract.compress``):
+Builds the default pipeline (``--proxy``: the trained 14 x 14 proxy of ``benchmarks/proxy_teacher.py``,
+in ``work/proxy``) up to its exact cache, then every encoding as a tier derived from that cache
+(``stages.tier``: the teacher is not run again), one per row of the table:
 
-* ``float16 dense``: the dense half-spectrum (``packed: false``), the format-2 layout;
-* ``packed``: Hermitian-packed float16 (the default; lossless);
-* ``int8``: packed, int8 with a float16 scale per (row, channel);
-* ``pool``: packed float16 pooled at extract to the spectral student's width (serves that width only);
-* ``pool int8``: both.
+* student-agnostic (any student width): ``exact`` (Hermitian-packed float16, the extract's cache),
+  ``int8`` (per row and channel), ``step-E`` (a quantization table per layer and frequency calibrated
+  to a relative error E, entropy-coded by blosc-zstd over bit planes), ``step-E-delta`` (each
+  layer stored as its difference from the previous block's decoded values), ``step-E-basis`` and
+  ``step-E-delta-basis`` (the channels turned by the calibration rows' principal components first);
+* width-specific (pooled to the spectral student's width W at derivation): ``poolW``,
+  ``poolW-int8``, ``poolW-step-E-delta``.
 
-For each it prints bytes per view on disk (all cached layers and the logits), the ratio against
-float32 dense spectra and logits, encode and decode throughput, and the relative error of the
-spectral-loss gradient with respect to the student's features, ``||g - g_exact|| / ||g_exact||``,
-against targets computed in float32 from the teacher, at an untrained student and at one trained
-from the packed cache (seed 0).  Then the val top-1 of the config's spectral student trained from
-each cache (``--seeds`` seeds, mean +- sd).  Two rows are measured but not offered: a per-layer PCA
-channel basis of rank C/4 and C/2 (fitted on 512 train rows, coefficients float16, basis bytes
-not counted), to show what a low-rank encoding would cost.
+For each it prints bytes per view on disk (spectra and logits), bits per stored value counted at
+the teacher's width (so a pooled cache's bits are spread over the values it replaces), the same
+bits scaled to the paper's shape (8 layers of 384 x 14 x 14 per view; its 1000 float16 logits
+added: 2000 B), the 0th-order entropy of the stored integers (an ideal entropy coder of each
+layer and frequency's integers, for the step encodings), and the relative error of the
+spectral-loss gradient with respect to the student's features ``||g - g_exact|| / ||g_exact||``
+against float32 targets computed live from the teacher, at an untrained student and at one
+trained from the exact cache (seed 0).  ``--students`` names encodings whose spectral students
+train for ``--seeds`` seeds beside the exact cache's: val top-1 mean +- sd (n) and the paired
+difference to the exact cache's students with its 95% interval (``stages.groups.paired_difference``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
 import tempfile
-import time
 
-from _common import default_runner, machine
+import numpy as np
+from _common import ROOT, default_runner, machine
 
-SEED_KEY = "distill.defaults.seed"
+PAPER_VALUES = 8 * 384 * 14 * 14  # values per view of the paper's cached layers (CaiT-S24, 8 layers)
+PAPER_LOGITS = 2 * 1000  # float16 logits of ImageNet-1k
+DISK_KB = 4e12 / (1.28e6 * 30) / 1000  # KB per view that puts 30 views of ImageNet on a 4 TB disk
 
 
-def settings(width: int) -> dict[str, list[str]]:
-    return {
-        "float16 dense": ["extract.compress.packed=false"],
-        "packed": [],
-        "int8": ["extract.compress.quantize=int8"],
-        f"pool {width}": [f"extract.compress.pool={width}"],
-        f"pool {width} int8": [f"extract.compress.pool={width}", "extract.compress.quantize=int8"],
-    }
+def encodings(width: int, errors: list[float]) -> dict[str, tuple[bool, dict]]:
+    """name -> (student-agnostic, the tier's compress settings); 'exact' is the extract's cache."""
+    out: dict[str, tuple[bool, dict]] = {"exact": (True, {}), "int8": (True, {"quantize": "int8"})}
+    middle = errors[len(errors) // 2]
+    for e in errors:  # every part alone and combined at the middle error; the combination at each error
+        if e == middle:
+            out[f"step-{e:g}"] = (True, {"quantize": "step", "error": e})
+            out[f"step-{e:g}-delta"] = (True, {"quantize": "step", "error": e, "delta": True})
+            out[f"step-{e:g}-basis"] = (True, {"quantize": "step", "error": e, "basis": True})
+        out[f"step-{e:g}-delta-basis"] = (True, {"quantize": "step", "error": e, "delta": True, "basis": True})
+    out[f"pool{width}"] = (False, {"pool": width})
+    out[f"pool{width}-int8"] = (False, {"pool": width, "quantize": "int8"})
+    out[f"pool{width}-step-{middle:g}-delta-basis"] = (False, {"pool": width, "quantize": "step", "error": middle,
+                                                               "delta": True, "basis": True})
+    return out
 
 
 def student_width(cfg, name: str) -> int:
@@ -104,29 +120,6 @@ def gradient_error(student, x, pairs, exact: dict, targets: dict) -> float:
     return float((grad(targets) - ge).norm() / ge.norm())
 
 
-def pca_targets(cache, exact: dict, rank_frac: float, fit_rows: int = 512) -> tuple[dict, float]:
-    """Targets through a per-layer channel basis of rank C * rank_frac fitted on train rows (float64
-    SVD of the packed spectra, uncentred), coefficients rounded to float16; and the coefficients'
-    bytes per row over all cached layers (uncompressed)."""
-    import torch
-
-    from cache.codec import pack, unpack
-
-    b = cache.block("train")
-    out = {}
-    nbytes = sum(max(1, int(la.stored_channels * rank_frac)) * la.height * la.width * 2 for la in cache.spec.layers)
-    for t, dense in exact.items():
-        layer = cache.layer(t)
-        fit = torch.from_numpy(cache.read_layer("spectra", t, b.start, b.start + fit_rows)).double()
-        rows = pack(fit, layer.width).movedim(1, -1).reshape(-1, layer.stored_channels)
-        rank = max(1, int(layer.stored_channels * rank_frac))
-        basis = torch.linalg.svd(rows, full_matrices=False)[2][:rank].T  # (C, r)
-        p = pack(dense.double(), layer.width).movedim(1, -1)  # (B, HW, C)
-        coef = (p @ basis).half().double()
-        out[t] = torch.from_numpy(unpack((coef @ basis.T).movedim(-1, 1).numpy(), layer.height, layer.width)).float()
-    return out, nbytes
-
-
 def disk_bytes_per_row(cache) -> tuple[float, float]:
     """Bytes per row on disk of the logits and of every array of the cached spectra."""
     names = [n for layer in cache.spec.layers for n in cache.spec.spectrum_parts(layer).values()]
@@ -135,121 +128,139 @@ def disk_bytes_per_row(cache) -> tuple[float, float]:
     return size["logits"] / rows, sum(size[n] for n in names) / rows
 
 
-def throughput(cache, exact: dict, rows: tuple[int, int]) -> tuple[float, float]:
-    """(encode rows/s over all layers from float32 spectra, decode rows/s of read_layer from disk)."""
-    from cache.codec import encode
-    from stages.spectral import pool_channels
+def teacher_values(cache) -> int:
+    """Values per view of the cached layers at the teacher's width."""
+    return sum(la.channels * la.height * la.width for la in cache.spec.layers)
 
-    spec = cache.spec
-    pooled = {t: pool_channels(s, cache.layer(t).stored_channels) for t, s in exact.items()}
-    n = rows[1] - rows[0]
-    t0 = time.perf_counter()
-    for t, s in pooled.items():
-        encode(s, cache.layer(t).width, spec.packed, spec.quantize)
-    enc = n / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for t in exact:
-        cache.read_layer("spectra", t, *rows)
-    dec = n / (time.perf_counter() - t0)
-    return enc, dec
+
+def entropy_bits(cache, rows: tuple[int, int]) -> float:
+    """Bits per teacher-width value an ideal coder of each (layer, packed number)'s integers would
+    need (0th order, over ``rows``); nan for encodings without integers of a table."""
+    if cache.spec.quantize != "step":
+        return math.nan
+    from cache.codec import unzigzag
+
+    bits = 0.0
+    for layer in cache.spec.layers:
+        q = unzigzag(cache.read_encoded(layer.index, *rows)["values"])  # (n, C, HW)
+        for j in range(q.shape[2]):
+            _, counts = np.unique(q[:, :, j], return_counts=True)
+            p = counts / counts.sum()
+            bits += float(-(p * np.log2(p)).sum()) * q.shape[1]
+    return bits / teacher_values(cache)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--proxy", action="store_true", help="the trained 14 x 14 proxy (benchmarks/proxy_teacher.py)")
+    ap.add_argument("--proxy-checkpoint", default=None, help="the proxy's weights, as proxy_teacher.py --checkpoint")
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--rows", type=int, default=256, help="val rows for gradient error and throughput")
+    ap.add_argument("--errors", default="0.01,0.02,0.05", help="relative errors of the step encodings")
+    ap.add_argument("--rows", type=int, default=128, help="val rows for gradient errors and entropies")
+    ap.add_argument("--students", default="", help="encodings whose students train beside the exact cache's")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--clevel", type=int, default=3, help="the tiers' compression level")
+    ap.add_argument("--only", default="", help="measure only these encodings (and the exact cache)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
-    wd = args.workdir or tempfile.mkdtemp(prefix="bench-cache-size-")
 
     import torch
 
     from cache.reader import open_cache
+    from pipeline.errors import PipelineError
     from pipeline.graph import Runner
     from stages import models
+    from stages.groups import paired_difference
 
-    cfg, runner = default_runner(wd, args.overrides)
+    base = []
+    if args.proxy:
+        from proxy_teacher import WORKDIR, proxy_overrides
+
+        base = proxy_overrides(checkpoint=args.proxy_checkpoint)
+    wd = args.workdir or (str(WORKDIR) if args.proxy else tempfile.mkdtemp(prefix="bench-cache-size-"))
+    cfg, _ = default_runner(wd, base + args.overrides)
     spectral = next(s.name for s in cfg.distill.students if s.loss.kind == "spectral")
     width = student_width(cfg, spectral)
-    teacher = models.load_teacher(runner.run("teacher")["teacher"], cfg)
-    pairs = list(runner.model_plan.pairs[spectral])
+    errors = [float(e) for e in args.errors.split(",")]
+    encs = encodings(width, errors)
+    chosen = [n for n in args.students.split(",") if n]
+    for n in chosen:
+        if n not in encs:
+            raise SystemExit(f"--students: {n!r} is not an encoding ({', '.join(encs)})")
+    st0 = cfg.distill.students[[s.name for s in cfg.distill.students].index(spectral)].model_dump(exclude_none=True)
+    tiers = [{"name": n, "compress": c, "clevel": args.clevel} for n, (_, c) in encs.items() if n != "exact"]
+    seeds = {n: range(max(args.seeds, 1) if n == "exact" else args.seeds) for n in ["exact", *chosen]}
+    students = [{**st0, "name": f"{n}-s{s}", "seed": s, **({"tier": n} if n != "exact" else {})}
+                for n, ss in seeds.items() for s in ss]
+    cfg, runner = default_runner(wd, base + args.overrides + [f"tiers={json.dumps(tiers)}",
+                                                              f"distill.students={json.dumps(students)}"])
+    recs = runner.run("extract")
+    teacher = models.load_teacher(recs["teacher"], cfg)
+    exact_cache = open_cache(recs["extract"])
+    caches = {"exact": exact_cache}
+    refused = {}
+    for n in encs if not args.only else ["exact", *args.only.split(",")]:
+        if n != "exact":
+            print(f"  tier {n} ...", flush=True)
+            try:
+                caches[n] = open_cache(runner.run(f"tier/{n}")[f"tier/{n}"])
+            except PipelineError as e:  # e.g. a step too small for the integers' range
+                refused[n] = str(e)
+    pairs = list(runner.model_plan.pairs["exact-s0"])
     layers = sorted({t for _, t in pairs})
-    st = cfg.student(spectral)
+    x, rows = val_batch(exact_cache, cfg, args.rows)
+    exact = exact_spectra(teacher, x, layers)
     torch.manual_seed(0)
+    st = cfg.student("exact-s0")
     untrained = models.create(st.model, st.kwargs, cfg.data.num_classes).eval()
+    top1: dict[str, dict[int, float]] = {}
+    for name, ss in seeds.items():
+        top1[name] = {}
+        for s in ss:
+            print(f"  student {name}-s{s} ...", flush=True)
+            r = Runner(cfg, {"students": [f"{name}-s{s}"]})
+            rec = r.run(f"distill/{name}-s{s}")[f"distill/{name}-s{s}"]
+            top1[name][s] = float(rec.summary["val_top1"])
+    trained = models.load_student(runner, cfg, "exact-s0")
 
-    def cache_for(extra: list[str]):
-        c, r = default_runner(wd, args.overrides + extra)
-        return c, open_cache(r.run("extract")["extract"])
-
-    def top1(extra: list[str], seed: int) -> tuple[float, object]:
-        c, _ = default_runner(wd, args.overrides + extra + [f"{SEED_KEY}={seed}"])
-        r = Runner(c, {"students": [spectral]})
-        r.run("distill")
-        return _student_top1(r, spectral), (c, r)
-
-    results = {}
-    trained = None
-    exact = None
-    for name, extra in settings(width).items():
-        c, cache = cache_for(extra)
-        if exact is None:
-            x, rows = val_batch(cache, c, args.rows)
-            exact = exact_spectra(teacher, x, layers)
-        logit_b, spec_b = disk_bytes_per_row(cache)
-        accs = []
-        for seed in range(args.seeds):
-            acc, (cs, rs) = top1(extra, seed)
-            accs.append(acc)
-            if name == "packed" and seed == 0:
-                trained = models.load_student(rs, cs, spectral)
-        targets = {t: torch.from_numpy(cache.read_layer("spectra", t, *rows)).float() for t in layers}
-        enc, dec = throughput(cache, exact, rows)
-        results[name] = {"logits": logit_b, "spectra": spec_b, "targets": targets, "top1": accs, "enc": enc,
-                         "dec": dec}
-        print(f"  {name}: built, top-1 {accs}", flush=True)
-    if trained is None:
-        raise SystemExit("no trained student: the 'packed' setting needs --seeds >= 1")
-
-    c, packed = cache_for([])
-    layer_list = packed.spec.layers
-    raw32_spec = sum(4 * la.channels * la.height * (la.width // 2 + 1) * 2 for la in layer_list)
-    raw32_logits = 4 * cfg.data.num_classes
     print(f"machine: {machine()}")
-    print(f"teacher {cfg.teacher.model} {cfg.teacher.kwargs}; cached layers: "
-          + ", ".join(f"{la.index} ({la.channels}x{la.height}x{la.width})" for la in layer_list)
-          + f"; student {spectral}, width {width}; {args.rows} val rows; {args.seeds} seeds")
-    print(f"float32 reference: spectra {raw32_spec} B + logits {raw32_logits} B per view")
-    head = (f"{'setting':<16} {'B/view':>8} {'spectra':>8} {'logits':>7} {'ratio':>6} {'enc r/s':>9} {'dec r/s':>9} "
-            f"{'grad err untrained':>18} {'trained':>9}  top-1 mean +- sd (n)")
+    la = exact_cache.spec.layers
+    print(f"{'proxy' if args.proxy else 'default'} teacher {cfg.teacher.model} {cfg.teacher.kwargs}; "
+          f"{len(la)} cached layers of {la[0].channels} x {la[0].height} x {la[0].width}; {exact_cache.spec.rows} "
+          f"rows; student {spectral} width {width}, pairs {pairs}; {args.rows} val rows; tiers at blosc/zstd level "
+          f"{args.clevel}; paper shape: {PAPER_VALUES} values + {PAPER_LOGITS} B logits per view; 30 views on 4 TB: "
+          f"{DISK_KB:.0f} KB per view")
+    head = (f"{'encoding':<22} {'agnostic':>8} {'B/view':>9} {'spectra':>9} {'bits/val':>8} {'entropy':>7} "
+            f"{'paper KB':>9} {'grad err untrained':>18} {'trained':>8}")
     print(head)
     print("-" * len(head))
-    for name, r in results.items():
-        total = r["logits"] + r["spectra"]
-        e_u = gradient_error(untrained, x, pairs, exact, r["targets"])
-        e_t = gradient_error(trained, x, pairs, exact, r["targets"])
-        sd = statistics.stdev(r["top1"]) if len(r["top1"]) > 1 else float("nan")
-        print(f"{name:<16} {total:>8.0f} {r['spectra']:>8.0f} {r['logits']:>7.0f} "
-              f"{(raw32_spec + raw32_logits) / total:>6.2f} {r['enc']:>9.0f} {r['dec']:>9.0f} "
-              f"{e_u:>18.5f} {e_t:>9.5f}  {statistics.mean(r['top1']):.2f} +- {sd:.2f} ({len(r['top1'])})")
-    for frac in (0.25, 0.5):
-        targets, nbytes = pca_targets(packed, exact, frac)
+    tv = teacher_values(exact_cache)
+    for name, (agnostic, _) in encs.items():
+        if name not in caches and name not in refused:
+            continue
+        if name in refused:
+            print(f"{name:<22} refused: {refused[name]}")
+            continue
+        cache = caches[name]
+        logit_b, spec_b = disk_bytes_per_row(cache)
+        bits = spec_b * 8 / tv
+        targets = {t: torch.from_numpy(cache.read_layer("spectra", t, *rows)).float() for t in layers}
         e_u = gradient_error(untrained, x, pairs, exact, targets)
         e_t = gradient_error(trained, x, pairs, exact, targets)
-        logit_b = results["packed"]["logits"]
-        total = nbytes + logit_b
-        print(f"{f'pca C*{frac:g} *':<16} {total:>8.0f} {nbytes:>8.0f} {logit_b:>7.0f} "
-              f"{(raw32_spec + raw32_logits) / total:>6.2f} "
-              f"{'':>9} {'':>9} {e_u:>18.5f} {e_t:>9.5f}  (not offered; raw float16 coefficients)")
-    print("ratio: float32 dense spectra + logits over the bytes stored on disk (zstd "
-          f"{cfg.extract.clevel}); * measured only, not an extract.compress option")
-
-
-def _student_top1(runner, name: str) -> float:
-    from pipeline.fsutil import read_json
-
-    return float(read_json(runner.student_dir(name) / "lock.json")["summary"]["val_top1"])
+        paper = (bits * PAPER_VALUES / 8 + PAPER_LOGITS) / 1000
+        print(f"{name:<22} {'yes' if agnostic else 'no':>8} {logit_b + spec_b:>9.0f} {spec_b:>9.0f} {bits:>8.3f} "
+              f"{entropy_bits(cache, rows):>7.3f} {paper:>9.1f} {e_u:>18.5f} {e_t:>8.5f}", flush=True)
+    if top1:
+        print("\nstudents (val top-1 after the config's epochs), paired by seed with the exact cache's:")
+        for name in top1:
+            acc = list(top1[name].values())
+            sd = statistics.stdev(acc) if len(acc) > 1 else math.nan
+            line = f"  {name:<22} {statistics.mean(acc):.2f} +- {sd:.2f} (n={len(acc)}) {acc}"
+            if name != "exact":
+                d = paired_difference(top1[name], top1["exact"])
+                line += f"   - exact: {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+            print(line)
+    print(f"(config root {ROOT})")
 
 
 if __name__ == "__main__":

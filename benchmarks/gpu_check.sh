@@ -8,18 +8,19 @@
 # The realistic case is the paper's shape: cait_s24_224 (random weights: speed does not depend on them)
 # at 224 px with the 8 recipe layers, over an imagefolder of JPEGs at ImageNet-like sizes
 # (benchmarks/make_jpegs.py), the DeiT train policy replayed (RandAugment, erasing, mixup/cutmix) and
-# int8 spectra; then a DeiT-Tiny student at 224 from that cache against student-only steps.  Each
-# benchmark prints its ratio with the machine's description.  Targets on a GPU: extract >= 0.90 of the
+# int8 spectra; then a DeiT-Tiny student at 224 from that cache against student-only steps; then the
+# read path (benchmarks/read_path.py): each encoding's rows/s per core on the CPU and decoded on the
+# GPU.  Each benchmark prints its ratio with the machine's description.  Targets on a GPU: extract >= 0.90 of the
 # bare forward; cached SpectralKD <= 1.15 of a student-only step.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 if command -v nvidia-smi >/dev/null && [ "${REDUCED:-0}" != 1 ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-  IMAGES=2048 BATCH=128 RPS=512 WORKERS=14 REPEAT=3 STEPS_BATCH=128 T_EXTRACT=200 T_DISTILL=170
+  IMAGES=2048 BATCH=128 RPS=512 WORKERS=14 REPEAT=3 STEPS_BATCH=128 T_EXTRACT=200 T_DISTILL=170 READ_ROWS=1024 T_READ=150
 else
   echo "reduced form: no GPU, or REDUCED=1" | tee "$OUT/gpu.txt"
-  IMAGES=48 BATCH=8 RPS=16 WORKERS=1 REPEAT=2 STEPS_BATCH=8 T_EXTRACT=400 T_DISTILL=600
+  IMAGES=48 BATCH=8 RPS=16 WORKERS=1 REPEAT=2 STEPS_BATCH=8 T_EXTRACT=400 T_DISTILL=600 READ_ROWS=128 T_READ=300
 fi
 python3 -c "import torch, timm, zarr, webdataset; print('torch', torch.__version__, 'timm', timm.__version__, 'zarr', zarr.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
 
@@ -41,6 +42,11 @@ timeout "$T_EXTRACT" python3 benchmarks/extract.py --repeat "$REPEAT" --workdir 
 timeout "$T_DISTILL" python3 benchmarks/distill.py --repeat "$REPEAT" --epochs-per-round 1 --workdir /tmp/gpu_check_real "${REAL[@]}" \
   --set distill.defaults.batch_size=$STEPS_BATCH \
   --set distill.defaults.num_workers=$WORKERS 2>&1 | grep -v " INFO " | tee "$OUT/distill_realistic.txt"
+
+# the read path at the paper's shape: rows/s per core read (+ decoded) on the CPU, and decoded on the GPU
+# from the encoded bytes (each encoding's CUDA decode checked bit for bit against numpy's)
+timeout "$T_READ" python3 benchmarks/read_path.py --rows "$READ_ROWS" --repeat "$REPEAT" --workdir /tmp/gpu_check_read \
+  2>&1 | tee "$OUT/read_path.txt"
 
 [ "${FULL:-0}" = 1 ] || exit 0
 # the tiny default's extract, a 64 px / 192-wide teacher where the forward matters, and `run distill`

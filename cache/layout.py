@@ -7,6 +7,8 @@ One Zarr v3 group per extract fingerprint::
                                                                (cache.codec); int8 with extract.compress.quantize,
                                                                (rows, C, H, W//2+1, 2) with packed: false
     spectra_scale/<layer> (rows, C)                  float16   int8 scales, with quantize: int8 only
+                                                               (quantize: step: (rows, C, H*W) uint16, zigzag
+                                                               integers of the layer's step table, see cache.codec)
     features/<layer>    (rows, C, H, W)              float16   when extract.store has 'features'
     valid               (rows,)                      uint8     1 = teacher saw the row's view
     manifest.parquet    row -> key, split, label, view, view parameters, source location, shard
@@ -59,6 +61,12 @@ class LayerSpec:
     height: int
     width: int
     pooled: int | None = None  # the width the cache stores this layer's spectra at (None: teacher width)
+    # quantize 'step': the layer's quantization table, one step per packed number (cache.codec)
+    steps: tuple[float, ...] | None = None
+    # delta coding: the cached layer this one is stored as a difference from (None: stored alone)
+    base: str | None = None
+    # quantize 'step' with a channel basis: the (C, C) basis, float32 base64 (cache.codec.basis_matrix)
+    basis: str | None = None
 
     @property
     def stored_channels(self) -> int:
@@ -84,6 +92,7 @@ class CacheSpec:
     clevel: int = 1
     packed: bool = True
     quantize: str = "none"
+    error: float | None = None  # quantize 'step': each layer's relative RMS error the steps were calibrated to
 
     @property
     def num_shards(self) -> int:
@@ -113,6 +122,17 @@ class CacheSpec:
         """Part -> array name of a layer's encoded spectrum."""
         kinds = {"values": "spectra", "scale": "spectra_scale"}
         return {part: layer_array(kinds[part], layer.name) for part in self.encoded_shapes(layer)}
+
+    def layer_named(self, name: str) -> LayerSpec:
+        return next(la for la in self.layers if la.name == name)
+
+    def chain(self, layer: LayerSpec) -> list[LayerSpec]:
+        """The layers decoding ``layer`` needs, base first, ``layer`` last (itself alone unless
+        delta-coded)."""
+        out = [layer]
+        while out[0].base is not None:
+            out.insert(0, self.layer_named(out[0].base))
+        return out
 
     def lossless(self, layer: LayerSpec) -> bool:
         """Whether a reader gets the layer's spectra as extract computed them (up to float16)."""
@@ -219,13 +239,14 @@ def spec_to_attrs(spec: CacheSpec) -> dict:
         "rows": spec.rows,
         "rows_per_shard": spec.rows_per_shard,
         "num_classes": spec.num_classes,
-        "layers": [l.__dict__ for l in spec.layers],
+        "layers": [_layer_attrs(la) for la in spec.layers],
         "store": list(spec.store),
         "chunk_bytes": spec.chunk_bytes,
         "compressor": spec.compressor,
         "clevel": spec.clevel,
         "packed": spec.packed,
         "quantize": spec.quantize,
+        **({"error": spec.error} if spec.error is not None else {}),
     }
 
 
@@ -234,13 +255,14 @@ def spec_from_attrs(a: dict) -> CacheSpec:
         rows=a["rows"],
         rows_per_shard=a["rows_per_shard"],
         num_classes=a["num_classes"],
-        layers=[LayerSpec(**l) for l in a["layers"]],
+        layers=[_layer_spec(la) for la in a["layers"]],
         store=tuple(a["store"]),
         chunk_bytes=a["chunk_bytes"],
         compressor=a["compressor"],
         clevel=a["clevel"],
         packed=a["packed"],
         quantize=a["quantize"],
+        error=a.get("error"),
     )
 
 
@@ -255,6 +277,23 @@ def open_group(where, mode: str):
     if storage.is_url(url):
         return zarr.open_group(url, mode=mode, storage_options=storage.options())
     return zarr.open_group(url, mode=mode)
+
+
+def _layer_attrs(layer: LayerSpec) -> dict:
+    """A LayerSpec as attributes; the codec's fields only where set (older caches lack them)."""
+    a = dict(layer.__dict__)
+    for k in ("steps", "base", "basis"):
+        if a[k] is None:
+            del a[k]
+    if a.get("steps") is not None:
+        a["steps"] = list(a["steps"])
+    return a
+
+
+def _layer_spec(a: dict) -> LayerSpec:
+    """A LayerSpec from its attributes (JSON lists back to tuples, so specs compare equal)."""
+    steps = a.get("steps")
+    return LayerSpec(**{**a, "steps": tuple(float(v) for v in steps) if steps is not None else None})
 
 
 def marker_name(s: int) -> str:

@@ -28,7 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.fingerprint import diff
 from pipeline.storage import Location
 
-from .codec import decode
+from .codec import decode, decode_packed
 from .forms import FORMS, features_of, spectra_of
 from .shardfile import ShardCorrupt, ShardDecoder
 from .layout import (FORMAT_VERSION, MANIFEST, SHARD_INDEX, CacheSpec, array_json, layer_array, marker_name,
@@ -113,6 +113,7 @@ class Cache:
         self.one_pass = True  # False: every read goes through zarr (benchmarks/distill.py compares)
         self.blocks = [Block(**b) for b in self.attrs["blocks"]]
         self._valid: np.ndarray | None = None
+        self._chain: dict[tuple[str, int, int], np.ndarray] = {}  # decoded delta bases of the last row range
 
     def _shard_sizes(self, sha256: str | None) -> dict[str, np.ndarray]:
         """Array name -> the size extract wrote of each of its shard files (-1: not recorded)."""
@@ -208,11 +209,39 @@ class Cache:
         if source == "features":
             values = self.read(layer_array("features", layer.name), start, stop)
         else:
-            parts = {part: self.read(name, start, stop) for part, name in self.spec.spectrum_parts(layer).items()}
-            values = decode(parts, layer.height, layer.width, self.spec.packed, self.spec.quantize)
+            base = self._base_values(layer, start, stop)
+            values = decode(self.read_encoded(index, start, stop), layer.height, layer.width, self.spec.packed,
+                            self.spec.quantize, layer.steps, base, layer.basis)
         if source == form:
             return values
         return features_of(values, layer.width) if form == "features" else spectra_of(values)
+
+    def read_encoded(self, index: int, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of teacher layer ``index``'s spectrum as stored (part -> array, checked
+        and decompressed, not decoded): what a GPU student moves to the device and decodes there
+        (:func:`cache.codec.decode_torch`; a delta-coded layer needs its chain, ``spec.chain``)."""
+        layer = self.layer(index)
+        return {part: self.read(name, start, stop) for part, name in self.spec.spectrum_parts(layer).items()}
+
+    def read_encoded_layers(self, indices: list[int], start: int, stop: int) -> dict[int, dict[str, np.ndarray]]:
+        """:meth:`read_encoded` of teacher layers ``indices`` and of every layer their delta chains
+        need, by teacher layer index (the input of :func:`cache.codec.decode_layers_torch`)."""
+        need = {la.index for i in indices for la in self.spec.chain(self.layer(i))}
+        return {i: self.read_encoded(i, start, stop) for i in sorted(need)}
+
+    def _base_values(self, layer, start: int, stop: int) -> np.ndarray | None:
+        """The decoded packed float32 values of the layer a delta-coded ``layer`` is stored against
+        (its chain decoded once per row range: a unit's layers are read one after another)."""
+        if layer.base is None:
+            return None
+        key = (layer.base, start, stop)
+        if key not in self._chain:
+            base = self.spec.layer_named(layer.base)
+            values = decode_packed(self.read_encoded(base.index, start, stop), self.spec.quantize, base.steps,
+                                   self._base_values(base, start, stop), base.basis)
+            self._chain = {k: v for k, v in self._chain.items() if k[1:] == (start, stop)}
+            self._chain[key] = values
+        return self._chain[key]
 
     def require_width(self, index: int, channels: int, who: str) -> None:
         """Refuse a student layer of another width than a pooled layer's (a wider student than the

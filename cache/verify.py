@@ -134,16 +134,19 @@ def _manifest_problems(cache: Cache) -> list[str]:
 def verify_stage(runner, stage: str) -> list[str]:
     """Problems of a stage's output: what makes it not up to date (the stage's own output check,
     e.g. every student's files), then, for extract, every byte of the cache."""
-    if stage not in ("extract", "distill") and not stage.startswith("distill/"):
-        raise PipelineError(f"verify: no checks for stage {stage!r} (extract | distill | distill/<student>)")
+    if stage not in ("extract", "distill") and not stage.startswith(("distill/", "tier/")):
+        raise PipelineError(f"verify: no checks for stage {stage!r} (extract | tier/<tier> | distill | "
+                            f"distill/<student>)")
     if stage.startswith("distill/"):
         runner.cfg.student(stage.split("/", 1)[1])  # an unknown student is named
+    if stage.startswith("tier/"):
+        runner.cfg.tier(stage.split("/", 1)[1])
     rec, damage = runner.checked_record(stage)
     fp = runner.fingerprint_of(stage)[0]
     if rec is None:
         return damage or [f"{stage}: no complete output for the current config ({fp[:12]}) under "
                           f"{runner.out_dir(stage)}; run `python -m pipeline run {stage}`"]
-    if stage == "extract":
+    if stage == "extract" or stage.startswith("tier/"):  # a tier is a cache like extract's
         teacher_rec = runner.record("teacher")
         digest = teacher_rec.summary.get("weights_sha256") if teacher_rec else None
         return verify_cache(cache_path(rec), fp, digest)

@@ -195,6 +195,20 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def resumable_attrs(where: str | Path | Location, fingerprint: str) -> dict | None:
+    """The root attributes of the cache at ``where`` when :meth:`CacheWriter.create_or_resume` would
+    resume it (a cache with this fingerprint is there), else None: a resumed run encodes with the
+    spec its finished shards were written with (calibrated quantization tables)."""
+    store = Location(where)
+    if not (store / "zarr.json").exists():
+        return None
+    try:
+        attrs = dict(open_group(store, mode="r").attrs)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return attrs if attrs.get("fingerprint") == fingerprint and "spec" in attrs else None
+
+
 def _parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")

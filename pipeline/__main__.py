@@ -14,7 +14,7 @@ from .config import DEFAULT_CONFIG, ConfigError, load_config
 from .errors import PipelineError
 from .fsutil import atomic_write_text
 from .graph import STAGES, Runner, stage_function
-from .nodes import STUDENT, student_name
+from .nodes import STUDENT, TIER, student_name, tier_name
 from .locking import LockedError
 
 log = logging.getLogger("pipeline")
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", parents=[common], help="run a stage after its stale upstream stages")
-    r.add_argument("stage", help=f"{' | '.join(STAGES)} | all | distill/<student>")
+    r.add_argument("stage", help=f"{' | '.join(STAGES)} | all | distill/<student> | tier/<tier>")
     r.add_argument("--force", action="store_true", help="rerun STAGE even if up to date")
     r.add_argument("--student", action="append", default=None, help="distill only this student (repeatable)")
     r.add_argument("--jobs", type=int, default=1, metavar="N",
@@ -164,7 +164,10 @@ def _check_target(target: str, cfg) -> None:
     if target.startswith(STUDENT):
         cfg.student(target[len(STUDENT):])
         return
-    raise ConfigError(f"run: {target!r} is not a stage ({', '.join(STAGES)}, all) or distill/<student>")
+    if target.startswith(TIER):
+        cfg.tier(target[len(TIER):])
+        return
+    raise ConfigError(f"run: {target!r} is not a stage ({', '.join(STAGES)}, all), distill/<student> or tier/<tier>")
 
 
 def cmd_run(cfg, args) -> int:
@@ -203,6 +206,8 @@ def _fan_out(cfg, args, runner: Runner, forced: set[str]) -> set[str]:
     from .fanout import check_outcomes, run_dask, run_local
 
     runner.run("extract", forced=forced & set(runner.plan("extract")))
+    for tier in [n for n in runner.plan(args.stage) if tier_name(n) is not None]:  # the caches students read
+        runner.run(tier, forced=forced & {tier})
     nodes = [STUDENT + n for n in runner.students()]
     todo = [n for n in nodes if n in forced or runner.state(n).status != "up to date"]
     if not todo:

@@ -259,12 +259,24 @@ class CompressConfig(Section):
     packed: only the H*W free numbers of each channel's rfft2 half-spectrum (lossless).
     pool: teacher channels average-pooled to this width at extract, one width for every cached
         layer or one per layer; the cache then serves students of exactly that width.
-    quantize: 'int8' stores each (row, channel) as int8 with a float16 scale (absmax / 127).
+    quantize: 'int8' stores each (row, channel) as int8 with a float16 scale (absmax / 127);
+        'step' stores integers of a quantization table per layer and frequency calibrated at
+        extract to ``error`` (student-agnostic; entropy-coded by the chunk compressor).
+    error: quantize 'step': each layer's relative RMS error on the calibration rows.
+    delta: quantize 'step': a layer whose block follows the previous cached layer's is stored as
+        its difference from that layer's decoded values.
+    calibrate_rows: quantize 'step': the first rows of the cache (train view 0) the table is fitted on.
+    basis: quantize 'step': turn each layer's channels by the principal components of the calibration
+        rows (every component kept) before quantizing.
     """
 
     packed: bool = True
     pool: int | list[int] | None = None
-    quantize: Literal["none", "int8"] = "none"
+    quantize: Literal["none", "int8", "step"] = "none"
+    error: float = Field(0.01, gt=0.0, lt=1.0)
+    delta: bool = False
+    calibrate_rows: int = Field(256, ge=1)
+    basis: bool = False
 
     @field_validator("pool")
     @classmethod
@@ -273,6 +285,18 @@ class CompressConfig(Section):
         if any(w < 1 for w in widths):
             raise ValueError("channel widths must be at least 1")
         return v
+
+    @model_validator(mode="after")
+    def _step_options(self) -> "CompressConfig":
+        if self.quantize == "step" and not self.packed:
+            raise ValueError("quantize 'step' quantizes the packed numbers; set packed: true")
+        if self.basis and self.quantize != "step":
+            raise ValueError(f"basis: true turns the channels before the step quantizer, which needs quantize: step "
+                             f"(quantize is {self.quantize!r})")
+        if self.delta and self.quantize != "step":
+            raise ValueError(f"delta: true codes a layer's difference from the previous one's decoded values, "
+                             f"which needs quantize: step (quantize is {self.quantize!r})")
+        return self
 
 
 class ExtractConfig(Section):
@@ -325,9 +349,44 @@ class ExtractConfig(Section):
         """The compressor the cache is written with: ``auto`` is blosc-lz4 over bit-shuffled values
         for float16 spectra (2.2x less CPU than zstd 1 each way, 1-2% fewer bytes) and zstd for
         int8 ones (6% fewer bytes than blosc-lz4, which finds nothing to shuffle in int8)."""
-        if self.compressor != "auto":
-            return self.compressor
-        return "zstd" if self.compress.quantize == "int8" else "blosc-lz4"
+        return resolved_compressor(self.compressor, self.compress.quantize)
+
+
+def resolved_compressor(compressor: str, quantize: str) -> str:
+    """:meth:`ExtractConfig.resolved_compressor` for a compressor setting and an encoding: 'step'
+    integers go to blosc's zstd over bit-shuffled values (with the zigzag form, the bit planes above
+    a value's magnitude are zero and compress away: the entropy coder of the integers)."""
+    if compressor != "auto":
+        return compressor
+    return {"int8": "zstd", "step": "blosc"}.get(quantize, "blosc-lz4")
+
+
+class TierConfig(Section):
+    """A compact cache derived from the extract's cache without loading the teacher (``stages.tier``;
+    README "Tiers"), as ml-dr publishes full, Small and Mini sets of one teacher's targets.
+
+    name: the tier's node is ``tier/<name>``; a student reads it with ``tier: <name>``.
+    views: the first K' of the cache's train views (null: all of them); val rows are kept.
+    compress: how its spectra are encoded (as ``extract.compress``: pooled, int8, step, delta).
+    compressor, clevel: its chunk compressor, as ``extract.compressor`` / ``extract.clevel``.
+    """
+
+    name: str
+    views: int | None = Field(None, ge=1)
+    compress: CompressConfig = CompressConfig()
+    compressor: Literal["auto", "zstd", "blosc", "blosc-lz4"] = "auto"
+    clevel: int = Field(1, ge=1, le=9)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.=\-]+", v) or v.startswith("."):
+            raise ValueError(f"tier names use letters, digits, '_', '-', '.', '=' and name folders (no leading "
+                             f"'.'), got {v!r}")
+        return v
+
+    def resolved_compressor(self) -> str:
+        return resolved_compressor(self.compressor, self.compress.quantize)
 
 
 # --------------------------------------------------------------------------- distill
@@ -401,6 +460,7 @@ class StudentConfig(Section):
     train_per_class: int | None = Field(None, ge=1)
     eval_every: int | None = Field(None, ge=1)
     repeated_aug: int | None = Field(None, ge=1)
+    tier: str | None = None  # the derived cache (a name in tiers) the student reads; null: the extract's
 
     @field_validator("name")
     @classmethod
@@ -608,6 +668,52 @@ class PipelineConfig(Section):
     extract: ExtractConfig = ExtractConfig()
     distill: DistillConfig = DistillConfig()
     analyze: AnalyzeConfig = AnalyzeConfig()
+    # compact caches derived from the extract's (stages.tier), each a node tier/<name>
+    tiers: list[TierConfig] = []
+
+    @field_validator("tiers")
+    @classmethod
+    def _unique_tiers(cls, v: list[TierConfig]) -> list[TierConfig]:
+        names = [t.name for t in v]
+        for n in names:
+            if names.count(n) > 1:
+                raise ValueError(f"tier name {n!r} appears twice")
+        return v
+
+    @model_validator(mode="after")
+    def _tier_views(self) -> "PipelineConfig":
+        for i, t in enumerate(self.tiers):
+            if t.views is not None and t.views > self.extract.views:
+                raise ValueError(f"tiers[{i}] ({t.name}): views {t.views} is more than the cache's extract.views "
+                                 f"{self.extract.views}")
+            pool = t.compress.pool
+            if isinstance(pool, list) and len(pool) != len(self.extract.layers):
+                raise ValueError(f"tiers[{i}] ({t.name}): compress.pool has {len(pool)} widths for "
+                                 f"{len(self.extract.layers)} layers {self.extract.layers}; give one, or one per layer")
+        return self
+
+    @model_validator(mode="after")
+    def _student_tiers(self) -> "PipelineConfig":
+        names = [t.name for t in self.tiers]
+        for i, s in enumerate(self.distill.students):
+            if s.tier is None:
+                continue
+            if s.tier not in names:
+                raise ValueError(f"distill.students[{i}] ({s.name}): tier {s.tier!r} is not in tiers "
+                                 f"({', '.join(names) or 'none configured'})")
+            views = self.tier(s.tier).views
+            st = resolve_student(s, self.distill.defaults)
+            if views is not None and isinstance(st.views, int) and st.views > views:
+                raise ValueError(f"distill.students[{i}] ({s.name}): views {st.views} is more than tier "
+                                 f"{s.tier!r} holds ({views})")
+        return self
+
+    def tier(self, name: str) -> TierConfig:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        names = ", ".join(t.name for t in self.tiers) or "none configured"
+        raise ConfigError(f"tier {name!r} is not in tiers ({names})")
 
     @model_validator(mode="after")
     def _students_need_cache(self) -> "PipelineConfig":
@@ -671,6 +777,7 @@ class ResolvedStudent(Section):
     repeated_aug: int
     track: list[str] = operational(...)
     track_steps: bool = operational(...)
+    tier: str | None = None
 
 
 def resolve_student(s: StudentConfig, d: TrainDefaults) -> ResolvedStudent:

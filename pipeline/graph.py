@@ -31,12 +31,18 @@ from .fingerprint import diff, file_digest, fingerprint, library_versions
 from .errors import PipelineError
 from .fsutil import atomic_write_json, fresh_dir, read_json, replace_dir
 from .locking import OutputLock, describe_holder, held_by
-from .nodes import FAILED, student_name, student_node
+from .nodes import FAILED, tier_name, tier_node, student_name, student_node
 
 log = logging.getLogger("pipeline")
 
 STAGES = ("prepare", "teacher", "extract", "distill", "analyze")
 SUMMARY_WAIT_S = 600.0  # how long a run waits for another writing the distill summary
+
+
+def cache_node(cfg: PipelineConfig, student: str) -> str:
+    """The node whose cache a student reads: ``tier/<name>`` when it names a tier, else extract."""
+    tier = getattr(cfg.student(student), "tier", None)
+    return tier_node(tier) if tier else "extract"
 
 
 # What decides each stage's output: whole config sections, every field of them (``decisive``: all but
@@ -114,6 +120,13 @@ def _distill_params(cfg: PipelineConfig) -> dict:
     """The summary's: every student, and the sweeps (their references decide the comparisons)."""
     return {"students": {s.name: student_params(cfg, s.name) for s in cfg.distill.students},
             "sweep": [decisive(sw) for sw in cfg.distill.sweep]}
+
+
+def _tier_params(cfg: PipelineConfig, name: str) -> dict:
+    """A tier's: its own section and the cache format (its upstream, extract, brings the rest)."""
+    from cache.layout import FORMAT_VERSION
+
+    return {"cache_format": FORMAT_VERSION, "tier": decisive(cfg.tier(name))}
 
 
 def _analyze_params(cfg: PipelineConfig) -> dict:
@@ -202,10 +215,12 @@ GRAPH: dict[str, Stage] = {
 }
 
 
-def student_stage(node: str) -> Stage:
-    """The graph node of one student: upstream extract, parameters the student's own config."""
+def student_stage(node: str, cfg: PipelineConfig | None = None) -> Stage:
+    """The graph node of one student: upstream the cache it reads (extract, or the tier it names:
+    :func:`cache_node`; without ``cfg``, extract), parameters the student's own config."""
     name = student_name(node)
-    return Stage(node, ("extract",), lambda cfg: {"student": student_params(cfg, name)}, module="stages.distill",
+    upstream = cache_node(cfg, name) if cfg is not None else "extract"
+    return Stage(node, (upstream,), lambda cfg: {"student": student_params(cfg, name)}, module="stages.distill",
                  entry="run_student", distributed=True, problems=_module_problems("stages.distill"))
 
 
@@ -215,16 +230,27 @@ def stage_function(stage: str, name: str) -> Callable:
     return getattr(importlib.import_module(GRAPH[stage].module), name)
 
 
-def stage_of(node: str) -> Stage:
-    return student_stage(node) if student_name(node) is not None else GRAPH[node]
+def tier_stage(node: str) -> Stage:
+    """The graph node of one derived cache: upstream extract, parameters its ``tiers`` entry; its
+    output is a cache like extract's, checked the same way (the teacher is never loaded)."""
+    name = tier_name(node)
+    return Stage(node, ("extract",), lambda cfg: _tier_params(cfg, name), module="stages.tier",
+                 problems=_files_problems("cache.zarr/zarr.json", "cache.zarr/manifest.parquet",
+                                          "cache.zarr/shards.parquet"))
 
 
-def upstream_closure(name: str) -> list[str]:
-    """``name`` and every stage it depends on, in run order."""
+def stage_of(node: str, cfg: PipelineConfig | None = None) -> Stage:
+    if student_name(node) is not None:
+        return student_stage(node, cfg)
+    return tier_stage(node) if tier_name(node) is not None else GRAPH[node]
+
+
+def upstream_closure(name: str, cfg: PipelineConfig | None = None) -> list[str]:
+    """``name`` and every node it depends on, in run order (``cfg`` says which cache a student reads)."""
     order: list[str] = []
 
     def visit(n: str) -> None:
-        for u in stage_of(n).upstream:
+        for u in stage_of(n, cfg).upstream:
             visit(u)
         if n not in order:
             order.append(n)
@@ -294,19 +320,33 @@ class Runner:
         return list(chosen)
 
     def nodes(self) -> list[str]:
-        """Every node of this config's graph in run order: the stages, each student before the summary."""
+        """Every node of this config's graph in run order: the stages, the tiers after extract, each
+        student before the summary."""
         students = [student_node(s.name) for s in self.cfg.distill.students]
-        return [n for st in STAGES for n in ([*students, st] if st == "distill" else [st])]
+        tiers = [tier_node(t.name) for t in self.cfg.tiers]
+        return [n for st in STAGES for n in self._with_parts(st, students, tiers)]
+
+    @staticmethod
+    def _with_parts(stage: str, students: list[str], tiers: list[str]) -> list[str]:
+        if stage == "distill":
+            return [*students, stage]
+        return [stage, *tiers] if stage == "extract" else [stage]
 
     def plan(self, target: str) -> list[str]:
-        """The nodes a run of ``target`` ('all', a stage or distill/<name>) visits, in order; distill
-        stands for the chosen students and then the summary."""
+        """The nodes a run of ``target`` ('all', a stage, distill/<name> or tier/<name>) visits, in
+        order; distill stands for the chosen students (after the tiers they read) and then the
+        summary; all builds every tier."""
+        if tier_name(target) is not None:
+            self.cfg.tier(tier_name(target))
+            return upstream_closure(target, self.cfg)
         if student_name(target) is not None:  # then the summary, once every student is complete
             self.cfg.student(student_name(target))
-            return [*upstream_closure("extract"), target, "distill"]
-        stages = list(STAGES) if target == "all" else upstream_closure(target)
+            return [*upstream_closure(target, self.cfg), "distill"]
+        stages = list(STAGES) if target == "all" else upstream_closure(target, self.cfg)
         students = [student_node(n) for n in self.students()] if "distill" in stages else []
-        return [n for st in stages for n in ([*students, st] if st == "distill" else [st])]
+        read = {u for n in students for u in upstream_closure(n, self.cfg) if tier_name(u) is not None}
+        tiers = [tier_node(t.name) for t in self.cfg.tiers if target == "all" or tier_node(t.name) in read]
+        return [n for st in stages for n in self._with_parts(st, students, tiers)]
 
     # ------------------------------------------------------------ fingerprints
     def inputs(self, name: str) -> dict:
@@ -314,7 +354,7 @@ class Runner:
 
     def fingerprint_of(self, name: str) -> tuple[str, dict]:
         if name not in self._fp:
-            st = stage_of(name)
+            st = stage_of(name, self.cfg)
             inputs = {
                 "stage": name,
                 "params": st.params(self.cfg),
@@ -348,6 +388,9 @@ class Runner:
         student = student_name(name)
         if student is not None:
             return wd / "distill" / "students" / f"{student}-{fp[:12]}"
+        tier = tier_name(name)
+        if tier is not None:
+            return wd / "tier" / f"{tier}-{fp[:12]}"
         return wd / name / fp[:12]
 
     def latest_path(self, name: str) -> Path:
@@ -355,6 +398,8 @@ class Runner:
         student = student_name(name)
         if student is not None:
             return self.workdir / "distill" / "students" / f"{student}.latest.json"
+        if tier_name(name) is not None:
+            return self.workdir / "tier" / f"{tier_name(name)}.latest.json"
         return self.workdir / name / "latest.json"
 
     def check_models(self):
@@ -411,7 +456,7 @@ class Runner:
             return None, [f"{lock} cannot be read"]
         if data.get("fingerprint") != self.fingerprint_of(name)[0] or not data.get("complete"):
             return None, []
-        problems = stage_of(name).problems(self, out, data)
+        problems = stage_of(name, self.cfg).problems(self, out, data)
         if problems:
             return None, [f"output damaged: {p}" for p in problems]
         return Record(name, out, data), []
@@ -514,10 +559,10 @@ class Runner:
 
     def _forget_downstream(self, name: str) -> None:
         """Drop cached fingerprints that may include what ``name``'s run produced (the teacher's weights)."""
-        for d in downstream_of(name) if student_name(name) is None else []:
+        for d in downstream_of(name) if student_name(name) is None and tier_name(name) is None else []:
             self._fp.pop(d, None)
         if name in upstream_closure("extract"):
-            for k in [k for k in self._fp if student_name(k) is not None]:
+            for k in [k for k in self._fp if student_name(k) is not None or tier_name(k) is not None]:
                 self._fp.pop(k)
 
     def _read_locks(self, upstream: dict[str, Record]) -> list[OutputLock]:
@@ -533,7 +578,9 @@ class Runner:
         only once complete (:func:`fsutil.replace_dir`)."""
         fp, _ = self.fingerprint_of(name)
         final = self.out_dir(name, fp)
-        upstream = {u: done[u] if u in done else self.record(u) for u in upstream_closure(name)[:-1]}
+        upstream = {u: done[u] if u in done else self.record(u) for u in upstream_closure(name, self.cfg)[:-1]}
+        if student_name(name) is not None:  # "extract" is the cache the student reads: its tier's when it names one
+            upstream["extract"] = upstream[cache_node(self.cfg, student_name(name))]
         wait = self.options.get("wait", 0.0)
         if name == "distill":  # the summary: students finishing at once each try to write it; it is quick
             wait = max(wait, SUMMARY_WAIT_S)
@@ -572,7 +619,7 @@ class Runner:
             raise
 
     def _build(self, name: str, upstream: dict[str, Record], forced: bool) -> Record:
-        st = stage_of(name)
+        st = stage_of(name, self.cfg)
         fp, inputs = self.fingerprint_of(name)
         final = self.out_dir(name, fp)
         out = final.with_name(final.name + ".force") if forced else final

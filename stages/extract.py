@@ -10,7 +10,9 @@
 2. Teacher pass: eval + inference mode; ``forward_intermediates`` gives the logits and the
    selected layers (NCHW, prefix tokens dropped), average-pooled along channels where
    ``extract.compress.pool`` asks; spectra are rfft2(norm="ortho") in float32, encoded by
-   :mod:`cache.codec` (Hermitian-packed float16 by default, int8 with ``quantize: int8``).
+   :mod:`cache.codec` (Hermitian-packed float16 by default, int8 with ``quantize: int8``; with
+   ``quantize: step`` the layers' quantization tables are calibrated first, on the teacher's
+   spectra of the cache's first rows computed in the pass's own batches: :func:`calibrate`).
 3. Write: rows are grouped by Zarr shard; DataLoader workers decode and build views while the
    teacher runs, and ``extract.writers`` threads compress and write finished shards behind a
    bounded queue.  Under torchrun rank r owns the shards s with s % world == r.  A batch whose
@@ -35,8 +37,9 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from cache.codec import encode
-from cache.layout import CacheSpec, LayerSpec, root_attributes
+from cache.codec import pack
+from cache.encoding import cache_sizes, calibrated_spec, encoded_layers, resumed_spec
+from cache.layout import CacheSpec, LayerSpec, root_attributes, spec_from_attrs
 from cache.manifest import manifest_table
 from cache.reader import CACHE_DIR, CACHE_URL, Cache, cache_path, commit_problems
 from cache.writer import CacheWriter
@@ -183,11 +186,15 @@ def run(ctx) -> dict:
                            e.pool_widths()),
         store=tuple(e.store), chunk_bytes=e.chunk_bytes, compressor=e.resolved_compressor(), clevel=e.clevel,
         packed=e.compress.packed, quantize=e.compress.quantize,
+        error=e.compress.error if e.compress.quantize == "step" else None,
     )
+    if spec.quantize == "step" and dist.is_main():
+        spec = resumed_spec(path, ctx.fingerprint, ctx.forced) or calibrate(cfg, model, device, rows, spec)
     writer = CacheWriter(path, spec)
     todo = _open_cache_shards(ctx, writer, cache_attrs(ctx, spec, blocks, skipped),
                               manifest_table(rows, blocks, e.rows_per_shard, path, ctx.runner.workdir,
                                              codes={"ra_op": RA_OPS}))
+    spec = writer.spec
     n_todo = sum(spec.shard_rows(s)[1] - spec.shard_rows(s)[0] for s in todo)
     t_pass = time.time()
     split = _teacher_pass(cfg, model, device, rows, spec, todo, writer, n_todo) if todo else {}
@@ -198,7 +205,7 @@ def run(ctx) -> dict:
                      **({CACHE_URL: str(path)} if path.remote else {})}
     if dist.is_main():
         fin = writer.finalize({"extract_seconds": round(time.time() - t_start, 2)})
-        summary.update({"bad_rows": len(fin["bad_rows"]), "skipped_samples": len(skipped), **_sizes(path, spec)})
+        summary.update({"bad_rows": len(fin["bad_rows"]), "skipped_samples": len(skipped), **cache_sizes(path, spec)})
         log.info(
             f"extract: {spec.rows} rows in {spec.num_shards} shards, {summary['cache_bytes'] / 2**20:.1f} MiB, "
             f"{summary['bad_rows']} bad rows, {len(skipped)} skipped samples"
@@ -268,33 +275,13 @@ def _open_cache_shards(ctx, writer: CacheWriter, attrs: dict, manifest: pa.Table
     dist.barrier()
     if not dist.is_main():
         resumed = writer.create_or_resume(attrs, manifest)
+    if not dist.is_main() and writer.spec.quantize == "step":  # the tables rank 0 calibrated (or resumed)
+        writer.spec = spec_from_attrs(dict(writer.group.attrs)["spec"])
     done = writer.completed()
     n = writer.spec.num_shards
     if dist.is_main() and resumed:
         log.info(f"extract: resuming, {len(done)}/{n} shards already complete")
     return [s for s in range(n) if s % dist.world_size() == dist.rank() and s not in done]
-
-
-def _sizes(path: Location, spec: CacheSpec) -> dict:
-    """The cache's bytes, and per cached layer array its bytes per view on disk (a spectrum's scales
-    included) and its compression against the float32 dense form at teacher width."""
-    files = path.files()  # one listing
-
-    def nbytes(prefix: str = "") -> int:
-        return sum(v for k, v in files.items() if not prefix or k.startswith(prefix + "/"))
-
-    raw32, stored = {}, {}
-    for name, i in spec.layer_arrays("spectra").items():
-        layer = spec.layers[i]
-        raw32[name] = 4 * layer.channels * layer.height * (layer.width // 2 + 1) * 2
-        stored[name] = sum(nbytes(n) for n in spec.spectrum_parts(layer).values())
-    for name, i in spec.layer_arrays("features").items():
-        layer = spec.layers[i]
-        raw32[name] = 4 * layer.channels * layer.height * layer.width
-        stored[name] = nbytes(name)
-    return {"cache_bytes": nbytes(),
-            "bytes_per_view": {n: round(stored[n] / spec.rows, 1) for n in stored},
-            "compression_vs_float32": {n: round(raw32[n] * spec.rows / max(1, stored[n]), 2) for n in stored}}
 
 
 @torch.inference_mode()
@@ -348,14 +335,54 @@ def teacher_targets(logits: torch.Tensor, feats: list[torch.Tensor], spec: Cache
     rfft2(X, norm="ortho") of each cached layer's features (pooled to the layer's stored width
     first), encoded by :mod:`cache.codec`, and the features when stored."""
     out = {"logits": logits.float()}
-    for i in spec.layer_arrays("spectra").values():
-        layer = spec.layers[i]
-        dense = spectrum(pool_channels(feats[i], layer.stored_channels))
-        parts = encode(dense, layer.width, spec.packed, spec.quantize)
-        out.update({spec.spectrum_parts(layer)[part]: t for part, t in parts.items()})
+    for i, parts in encoded_layers(spec, {spec.layers[i].name: dense_spectrum(feats[i], spec.layers[i])
+                                          for i in spec.layer_arrays("spectra").values()}).items():
+        out.update({spec.spectrum_parts(spec.layers[i])[part]: t for part, t in parts.items()})
     for name, i in spec.layer_arrays("features").items():
         out[name] = feats[i].float()
     return out
+
+
+def dense_spectrum(feats: torch.Tensor, layer: LayerSpec) -> torch.Tensor:
+    """The float32 spectrum a layer's features are cached as: pooled to the stored width, rfft2."""
+    return spectrum(pool_channels(feats, layer.stored_channels))
+
+
+def calibration_rows(spec: CacheSpec, calibrate_rows: int, batch_size: int) -> list[list[int]]:
+    """The batches of the cache's first ``calibrate_rows`` rows, exactly as the teacher pass batches
+    them (:class:`ShardBatches`: whole batches, so the teacher computes the same numbers)."""
+    out, n = [], 0
+    for batch in ShardBatches(spec, list(range(spec.num_shards)), batch_size).batches:
+        if n >= min(calibrate_rows, spec.rows):
+            break
+        out.append(batch)
+        n += len(batch)
+    return out
+
+
+@torch.inference_mode()
+def calibrate(cfg: PipelineConfig, model, device, rows: Rows, spec: CacheSpec) -> CacheSpec:
+    """The spec with its quantization tables, from the teacher's float16 spectra of the cache's first
+    ``extract.compress.calibrate_rows`` rows (a train view-0 block: a seeded mix of classes), each
+    computed in the batch the teacher pass computes it in, unreadable rows zero as the cache stores
+    them."""
+    e = cfg.extract
+    ds = ViewDataset.for_config(rows, cfg.data, models.teacher_normalization(cfg))
+    batches = calibration_rows(spec, e.compress.calibrate_rows, e.batch_size)
+    indices = [layer.index for layer in spec.layers]
+    parts: dict[str, list[np.ndarray]] = {layer.name: [] for layer in spec.layers}
+    for x, _, ok, idx in view_loader(ds, batches, 0):
+        with models.autocast(device, e.amp):
+            _, feats = models.intermediates(model, ds.normalize(x.to(device), idx), indices)
+        for layer, f in zip(spec.layers, feats):
+            values = pack(dense_spectrum(f, layer).to(torch.float16), layer.width).float().cpu().numpy()
+            values[~ok.numpy().astype(bool)] = 0
+            parts[layer.name].append(values)
+    n = e.compress.calibrate_rows
+    log.info(f"extract: calibrating quantization tables to a relative error of {spec.error:g} on "
+             f"{min(n, spec.rows)} rows")
+    return calibrated_spec(spec, {k: np.concatenate(v)[:n] for k, v in parts.items()}, e.compress.delta,
+                           e.compress.basis)
 
 
 def _view_loader(ds: ViewDataset, spec: CacheSpec, todo: list[int], e, device) -> torch.utils.data.DataLoader:

@@ -134,6 +134,9 @@ SWEEP = {"base": {"name": "sw", "model": "deit_tiny_patch16_224", "loss": {"kind
                   "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}},
          "grid": {"seed": [0, 1]}, "reference": {"seed": 0}}
 
+# a tier in the base config, so that its fields are leaves to change too
+TIER = {"name": "t"}
+
 # new valid values for the leaves the generic rule (numbers, booleans, choices) cannot make
 VALUES = {
     "workdir": "elsewhere",
@@ -178,6 +181,10 @@ VALUES = {
     "distill.sweep[0].base": {**SWEEP["base"], "epochs": 3},
     "distill.sweep[0].grid": {"seed": [0, 2]},
     "distill.sweep[0].reference": None,
+    "distill.students[0].tier": "t",
+    "tiers[0].name": "t2",
+    "tiers[0].views": 1,
+    "tiers[0].compress.pool": 8,
     "distill.scheduler": "tcp://127.0.0.1:8786",
     "analyze.scheduler": "tcp://127.0.0.1:8786",
     "analyze.memory_limit": "1GiB",
@@ -246,6 +253,8 @@ def _leaf_value(path: str, field, current, tmp_path):
     assert value is not None or path in VALUES, f"{path}: no new value for this field; add one to VALUES"
     if path in ("teacher.mean", "teacher.std"):  # they go together
         return {"teacher.mean": VALUES["teacher.mean"], "teacher.std": VALUES["teacher.std"]}
+    if path.endswith(("compress.delta", "compress.basis")):  # they need the step encoding
+        return {path: value, path.rsplit(".", 1)[0] + ".quantize": "step"}
     return {path: value}
 
 
@@ -272,7 +281,8 @@ def test_every_schema_leaf_changes_a_fingerprint_unless_operational(tmp_path):
     import copy
 
     def tree_with(change: dict) -> dict:
-        return tiny_tree(**{"distill.sweep": [copy.deepcopy(SWEEP)], "workdir": str(tmp_path / "w"), **change})
+        return tiny_tree(**{"distill.sweep": [copy.deepcopy(SWEEP)], "tiers": [copy.deepcopy(TIER)],
+                            "workdir": str(tmp_path / "w"), **change})
 
     base_tree = tree_with({})
     base_cfg = config_from_dict(base_tree).model_dump(mode="json")
