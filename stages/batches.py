@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cache.codec import decode_layers_torch
 from cache.reader import Cache
 from pipeline import dist
 
@@ -32,35 +33,61 @@ log = logging.getLogger("pipeline")
 class StudentTargets:
     """What one student reads of the cache: the teacher's logits or not, teacher ``layers`` in
     ``form`` ('spectra' or 'features', :meth:`cache.reader.Cache.read_layer`), each pooled to
-    ``widths[layer]`` channels once per read unit where given (float32; the others as read)."""
+    ``widths[layer]`` channels once per read unit where given (float32; the others as read).
+
+    With ``decode_on`` set (a GPU student's device), spectra are read as stored and decoded there
+    (:func:`cache.codec.decode_layers_torch`, equal to the numpy decoder bit for bit): the reader
+    thread only reads and decompresses, the device unpacks and dequantizes."""
 
     cache: Cache
     logits: bool = False
     layers: tuple[int, ...] = ()
     form: str = "spectra"
     widths: dict[int, int] = field(default_factory=dict)
+    decode_on: torch.device | None = None
 
     @property
     def any(self) -> bool:
         return self.logits or bool(self.layers)
 
+    @property
+    def decodes_on_device(self) -> bool:
+        """Whether the layers are decoded on ``decode_on`` (stored spectra, not pooled here)."""
+        return (self.decode_on is not None and bool(self.layers) and self.form == "spectra"
+                and "spectra" in self.cache.spec.store and not self.widths)
+
     def read(self, start: int, stop: int) -> dict:
-        """Rows [start, stop) of every target as numpy arrays (the reader thread's part)."""
+        """Rows [start, stop) of every target as numpy arrays (the reader thread's part); with device
+        decoding, the layers' stored parts under ``"encoded"``."""
         out = {}
         if self.logits:
             out["logits"] = self.cache.read("logits", start, stop)
+        if self.decodes_on_device:
+            out["encoded"] = self.cache.read_encoded_layers(list(self.layers), start, stop)
+            return out
         for t in self.layers:
             out[t] = self.cache.read_layer(self.form, t, start, stop)
         return out
 
     def tensors(self, arrays: dict) -> dict:
-        """The arrays of :meth:`read` as tensors, layers pooled to ``widths`` (the training thread's part)."""
+        """The arrays of :meth:`read` as tensors, layers pooled to ``widths`` or decoded on the
+        device (the training thread's part)."""
         out = {}
         for k, v in arrays.items():
+            if k == "encoded":
+                out.update(self._decoded(v))
+                continue
             t = torch.from_numpy(v)
             w = self.widths.get(k)  # teacher layers only; None: kept as read
             out[k] = pool_channels(t.float(), w) if w is not None and w != t.shape[1] else t
         return out
+
+    def _decoded(self, encoded: dict) -> dict:
+        pin = self.decode_on.type == "cuda"
+        parts = {i: {name: (torch.from_numpy(a).pin_memory() if pin else torch.from_numpy(a))
+                        .to(self.decode_on, non_blocking=True) for name, a in p.items()}
+                 for i, p in encoded.items()}
+        return decode_layers_torch(self.cache.spec, parts, list(self.layers))
 
     def bytes_per_row(self) -> int:
         """Bytes per row of what :meth:`tensors` holds: the logits and the layers as read (float16
@@ -200,7 +227,7 @@ class CachedBatches:
                 keep = self.valid[a:b]
                 if not keep.all():  # targets are read for the whole unit; images only for kept rows
                     sel = torch.from_numpy(keep)
-                    targets = {k: v[sel] for k, v in targets.items()}
+                    targets = {k: v[sel.to(v.device)] for k, v in targets.items()}
                 part = {"x": x, "y": y, "rows": torch.from_numpy(rows), **targets}
                 pool.append(part)
                 if len(pool) >= self.pool_units:
@@ -227,7 +254,7 @@ class CachedBatches:
         full = n // bs * bs if not final else n
         for i in range(0, full, bs):
             sel = perm[i : i + bs]
-            batch = {k: v.index_select(0, sel) for k, v in merged.items()}
+            batch = {k: v.index_select(0, sel.to(v.device)) for k, v in merged.items()}
             x = self.dataset.normalize(batch["x"], batch["rows"])
             extras = {k: v for k, v in batch.items() if k not in ("x", "y", "rows")}
             if self.teacher_input is not None:
@@ -236,7 +263,7 @@ class CachedBatches:
         rest = perm[full:]
         pool.clear()
         if len(rest):
-            pool.append({k: v[rest] for k, v in merged.items()})
+            pool.append({k: v[rest.to(v.device)] for k, v in merged.items()})
 
 
 class _ReadAhead:

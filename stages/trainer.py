@@ -144,7 +144,8 @@ class Trainer:
             else {}
         self.targets = StudentTargets(cache, logits=cached and self.needs.logits,
                                       layers=tuple(sorted(set(self.t_layers))) if cached else (),
-                                      form=self.needs.form or "spectra", widths=self.widths)
+                                      form=self.needs.form or "spectra", widths=self.widths,
+                                      decode_on=self.device if self.device.type == "cuda" else None)
         self.memory = {} if self.target_bytes() <= st.keep_targets_mb * 2**20 else None
         self.net: torch.nn.Module = _WithFeatures(self.model, self.s_layers)
         self.loss_net: torch.nn.Module = self.loss_fn

@@ -76,3 +76,28 @@ def test_a_features_cache_serves_spectral_students_with_the_spectral_caches_targ
                             workdir=str(bare_wd))
     with pytest.raises(PipelineError, match=r"stores no teacher layers \(extract.store = \['logits'\]\)"):
         open_cache(Runner(bare).run("extract")["extract"]).read_layer("features", 0, 0, 4)
+
+
+def test_decoding_on_the_device_equals_the_readers_decoding(built):
+    """A GPU student's targets: the stored parts read, then unpacked on its device (here CPU tensors)
+    equal the reader thread's numpy decoding bit for bit, and its batches are the same."""
+    from stages.batches import CachedBatches, StudentTargets
+
+    cfg, _, recs = built
+    cache = open_cache(recs["extract"])
+    layers = tuple(layer.index for layer in cache.spec.layers)
+    host = StudentTargets(cache, logits=True, layers=layers)
+    device = StudentTargets(cache, logits=True, layers=layers, decode_on=torch.device("cpu"))
+    assert device.decodes_on_device and not host.decodes_on_device
+    raw = device.read(0, 256)
+    assert set(raw) == {"logits", "encoded"} and all(set(p) == {"values"} for p in raw["encoded"].values())
+    a, b = host.tensors(host.read(0, 256)), device.tensors(raw)
+    assert set(a) == set(b) == {"logits", *layers}
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    block = cache.block("train", 0)
+    got = next(iter(CachedBatches(device, Trainer(cfg, cfg.student("spectral"), cache, Path("/x")).dataset,
+                                  (block.start, block.stop), 64, seed=3, shuffle=True)))
+    want = next(iter(CachedBatches(host, Trainer(cfg, cfg.student("spectral"), cache, Path("/x")).dataset,
+                                   (block.start, block.stop), 64, seed=3, shuffle=True)))
+    assert torch.equal(got[2], want[2]) and all(torch.equal(got[3][k], want[3][k]) for k in want[3])
