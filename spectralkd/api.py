@@ -10,6 +10,7 @@ from cache.reader import open_cache as open_extract_record
 from pipeline.config import DEFAULT_CONFIG, PipelineConfig, config_from_dict, load_config
 from pipeline.errors import PipelineError
 from pipeline.graph import Record, Runner, State
+from pipeline.nodes import tier_node
 
 
 def load(config: str | Path | dict | PipelineConfig | None = None, workdir: str | None = None,
@@ -26,24 +27,27 @@ def load(config: str | Path | dict | PipelineConfig | None = None, workdir: str 
 
 
 def open_cache(source: str | Path | dict | PipelineConfig | None = None, workdir: str | None = None,
-               overrides: list[str] | None = None) -> Cache:
+               overrides: list[str] | None = None, tier: str | None = None) -> Cache:
     """The cache, with every integrity check the CLI makes.
 
     ``source`` is a cache folder (``.../cache.zarr``) or an extract output folder holding one, or a
     config (file, dict or :class:`~pipeline.config.PipelineConfig`, with ``workdir``/``overrides``):
     then the cache of its up-to-date extract, refused unless it matches the config's fingerprint and
     the teacher's current weights.  A store URL (``s3://bucket/caches/<fp>/cache.zarr``) is opened
-    there (endpoint and credentials from the environment, e.g. ``AWS_ENDPOINT_URL``)."""
+    there (endpoint and credentials from the environment, e.g. ``AWS_ENDPOINT_URL``).  With a config,
+    ``tier`` names one of its ``tiers``: that derived cache, up to date, instead of the extract's."""
     if isinstance(source, str) and is_url(source):
         return Cache(source)
     if isinstance(source, (str, Path)) and Path(source).is_dir():
         path = Path(source)
         return Cache(path / CACHE_DIR if (path / CACHE_DIR).is_dir() else path)
-    runner = Runner(load(source, workdir, overrides))
-    rec = runner.record("extract")
+    cfg = load(source, workdir, overrides)
+    runner = Runner(cfg)
+    node = "extract" if tier is None else tier_node(cfg.tier(tier).name)
+    rec = runner.record(node)
     if rec is None:
-        raise PipelineError(f"extract: no up-to-date cache for this config under {runner.out_dir('extract')} "
-                            f"({'; '.join(runner.state('extract').reasons)}); run `spectralkd run extract`")
+        raise PipelineError(f"{node}: no up-to-date cache for this config under {runner.out_dir(node)} "
+                            f"({'; '.join(runner.state(node).reasons)}); run `spectralkd run {node}`")
     cache = open_extract_record(rec)
     teacher = runner.record("teacher")
     want = teacher.summary.get("weights_sha256") if teacher else None

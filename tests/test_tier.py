@@ -61,6 +61,11 @@ def test_tier_equals_a_direct_extract_with_its_encoding(tiered):
     for name in tier.spec.arrays():
         np.testing.assert_array_equal(tier.read(name, 0, tier.spec.rows), direct.read(name, 0, direct.spec.rows))
     assert tier.attrs["derived_from"]["fingerprint"] == open_cache(tier_recs["extract"]).attrs["fingerprint"]
+    import spectralkd  # the public API opens it by name, checked as the CLI checks it
+
+    assert str(spectralkd.open_cache(tiered[0].cfg, tier="small").path) == str(tier.path)
+    with pytest.raises(ConfigError, match="'large' is not in tiers"):
+        spectralkd.open_cache(tiered[0].cfg, tier="large")
 
 
 def test_a_tier_student_equals_the_direct_caches_student(tiered, built):
