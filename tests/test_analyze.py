@@ -161,7 +161,7 @@ def test_select_layers_cli_prints_pairs(built, tmp_path):
     conf = write_config(tmp_path / "p.yaml", TINY)
     r = cli("select-layers", "-c", str(conf), "--workdir", str(cfg.workdir), "--k", "2", "--student-depth", "2")
     assert r.returncode == 0, r.stderr[-2000:]
-    line = [l for l in r.stdout.splitlines() if l.startswith("layers:")][0]
+    line = [l for l in r.stdout.splitlines() if l.startswith("pairs:")][0]
     t = pq.read_table(Path(runner.record("analyze").path) / "intensity.parquet").to_pylist()
     teacher = sorted((x for x in t if x["model"] == "teacher"), key=lambda x: -x["intensity"])
     top2 = sorted(x["layer"] for x in teacher[:2])
