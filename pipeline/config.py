@@ -341,7 +341,13 @@ class TrainDefaults(Section):
 
 # what analyze calls the teacher in its features, tables and plots: no student may take the name
 TEACHER_NAME = "teacher"
-RESERVED_NAMES = (TEACHER_NAME,)
+# names no student may take (compared ignoring case), with why: each would make two of analyze's
+# outputs one file
+RESERVED_NAMES = {
+    TEACHER_NAME: "analyze's features, tables and plots call the teacher so",
+    "distance": "analyze writes the students' distance curves to dynamics_distance.png, where a student so "
+                "named would have its own dynamics plot",
+}
 
 
 class StudentConfig(Section):
@@ -373,9 +379,9 @@ class StudentConfig(Section):
             raise ValueError(f"student names use letters, digits, '_', '-', '.', '=', got {v!r}")
         if v.startswith("."):
             raise ValueError(f"a student name names folders and files, so it cannot start with '.', got {v!r}")
-        if v in RESERVED_NAMES:
-            raise ValueError(f"{v!r} is reserved: analyze's tables and plots call the teacher so; "
-                             f"name the student otherwise")
+        reserved = next((n for n in RESERVED_NAMES if n == v.casefold()), None)
+        if reserved is not None:
+            raise ValueError(f"{v!r} is reserved: {RESERVED_NAMES[reserved]}; name the student otherwise")
         return v
 
     @model_validator(mode="after")
@@ -496,11 +502,15 @@ class DistillConfig(Section):
     @field_validator("students")
     @classmethod
     def _unique(cls, v: list[StudentConfig]) -> list[StudentConfig]:
-        seen = set()
+        seen: dict[str, str] = {}
         for s in v:
-            if s.name in seen:
+            other = seen.get(s.name.casefold())
+            if other == s.name:
                 raise ValueError(f"student name {s.name!r} appears twice")
-            seen.add(s.name)
+            if other is not None:
+                raise ValueError(f"student names {other!r} and {s.name!r} differ only in case: on a case-insensitive "
+                                 f"filesystem (macOS, Windows) their files would be one; rename one")
+            seen[s.name.casefold()] = s.name
         return v
 
 
