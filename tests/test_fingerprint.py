@@ -184,25 +184,36 @@ FILE_VALUES = ("data.source", "teacher.checkpoint")
 
 
 def schema_leaves(model, prefix: str = ""):
-    """(dotted path, field) of every leaf of a config model; a list of models is walked at [0]."""
+    """(dotted path, field) of every leaf of a config model; a list of models is walked at [0], a
+    union of models (a loss's config, tagged by its kind) through each of its models."""
     import typing
 
     from pydantic import BaseModel
 
-    def model_in(ann):
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            return ann, ""
-        args = typing.get_args(ann)
-        if typing.get_origin(ann) is list and args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
-            return args[0], "[0]"
-        return next(((a, "") for a in args if isinstance(a, type) and issubclass(a, BaseModel)), (None, ""))
+    def bare(ann):
+        return typing.get_args(ann)[0] if typing.get_origin(ann) is typing.Annotated else ann
 
+    def is_model(ann) -> bool:
+        return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+    def models_in(ann) -> tuple[list, str]:
+        ann = bare(ann)
+        if is_model(ann):
+            return [ann], ""
+        args = [bare(a) for a in typing.get_args(ann)]
+        if typing.get_origin(ann) is list and args and is_model(args[0]):
+            return [args[0]], "[0]"
+        return list(dict.fromkeys(a for a in args if is_model(a))), ""
+
+    seen = set()
     for name, f in model.model_fields.items():
-        sub, index = model_in(f.annotation)
-        if sub is None:
-            yield prefix + name, f
-        else:
-            yield from schema_leaves(sub, f"{prefix}{name}{index}.")
+        subs, index = models_in(f.annotation)
+        leaves = [(prefix + name, f)] if not subs else [
+            leaf for sub in subs for leaf in schema_leaves(sub, f"{prefix}{name}{index}.")]
+        for path, leaf in leaves:
+            if path not in seen:
+                seen.add(path)
+                yield path, leaf
 
 
 def _generic_value(field, current):
