@@ -102,6 +102,26 @@ def test_swapped_weights_fail_verify_and_the_next_run_restores_them(analyzed, tm
         assert all(torch.equal(got[k], v) for k, v in sd.items()), n
 
 
+def test_a_student_trained_again_makes_the_summary_stale(analyzed, tmp_path):
+    """The summary holds the students' numbers: a student whose files changed with its record (trained
+    again after its output was damaged, or not bit-stable) makes it stale, as it makes analyze."""
+    from pipeline.fingerprint import file_digest
+
+    cfg = _copy(analyzed, tmp_path)
+    rec = Runner(cfg).record("distill/none")
+    _flip(rec.path / "metrics.parquet")  # the files of another training of the same student ...
+    data = json.loads((rec.path / "lock.json").read_text())
+    data["summary"]["sha256"]["metrics.parquet"] = file_digest(rec.path / "metrics.parquet")  # ... recorded
+    (rec.path / "lock.json").write_text(json.dumps(data))
+    r = Runner(cfg)
+    assert r.state("distill/none").status == "up to date"
+    st = r.state("distill")
+    assert st.status == "stale" and "identity.students_sha256.none.metrics.parquet" in st.reasons, st.reasons
+    assert r.state("analyze").status == "stale"
+    Runner(cfg).run("distill")
+    assert Runner(cfg).state("distill").status == "up to date"
+
+
 def test_a_student_record_without_digests_is_rebuilt(analyzed, tmp_path):
     cfg = _copy(analyzed, tmp_path)
     lock = Runner(cfg).student_dir("none") / "lock.json"
