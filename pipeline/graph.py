@@ -192,7 +192,7 @@ GRAPH: dict[str, Stage] = {
     "prepare": Stage("prepare", (), _prepare_params, _prepare_identity, "stages.prepare",
                      problems=_prepare_problems),
     "teacher": Stage("teacher", ("prepare",), _teacher_params, _teacher_identity, "stages.teacher",
-                     problems=_files_problems("model.pt")),
+                     problems=_module_problems("stages.teacher")),
     "extract": Stage("extract", ("teacher",), _extract_params, module="stages.extract", distributed=True,
                      problems=_files_problems("cache.zarr/zarr.json", "cache.zarr/manifest.parquet",
                                               "cache.zarr/shards.parquet")),

@@ -122,6 +122,32 @@ def test_a_student_trained_again_makes_the_summary_stale(analyzed, tmp_path):
     assert Runner(cfg).state("distill").status == "up to date"
 
 
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "older record"])
+def test_a_damaged_teacher_model_is_stale_and_named(built, tmp_path, damage):
+    """The teacher's record holds model.pt's sha256: a truncated or edited file is stale, named by
+    status (an older record without the digest stays up to date; loading checks the weights' digest)."""
+    _, _, recs = built
+    wd = copy_upstream(recs, tmp_path / "w", stages=("prepare", "teacher"))
+    cfg = config_from_dict(TINY, workdir=str(wd))
+    rec = Runner(cfg).record("teacher")
+    model = rec.path / "model.pt"
+    assert set(rec.summary["sha256"]) == {"model.pt"}
+    if damage == "truncated":
+        model.write_bytes(model.read_bytes()[:-100])
+    elif damage == "flipped":
+        _flip(model)
+    else:
+        data = json.loads((rec.path / "lock.json").read_text())
+        del data["summary"]["sha256"]
+        (rec.path / "lock.json").write_text(json.dumps(data))
+    st = Runner(cfg).state("teacher")
+    if damage == "older record":
+        assert st.status == "up to date"
+        return
+    assert st.status == "stale" and st.reasons == [f"output damaged: {model}: sha256 mismatch, not the file its "
+                                                   f"stage wrote"], st.reasons
+
+
 def test_a_student_record_without_digests_is_rebuilt(analyzed, tmp_path):
     cfg = _copy(analyzed, tmp_path)
     lock = Runner(cfg).student_dir("none") / "lock.json"
