@@ -146,6 +146,9 @@ class EvalConfig(Section):
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
 
 
+# every seed: torch seeds generators with up to 64 bits, and the stages derive per-epoch seeds from
+# a config's seed by multiplying it (by up to 100003); seeds up to 2**32 - 1 keep those in range
+MAX_SEED = 2**32 - 1
 # data-loading worker processes: a count, or 'auto' (see stages.models.resolve_workers)
 Workers = Union[Annotated[int, Field(ge=0)], Literal["auto"]]
 # an optimizer of timm's factory (names checked against timm.optim.list_optimizers() when models are planned)
@@ -312,7 +315,7 @@ class TrainDefaults(Section):
     warmup_lr: float | None = Field(None, ge=0)  # the lr warmup starts from; null: lr / 100
     min_lr: float = Field(0.0, ge=0)  # the cosine's floor
     mode: Literal["cached", "online"] = "cached"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     num_workers: Workers = operational("auto")
     keep_targets_mb: int = operational(2048, ge=0)  # hold decoded targets in memory when they fit
     device: Literal["auto", "cpu", "cuda"] = operational("auto")
@@ -365,7 +368,7 @@ class StudentConfig(Section):
     warmup_lr: float | None = Field(None, ge=0)
     min_lr: float | None = Field(None, ge=0)
     mode: Literal["cached", "online"] | None = None
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     snapshot_every: int | None = Field(None, ge=0)
     views: Views | None = None
     train_per_class: int | None = Field(None, ge=1)
@@ -573,7 +576,7 @@ class PipelineConfig(Section):
     workdir: str = operational("work")  # where outputs live: the same outputs wherever they are
     # other workdirs (read only) whose up-to-date outputs this one uses, e.g. a lab's shared cache
     upstream_workdirs: list[str] = operational([])
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     extract: ExtractConfig = ExtractConfig()

@@ -50,6 +50,8 @@ def test_eval_view_settings_make_the_teacher_and_the_cache_stale(built, tmp_path
     ("data.std=[0,0,0]", r"data\.std: \[0, 0, 0\] is not allowed: .*> 0"),
     ("seed=-1", r"seed: -1 is not allowed: .*greater than or equal to 0"),
     ("distill.defaults.seed=-2", r"distill\.defaults\.seed: -2"),
+    ("seed=18446744073709551616", r"seed: 18446744073709551616 is not allowed: .*less than or equal to 4294967295"),
+    ("distill.students[0].seed=4294967296", r"distill\.students\[0\]\.seed: 4294967296 is not allowed"),
     ("analyze.memory_limit=lots", r"analyze\.memory_limit: 'lots' is not allowed: a memory limit is"),
     ("analyze.scheduler=nonsense", r"analyze\.scheduler: 'nonsense' is not allowed: a Dask scheduler address"),
     ("distill.scheduler=nonsense", r"distill\.scheduler: 'nonsense'"),
