@@ -290,6 +290,23 @@ def test_a_non_finite_teacher_is_not_written_as_a_complete_cache(built, tmp_path
     assert not list(next(wd.glob("extract/*/cache.zarr")).glob("_complete/*.json"))
 
 
+def test_teacher_layers_listed_in_any_order_are_each_cached_under_their_own_name(built, tmp_path):
+    """extract.layers [-1, 0] (layer 3 first): each cached array holds its own layer's spectra, as in
+    the session's cache made from [0, -1] (timm hands layers back in block order, whatever the ask)."""
+    import numpy as np
+
+    from cache.reader import Cache, cache_path
+
+    _, _, recs = built
+    wd = copy_upstream(recs, tmp_path / "w", ("prepare", "teacher"))
+    rec = Runner(config_from_dict(tiny_tree(**{"extract.layers": [-1, 0]}), workdir=str(wd))).run("extract")["extract"]
+    mine, session = Cache(cache_path(rec)), Cache(cache_path(recs["extract"]))
+    assert [(layer.index, layer.name) for layer in mine.spec.layers] == [(3, "blocks.3"), (0, "blocks.0")]
+    for index in (0, 3):
+        np.testing.assert_array_equal(mine.read_layer("spectra", index, 0, 64),
+                                      session.read_layer("spectra", index, 0, 64))
+
+
 class _Failing:
     """A map-style dataset whose item 3 raises ``error`` (as a damaged shard or a changed sample does)."""
 
