@@ -583,6 +583,20 @@ class PipelineConfig(Section):
     distill: DistillConfig = DistillConfig()
     analyze: AnalyzeConfig = AnalyzeConfig()
 
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("an empty workdir puts every output in the current directory; name a folder")
+        return v
+
+    @field_validator("upstream_workdirs")
+    @classmethod
+    def _upstream_workdirs(cls, v: list[str]) -> list[str]:
+        if any(not w.strip() for w in v):
+            raise ValueError("an empty upstream workdir names the current directory; name a folder")
+        return v
+
     @model_validator(mode="after")
     def _students_need_cache(self) -> "PipelineConfig":
         for i, s in enumerate(self.distill.students):
@@ -786,8 +800,10 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     workdir: str | None = None,
+    upstream_workdirs: list[str] | None = None,
 ) -> PipelineConfig:
-    """Read, override and validate a pipeline file.  Raises ConfigError with one line."""
+    """Read, override and validate a pipeline file (``workdir`` and ``upstream_workdirs``, given,
+    replace the file's).  Raises ConfigError with one line."""
     path = Path(path or DEFAULT_CONFIG)
     try:
         text = path.read_bytes().decode("utf-8")
@@ -809,7 +825,7 @@ def load_config(
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return config_from_dict(tree, overrides, workdir, source=str(path))
+    return config_from_dict(tree, overrides, workdir, source=str(path), upstream_workdirs=upstream_workdirs)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -858,12 +874,15 @@ def config_from_dict(
     overrides: list[str] | None = None,
     workdir: str | None = None,
     source: str = "<dict>",
+    upstream_workdirs: list[str] | None = None,
 ) -> PipelineConfig:
     tree = unshared(tree)
     for key, value in parse_overrides(overrides):
         _set_path(tree, key, value)
     if workdir is not None:
         tree["workdir"] = workdir
+    if upstream_workdirs:
+        tree["upstream_workdirs"] = list(upstream_workdirs)
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as e:

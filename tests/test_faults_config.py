@@ -55,6 +55,7 @@ def test_eval_view_settings_make_the_teacher_and_the_cache_stale(built, tmp_path
     ("analyze.memory_limit=lots", r"analyze\.memory_limit: 'lots' is not allowed: a memory limit is"),
     ("analyze.scheduler=nonsense", r"analyze\.scheduler: 'nonsense' is not allowed: a Dask scheduler address"),
     ("distill.scheduler=nonsense", r"distill\.scheduler: 'nonsense'"),
+    ("upstream_workdirs=['']", r"^error: upstream_workdirs: \[''\] is not allowed: an empty upstream workdir"),
 ])
 def test_bad_values_are_one_line_errors_before_any_work(tmp_path, capsys, override, match):
     import re
@@ -64,6 +65,16 @@ def test_bad_values_are_one_line_errors_before_any_work(tmp_path, capsys, overri
                                    "--set", override])
     assert re.search(match, err), err
     assert not (tmp_path / "w").exists()  # nothing started
+
+
+def test_an_empty_workdir_is_refused_not_the_current_directory(tmp_path, capsys, monkeypatch):
+    """``--workdir "$UNSET"`` would build every stage in the current directory."""
+    conf = write_config(tmp_path / "p.yaml", TINY)
+    monkeypatch.chdir(tmp_path)
+    for argv in (["--workdir", ""], ["--upstream-workdir", " "]):
+        err = _one_line_error(capsys, ["run", "prepare", "-c", str(conf), *argv])
+        assert "is not allowed: an empty" in err and "workdir" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]
 
 
 def test_accepted_analyze_settings():
