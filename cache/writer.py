@@ -3,8 +3,8 @@
 zarr-python loses data when two writers touch one shard (zarr-python #3682, #3514), so a writer
 is given whole shards and writes each shard file in one pass (:mod:`cache.shardfile`).  After the
 shard files are fsynced, a marker ``_complete/<s>.json`` (with each file's size) is written
-atomically; a shard without its marker is rewritten on resume, a shard with one is never touched
-again.  :meth:`CacheWriter.finalize` checks every marked file against its recorded size, writes the
+atomically; a shard without its marker, or whose files are no longer the sizes it records, is
+rewritten on resume, a shard with a sound one is never touched again.  :meth:`CacheWriter.finalize` checks every marked file against its recorded size, writes the
 shard index and records the digests readers check (:mod:`cache.reader`).
 """
 
@@ -92,6 +92,25 @@ class CacheWriter:
             return set()
         return {int(p.stem) for p in d.glob("*.json") if p.stem.isdigit()}
 
+    def unmark_damaged(self) -> list[int]:
+        """Unmark each complete shard whose marker cannot be read or one of whose files is not the
+        size the marker records (deleted, emptied or truncated since): a resuming run writes it
+        again instead of failing at :meth:`finalize`.  Returns those shards."""
+        damaged = []
+        for s in sorted(self.completed()):
+            try:
+                files = read_json(self.path / marker_name(s)).get("files", {})
+            except (OSError, ValueError):
+                files = {}
+            if any(self._size(name, s) != files.get(name) for name in self.spec.arrays()):
+                (self.path / marker_name(s)).unlink(missing_ok=True)
+                damaged.append(s)
+        return damaged
+
+    def _size(self, name: str, s: int) -> int | None:
+        f = self._shard_file(name, s)
+        return f.stat().st_size if f.exists() else None
+
     # ---------------------------------------------------------------- shards
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
@@ -154,7 +173,7 @@ class CacheWriter:
             for name in self.spec.arrays():
                 want = marker.get("files", {}).get(name)
                 f = self._shard_file(name, s)
-                got = f.stat().st_size if f.exists() else None
+                got = self._size(name, s)
                 if want is None or got != want:
                     (self.path / marker_name(s)).unlink(missing_ok=True)  # rewritten by the next run
                     raise PipelineError(f"{f}: shard {s} file is {'missing' if got is None else f'{got} bytes'}, "

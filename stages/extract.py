@@ -261,6 +261,9 @@ def _open_cache_shards(ctx, writer: CacheWriter, attrs: dict, manifest: pa.Table
     """Create or resume the cache (rank 0 first); the shards this rank still has to write."""
     if dist.is_main():
         resumed = writer.create_or_resume(attrs, manifest, fresh=ctx.forced)
+        if resumed and (damaged := writer.unmark_damaged()):
+            log.warning(f"extract: shards {damaged[:10]} of {writer.path} have files unlike those extract wrote "
+                        f"(deleted, emptied or truncated); writing them again")
     dist.barrier()
     if not dist.is_main():
         resumed = writer.create_or_resume(attrs, manifest)

@@ -244,6 +244,30 @@ def _edit_chain(cdir: Path, edit: str) -> Path:
     return zj
 
 
+def test_damaged_shards_of_a_cache_to_resume_are_written_again_in_one_run(built, tmp_path):
+    """Shard files truncated or deleted after extract marked them complete, in a cache that is resumed
+    (its shard index gone): the rerun writes those shards again, to the session's bytes, instead of
+    failing once and leaving the rewrite to a second run."""
+    import numpy as np
+    import zarr
+
+    _, _, recs = built
+    wd = copy_upstream(recs, tmp_path / "w")
+    cdir = next(wd.glob("extract/*/cache.zarr"))
+    (cdir / "shards.parquet").unlink()
+    truncated = cdir / "logits" / "c" / "3" / "0"
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    next(p for p in (cdir / "spectra" / "blocks.0" / "c" / "1").rglob("*") if p.is_file()).unlink()
+    cfg = config_from_dict(TINY, workdir=str(wd))
+    assert Runner(cfg).state("extract").status == "stale"
+    done = Runner(cfg).run("extract")
+    assert done["extract"].summary["rows_computed"] == 2 * 256  # shards 1 and 3 only
+    ref, got = zarr.open_group(str(Path(recs["extract"].path) / "cache.zarr"), mode="r"), zarr.open_group(str(cdir))
+    for name in ("logits", "spectra/blocks.0", "spectra/blocks.3", "valid"):
+        np.testing.assert_array_equal(got[name][:], ref[name][:], err_msg=name)
+    assert verify_stage(Runner(cfg), "extract") == []
+
+
 @pytest.mark.parametrize("edit", ["crc32c removed", "index crc32c removed", "compressor level"])
 def test_an_edited_codec_chain_is_refused(built, tmp_path, edit):
     cfg, runner, recs = built
