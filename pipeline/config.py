@@ -157,6 +157,15 @@ OptimizerName = Annotated[str, Field(pattern=r"^[a-z0-9_]+$")]
 Views = Union[Annotated[int, Field(ge=1)], Literal["fresh"]]
 
 
+def check_pixel_scale(v: tuple[float, float, float]) -> tuple[float, float, float]:
+    """A mean or std of pixels scaled to [0, 1] (as views are normalized: ``(x / 255 - mean) / std``)
+    lies in [0, 1]; 0-255 statistics (123.675, 58.395) would leave near-constant inputs."""
+    if max(v) > 1 or min(v) < 0:
+        raise ValueError(f"pixels are scaled to [0, 1] before they are normalized, so each value is in [0, 1], got "
+                         f"{list(v)}; divide 0-255 statistics by 255")
+    return v
+
+
 class DataConfig(Section):
     source: Literal["digits", "imagefolder", "shards"] = "digits"
     root: str | None = None
@@ -179,6 +188,11 @@ class DataConfig(Section):
         if min(v) <= 0:
             raise ValueError(f"the std divides the pixels, so each must be > 0, got {list(v)}")
         return v
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _pixel_scale(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        return check_pixel_scale(v)
 
     @model_validator(mode="after")
     def _source_fields(self) -> "DataConfig":
@@ -215,6 +229,11 @@ class TeacherConfig(Section):
         if self.std is not None and min(self.std) <= 0:
             raise ValueError(f"teacher.std must be > 0, got {list(self.std)}")
         return self
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _pixel_scale(cls, v: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        return v if v is None else check_pixel_scale(v)
 
     kwargs: dict[str, Any] = {}
     pretrained: bool = False

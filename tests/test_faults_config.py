@@ -48,6 +48,8 @@ def test_eval_view_settings_make_the_teacher_and_the_cache_stale(built, tmp_path
     ("distill.students[0].name=distance", r"distill\.students\[0\]\.name: .*reserved: .*dynamics_distance\.png"),
     ("distill.students[1].name=NONE", r"distill\.students: .*'none' and 'NONE' differ only in case"),
     ("data.std=[0,0,0]", r"data\.std: \[0, 0, 0\] is not allowed: .*> 0"),
+    ("data.mean=[123.675,116.28,103.53]", r"data\.mean: .* is not allowed: pixels are scaled to \[0, 1\].*divide 0-255"),
+    ("teacher.std=[58.4,57.1,57.4]", r"teacher\.std: .* is not allowed: pixels are scaled to \[0, 1\]"),
     ("seed=-1", r"seed: -1 is not allowed: .*greater than or equal to 0"),
     ("distill.defaults.seed=-2", r"distill\.defaults\.seed: -2"),
     ("seed=18446744073709551616", r"seed: 18446744073709551616 is not allowed: .*less than or equal to 4294967295"),
