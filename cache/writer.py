@@ -3,9 +3,10 @@
 zarr-python loses data when two writers touch one shard (zarr-python #3682, #3514), so a writer
 is given whole shards and writes each shard file in one pass (:mod:`cache.shardfile`).  After the
 shard files are fsynced, a marker ``_complete/<s>.json`` (with each file's size) is written
-atomically; a shard without its marker is rewritten on resume, a shard with one is never touched
-again.  :meth:`CacheWriter.finalize` checks every marked file against its recorded size, writes the
-shard index and records the digests readers check (:mod:`cache.reader`).
+atomically; a shard without its marker, or whose files are no longer the sizes it records, is
+rewritten on resume, a shard with a sound one is never touched again.
+:meth:`CacheWriter.finalize` checks every marked file against its recorded size, writes the shard
+index and records the digests readers check (:mod:`cache.reader`).
 
 The cache may live on an object store (``extract.location``: a :class:`pipeline.storage.Location`
 URL).  There is no rename there: each shard object is written whole by one PUT, by the one rank
@@ -102,6 +103,29 @@ class CacheWriter:
     def completed(self) -> set[int]:
         return completed_shards(self.store)
 
+    def unmark_damaged(self) -> list[int]:
+        """Unmark each complete shard whose marker cannot be read or one of whose files is not the
+        size the marker records (deleted, emptied or truncated since): a resuming run writes it
+        again instead of failing at :meth:`finalize`.  Returns those shards."""
+        done = sorted(self.completed())
+        if not done:
+            return []
+        markers = self.store.read_many([marker_name(s) for s in done])
+        on_disk = self.store.files()  # one listing: every file's size
+        damaged = []
+        for s in done:
+            try:
+                files = json.loads(markers[marker_name(s)]).get("files", {})
+            except (KeyError, ValueError, AttributeError):
+                files = {}
+            if any(on_disk.get(self._shard_key(name, s)) != files.get(name) for name in self.spec.arrays()):
+                (self.store / marker_name(s)).remove()
+                damaged.append(s)
+        return damaged
+
+    def _shard_key(self, name: str, s: int) -> str:
+        return f"{name}/{shard_key(self._array(name), s)}"
+
     # ---------------------------------------------------------------- shards
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
@@ -164,7 +188,7 @@ class CacheWriter:
             bad.extend(marker.get("bad", []))
             for name in self.spec.arrays():
                 want = marker.get("files", {}).get(name)
-                key = f"{name}/{shard_key(self._array(name), s)}"
+                key = self._shard_key(name, s)
                 got = on_disk.get(key)
                 if want is None or got != want:
                     (self.store / marker_name(s)).remove()  # rewritten by the next run

@@ -74,11 +74,14 @@ def main(argv=None) -> None:
 
 
 def features(model, x, layers):
-    """(logits, NCHW features of ``layers``) in one forward pass: timm's forward_intermediates."""
+    """(logits, NCHW features of ``layers``, in that order) in one forward pass: timm's
+    forward_intermediates, which hands the layers back in block order whatever order they are asked in."""
     if not layers:
         return model(x), []
-    final, feats = model.forward_intermediates(x, indices=layers, output_fmt="NCHW")
-    return model.forward_head(final), feats
+    order = sorted(set(layers))
+    final, feats = model.forward_intermediates(x, indices=order, output_fmt="NCHW")
+    taken = dict(zip(order, feats))
+    return model.forward_head(final), [taken[i] for i in layers]
 
 
 if __name__ == "__main__":

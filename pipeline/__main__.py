@@ -131,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in CONFIG_FREE:
             return COMMANDS[args.command](None, args)
-        cfg = load_config(args.config, args.overrides, args.workdir)
-        if args.upstream_workdirs:
-            cfg.upstream_workdirs = args.upstream_workdirs
+        cfg = load_config(args.config, args.overrides, args.workdir, args.upstream_workdirs)
         return COMMANDS[args.command](cfg, args)
     except (ConfigError, PipelineError, LockedError) as e:
         if args.debug:

@@ -155,12 +155,24 @@ class EvalConfig(Section):
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
 
 
+# every seed: torch seeds generators with up to 64 bits, and the stages derive per-epoch seeds from
+# a config's seed by multiplying it (by up to 100003); seeds up to 2**32 - 1 keep those in range
+MAX_SEED = 2**32 - 1
 # data-loading worker processes: a count, or 'auto' (see stages.models.resolve_workers)
 Workers = Union[Annotated[int, Field(ge=0)], Literal["auto"]]
 # an optimizer of timm's factory (names checked against timm.optim.list_optimizers() when models are planned)
 OptimizerName = Annotated[str, Field(pattern=r"^[a-z0-9_]+$")]
 # a student's train views: the first K' of the cache's views, or 'fresh' ones drawn every epoch
 Views = Union[Annotated[int, Field(ge=1)], Literal["fresh"]]
+
+
+def check_pixel_scale(v: tuple[float, float, float]) -> tuple[float, float, float]:
+    """A mean or std of pixels scaled to [0, 1] (as views are normalized: ``(x / 255 - mean) / std``)
+    lies in [0, 1]; 0-255 statistics (123.675, 58.395) would leave near-constant inputs."""
+    if max(v) > 1 or min(v) < 0:
+        raise ValueError(f"pixels are scaled to [0, 1] before they are normalized, so each value is in [0, 1], got "
+                         f"{list(v)}; divide 0-255 statistics by 255")
+    return v
 
 
 class DataConfig(Section):
@@ -203,6 +215,11 @@ class DataConfig(Section):
             raise ValueError(f"the std divides the pixels, so each must be > 0, got {list(v)}")
         return v
 
+    @field_validator("mean", "std")
+    @classmethod
+    def _pixel_scale(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        return check_pixel_scale(v)
+
     @model_validator(mode="after")
     def _source_fields(self) -> "DataConfig":
         if self.source == "imagefolder" and not self.root:
@@ -238,6 +255,11 @@ class TeacherConfig(Section):
         if self.std is not None and min(self.std) <= 0:
             raise ValueError(f"teacher.std must be > 0, got {list(self.std)}")
         return self
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _pixel_scale(cls, v: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        return v if v is None else check_pixel_scale(v)
 
     kwargs: dict[str, Any] = {}
     pretrained: bool = False
@@ -407,7 +429,7 @@ class TrainDefaults(Section):
     warmup_lr: float | None = Field(None, ge=0)  # the lr warmup starts from; null: lr / 100
     min_lr: float = Field(0.0, ge=0)  # the cosine's floor
     mode: Literal["cached", "online"] = "cached"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     num_workers: Workers = operational("auto")
     keep_targets_mb: int = operational(2048, ge=0)  # hold decoded targets in memory when they fit
     device: Literal["auto", "cpu", "cuda"] = operational("auto")
@@ -436,7 +458,13 @@ class TrainDefaults(Section):
 
 # what analyze calls the teacher in its features, tables and plots: no student may take the name
 TEACHER_NAME = "teacher"
-RESERVED_NAMES = (TEACHER_NAME,)
+# names no student may take (compared ignoring case), with why: each would make two of analyze's
+# outputs one file
+RESERVED_NAMES = {
+    TEACHER_NAME: "analyze's features, tables and plots call the teacher so",
+    "distance": "analyze writes the students' distance curves to dynamics_distance.png, where a student so "
+                "named would have its own dynamics plot",
+}
 
 
 class StudentConfig(Section):
@@ -454,7 +482,7 @@ class StudentConfig(Section):
     warmup_lr: float | None = Field(None, ge=0)
     min_lr: float | None = Field(None, ge=0)
     mode: Literal["cached", "online"] | None = None
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     snapshot_every: int | None = Field(None, ge=0)
     views: Views | None = None
     train_per_class: int | None = Field(None, ge=1)
@@ -469,9 +497,9 @@ class StudentConfig(Section):
             raise ValueError(f"student names use letters, digits, '_', '-', '.', '=', got {v!r}")
         if v.startswith("."):
             raise ValueError(f"a student name names folders and files, so it cannot start with '.', got {v!r}")
-        if v in RESERVED_NAMES:
-            raise ValueError(f"{v!r} is reserved: analyze's tables and plots call the teacher so; "
-                             f"name the student otherwise")
+        reserved = next((n for n in RESERVED_NAMES if n == v.casefold()), None)
+        if reserved is not None:
+            raise ValueError(f"{v!r} is reserved: {RESERVED_NAMES[reserved]}; name the student otherwise")
         return v
 
     @model_validator(mode="after")
@@ -595,11 +623,15 @@ class DistillConfig(Section):
     @field_validator("students")
     @classmethod
     def _unique(cls, v: list[StudentConfig]) -> list[StudentConfig]:
-        seen = set()
+        seen: dict[str, str] = {}
         for s in v:
-            if s.name in seen:
+            other = seen.get(s.name.casefold())
+            if other == s.name:
                 raise ValueError(f"student name {s.name!r} appears twice")
-            seen.add(s.name)
+            if other is not None:
+                raise ValueError(f"student names {other!r} and {s.name!r} differ only in case: on a case-insensitive "
+                                 f"filesystem (macOS, Windows) their files would be one; rename one")
+            seen[s.name.casefold()] = s.name
         return v
 
 
@@ -662,7 +694,7 @@ class PipelineConfig(Section):
     workdir: str = operational("work")  # where outputs live: the same outputs wherever they are
     # other workdirs (read only) whose up-to-date outputs this one uses, e.g. a lab's shared cache
     upstream_workdirs: list[str] = operational([])
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     extract: ExtractConfig = ExtractConfig()
@@ -714,6 +746,20 @@ class PipelineConfig(Section):
                 return t
         names = ", ".join(t.name for t in self.tiers) or "none configured"
         raise ConfigError(f"tier {name!r} is not in tiers ({names})")
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("an empty workdir puts every output in the current directory; name a folder")
+        return v
+
+    @field_validator("upstream_workdirs")
+    @classmethod
+    def _upstream_workdirs(cls, v: list[str]) -> list[str]:
+        if any(not w.strip() for w in v):
+            raise ValueError("an empty upstream workdir names the current directory; name a folder")
+        return v
 
     @model_validator(mode="after")
     def _students_need_cache(self) -> "PipelineConfig":
@@ -919,8 +965,10 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     workdir: str | None = None,
+    upstream_workdirs: list[str] | None = None,
 ) -> PipelineConfig:
-    """Read, override and validate a pipeline file.  Raises ConfigError with one line."""
+    """Read, override and validate a pipeline file (``workdir`` and ``upstream_workdirs``, given,
+    replace the file's).  Raises ConfigError with one line."""
     path = Path(path or DEFAULT_CONFIG)
     try:
         text = path.read_bytes().decode("utf-8")
@@ -942,7 +990,7 @@ def load_config(
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return config_from_dict(tree, overrides, workdir, source=str(path))
+    return config_from_dict(tree, overrides, workdir, source=str(path), upstream_workdirs=upstream_workdirs)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -991,12 +1039,15 @@ def config_from_dict(
     overrides: list[str] | None = None,
     workdir: str | None = None,
     source: str = "<dict>",
+    upstream_workdirs: list[str] | None = None,
 ) -> PipelineConfig:
     tree = unshared(tree)
     for key, value in parse_overrides(overrides):
         _set_path(tree, key, value)
     if workdir is not None:
         tree["workdir"] = workdir
+    if upstream_workdirs:
+        tree["upstream_workdirs"] = list(upstream_workdirs)
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as e:

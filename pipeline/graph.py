@@ -205,7 +205,7 @@ GRAPH: dict[str, Stage] = {
     "prepare": Stage("prepare", (), _prepare_params, _prepare_identity, "stages.prepare",
                      problems=_prepare_problems),
     "teacher": Stage("teacher", ("prepare",), _teacher_params, _teacher_identity, "stages.teacher",
-                     problems=_files_problems("model.pt")),
+                     problems=_module_problems("stages.teacher")),
     "extract": Stage("extract", ("teacher",), _extract_params, module="stages.extract", distributed=True,
                      problems=_module_problems("stages.extract")),
     "distill": Stage("distill", ("extract",), _distill_params, module="stages.distill", distributed=True,
@@ -367,16 +367,17 @@ class Runner:
 
     def _upstream_identity(self, name: str) -> dict:
         """Identity that only an upstream run knows: the digest of the teacher's weights for extract,
-        each student's recorded file digests for analyze.
+        each student's recorded file digests for the distill summary and analyze.
 
         A refit teacher (``run teacher --force``, or a fit that is not bit-stable) gives new weights
-        under the same config; the cache made from the old weights must then be stale, and so must an
-        analysis of students whose weights were trained again.
+        under the same config; the cache made from the old weights must then be stale, and so must a
+        summary or an analysis of students that were trained again (a student rebuilt after its files
+        were damaged, a training that is not bit-stable on a GPU).
         """
         if name == "extract":
             rec = self.record("teacher")
             return {"teacher_weights_sha256": rec.summary.get("weights_sha256") if rec else None}
-        if name == "analyze":
+        if name in ("distill", "analyze"):
             recs = {s.name: self.record(student_node(s.name)) for s in self.cfg.distill.students}
             return {"students_sha256": {n: r.summary.get("sha256") if r else None for n, r in recs.items()}}
         return {}
@@ -505,7 +506,7 @@ class Runner:
         for name in plan:
             if name == "distill" and failed:
                 break
-            if name == "analyze":  # its identity holds the students' digests: they may have been built since
+            if name in ("distill", "analyze"):  # their identity holds the students' digests, built since
                 self._fp.pop(name, None)
             missing = self._incomplete_students() if name == "distill" else []
             if missing:

@@ -77,12 +77,23 @@ def plan_rows(cfg: PipelineConfig, train: Samples, val: Samples) -> tuple[Rows, 
     return Rows.concat(parts), blocks
 
 
+def teacher_forward(model, x: torch.Tensor, indices: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(logits, the features of teacher layers ``indices`` in that order).  timm's
+    ``forward_intermediates`` hands back the layers it takes in block order whatever order they are
+    asked in, and ``extract.layers`` may list them in any order (``[7, 0]``, ``[-1, 0]``): each
+    cached array must hold its own layer."""
+    order = sorted(indices)
+    logits, feats = models.intermediates(model, x, order)
+    taken = dict(zip(order, feats))
+    return logits, [taken[i] for i in indices]
+
+
 @torch.inference_mode()
 def layer_specs(model, layers: tuple[int, ...], size: int, device, pool: list[int | None]) -> list[LayerSpec]:
     """The cached layers (normalized indices) with their names, feature shapes and the width each
     is pooled to (``extract.compress.pool``, one entry per layer)."""
     x = torch.zeros(1, 3, size, size, device=device)
-    _, feats = models.intermediates(model, x, list(layers))
+    _, feats = teacher_forward(model, x, list(layers))
     names = models.layer_names(model, list(layers))
     out = []
     for idx, name, f, width in zip(layers, names, feats, pool):
@@ -212,6 +223,9 @@ def _open_cache_shards(ctx, writer: CacheWriter, attrs: dict, manifest: pa.Table
     """Create or resume the cache (rank 0 first); the shards this rank still has to write."""
     if dist.is_main():
         resumed = writer.create_or_resume(attrs, manifest, fresh=ctx.forced)
+        if resumed and (damaged := writer.unmark_damaged()):
+            log.warning(f"extract: shards {damaged[:10]} of {writer.path} have files unlike those extract wrote "
+                        f"(deleted, emptied or truncated); writing them again")
     dist.barrier()
     if not dist.is_main():
         resumed = writer.create_or_resume(attrs, manifest)
@@ -247,7 +261,7 @@ def _teacher_pass(cfg, model, device, rows: Rows, spec: CacheSpec, todo: list[in
             bad = _bad_rows(cfg, rows, idx, okn)
             t_fwd = time.perf_counter()
             with models.autocast(device, e.amp):
-                logits, feats = models.intermediates(model, ds.normalize(x.to(device, non_blocking=True), idx), indices)
+                logits, feats = teacher_forward(model, ds.normalize(x.to(device, non_blocking=True), idx), indices)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cache.verify import DIGESTS, digest_problems, file_digests
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_torch_save
@@ -62,6 +63,7 @@ def _images_labels(loader, bad: set, num_classes: int | None = None):
         yield x, y
 
 
+MODEL = "model.pt"  # the teacher's weights; the record holds their digest and the file's sha256
 FIT_CKPT = "fit_ckpt.pt"  # the fit's state after its last finished epoch; a rerun resumes from it
 
 
@@ -193,8 +195,8 @@ def run(ctx) -> dict:
     val_views = ViewDataset.for_config(eval_rows(val, cfg), cfg.data, models.teacher_normalization(cfg))
     ev = evaluate(model, _images_labels(_loader(val_views, 256, False, 0), set()), device)
     model.cpu()
-    atomic_torch_save(ctx.out / "model.pt", {"state_dict": model.state_dict(), "model": cfg.teacher.model,
-                                             "kwargs": cfg.teacher.kwargs})
+    atomic_torch_save(ctx.out / MODEL, {"state_dict": model.state_dict(), "model": cfg.teacher.model,
+                                        "kwargs": cfg.teacher.kwargs})
     digest = models.weights_digest(model)
     (ctx.out / FIT_CKPT).unlink(missing_ok=True)  # model.pt holds the fit's result now
     log.info(f"teacher: val top-1 {ev['top1']:.2f}% top-5 {ev['top5']:.2f}% (weights {digest[:12]})")
@@ -204,5 +206,15 @@ def run(ctx) -> dict:
         "weights_sha256": digest,
         "params": sum(p.numel() for p in model.parameters()),
         "fit_seconds": round(time.time() - t0, 1),
+        DIGESTS: file_digests(ctx.out, [MODEL]),
         **info,
     }
+
+
+def output_problems(runner, out: Path, lock: dict) -> list[str]:
+    """What is wrong with the teacher's output ``out`` now: ``model.pt`` missing, or not the bytes
+    its record's sha256 says (a truncated, edited or swapped file; a record of an older version
+    holds no sha256, and its weights are checked by their digest when they are loaded)."""
+    if not (out / MODEL).exists():
+        return [f"{out / MODEL} is missing"]
+    return digest_problems(out, lock.get("summary", {}), ())

@@ -44,12 +44,20 @@ def test_eval_view_settings_make_the_teacher_and_the_cache_stale(built, tmp_path
     ("distill.students[0].name=teacher", r"distill\.students\[0\]\.name: 'teacher' is not allowed: .*reserved"),
     ("distill.students[0].name=..", r"distill\.students\[0\]\.name: '\.\.' is not allowed: .*cannot start with '\.'"),
     ("distill.students[0].name=.hidden", r"distill\.students\[0\]\.name: .*cannot start with '\.'"),
+    ("distill.students[0].name=Teacher", r"distill\.students\[0\]\.name: 'Teacher' is not allowed: .*reserved"),
+    ("distill.students[0].name=distance", r"distill\.students\[0\]\.name: .*reserved: .*dynamics_distance\.png"),
+    ("distill.students[1].name=NONE", r"distill\.students: .*'none' and 'NONE' differ only in case"),
     ("data.std=[0,0,0]", r"data\.std: \[0, 0, 0\] is not allowed: .*> 0"),
+    ("data.mean=[123.675,116.28,103.53]", r"data\.mean: .* is not allowed: pixels are scaled to .*divide 0-255"),
+    ("teacher.std=[58.4,57.1,57.4]", r"teacher\.std: .* is not allowed: pixels are scaled to \[0, 1\]"),
     ("seed=-1", r"seed: -1 is not allowed: .*greater than or equal to 0"),
     ("distill.defaults.seed=-2", r"distill\.defaults\.seed: -2"),
+    ("seed=18446744073709551616", r"seed: 18446744073709551616 is not allowed: .*less than or equal to 4294967295"),
+    ("distill.students[0].seed=4294967296", r"distill\.students\[0\]\.seed: 4294967296 is not allowed"),
     ("analyze.memory_limit=lots", r"analyze\.memory_limit: 'lots' is not allowed: a memory limit is"),
     ("analyze.scheduler=nonsense", r"analyze\.scheduler: 'nonsense' is not allowed: a Dask scheduler address"),
     ("distill.scheduler=nonsense", r"distill\.scheduler: 'nonsense'"),
+    ("upstream_workdirs=['']", r"^error: upstream_workdirs: \[''\] is not allowed: an empty upstream workdir"),
 ])
 def test_bad_values_are_one_line_errors_before_any_work(tmp_path, capsys, override, match):
     import re
@@ -59,6 +67,16 @@ def test_bad_values_are_one_line_errors_before_any_work(tmp_path, capsys, overri
                                    "--set", override])
     assert re.search(match, err), err
     assert not (tmp_path / "w").exists()  # nothing started
+
+
+def test_an_empty_workdir_is_refused_not_the_current_directory(tmp_path, capsys, monkeypatch):
+    """``--workdir "$UNSET"`` would build every stage in the current directory."""
+    conf = write_config(tmp_path / "p.yaml", TINY)
+    monkeypatch.chdir(tmp_path)
+    for argv in (["--workdir", ""], ["--upstream-workdir", " "]):
+        err = _one_line_error(capsys, ["run", "prepare", "-c", str(conf), *argv])
+        assert "is not allowed: an empty" in err and "workdir" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]
 
 
 def test_accepted_analyze_settings():

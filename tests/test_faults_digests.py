@@ -102,6 +102,52 @@ def test_swapped_weights_fail_verify_and_the_next_run_restores_them(analyzed, tm
         assert all(torch.equal(got[k], v) for k, v in sd.items()), n
 
 
+def test_a_student_trained_again_makes_the_summary_stale(analyzed, tmp_path):
+    """The summary holds the students' numbers: a student whose files changed with its record (trained
+    again after its output was damaged, or not bit-stable) makes it stale, as it makes analyze."""
+    from pipeline.fingerprint import file_digest
+
+    cfg = _copy(analyzed, tmp_path)
+    rec = Runner(cfg).record("distill/none")
+    _flip(rec.path / "metrics.parquet")  # the files of another training of the same student ...
+    data = json.loads((rec.path / "lock.json").read_text())
+    data["summary"]["sha256"]["metrics.parquet"] = file_digest(rec.path / "metrics.parquet")  # ... recorded
+    (rec.path / "lock.json").write_text(json.dumps(data))
+    r = Runner(cfg)
+    assert r.state("distill/none").status == "up to date"
+    st = r.state("distill")
+    assert st.status == "stale" and "identity.students_sha256.none.metrics.parquet" in st.reasons, st.reasons
+    assert r.state("analyze").status == "stale"
+    Runner(cfg).run("distill")
+    assert Runner(cfg).state("distill").status == "up to date"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "older record"])
+def test_a_damaged_teacher_model_is_stale_and_named(built, tmp_path, damage):
+    """The teacher's record holds model.pt's sha256: a truncated or edited file is stale, named by
+    status (an older record without the digest stays up to date; loading checks the weights' digest)."""
+    _, _, recs = built
+    wd = copy_upstream(recs, tmp_path / "w", stages=("prepare", "teacher"))
+    cfg = config_from_dict(TINY, workdir=str(wd))
+    rec = Runner(cfg).record("teacher")
+    model = rec.path / "model.pt"
+    assert set(rec.summary["sha256"]) == {"model.pt"}
+    if damage == "truncated":
+        model.write_bytes(model.read_bytes()[:-100])
+    elif damage == "flipped":
+        _flip(model)
+    else:
+        data = json.loads((rec.path / "lock.json").read_text())
+        del data["summary"]["sha256"]
+        (rec.path / "lock.json").write_text(json.dumps(data))
+    st = Runner(cfg).state("teacher")
+    if damage == "older record":
+        assert st.status == "up to date"
+        return
+    assert st.status == "stale" and st.reasons == [f"output damaged: {model}: sha256 mismatch, not the file its "
+                                                   f"stage wrote"], st.reasons
+
+
 def test_a_student_record_without_digests_is_rebuilt(analyzed, tmp_path):
     cfg = _copy(analyzed, tmp_path)
     lock = Runner(cfg).student_dir("none") / "lock.json"
@@ -196,6 +242,30 @@ def _edit_chain(cdir: Path, edit: str) -> Path:
         comp[key] = comp[key] + 2
     zj.write_text(json.dumps(meta))
     return zj
+
+
+def test_damaged_shards_of_a_cache_to_resume_are_written_again_in_one_run(built, tmp_path):
+    """Shard files truncated or deleted after extract marked them complete, in a cache that is resumed
+    (its shard index gone): the rerun writes those shards again, to the session's bytes, instead of
+    failing once and leaving the rewrite to a second run."""
+    import numpy as np
+    import zarr
+
+    _, _, recs = built
+    wd = copy_upstream(recs, tmp_path / "w")
+    cdir = next(wd.glob("extract/*/cache.zarr"))
+    (cdir / "shards.parquet").unlink()
+    truncated = cdir / "logits" / "c" / "3" / "0"
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    next(p for p in (cdir / "spectra" / "blocks.0" / "c" / "1").rglob("*") if p.is_file()).unlink()
+    cfg = config_from_dict(TINY, workdir=str(wd))
+    assert Runner(cfg).state("extract").status == "stale"
+    done = Runner(cfg).run("extract")
+    assert done["extract"].summary["rows_computed"] == 2 * 256  # shards 1 and 3 only
+    ref, got = zarr.open_group(str(Path(recs["extract"].path) / "cache.zarr"), mode="r"), zarr.open_group(str(cdir))
+    for name in ("logits", "spectra/blocks.0", "spectra/blocks.3", "valid"):
+        np.testing.assert_array_equal(got[name][:], ref[name][:], err_msg=name)
+    assert verify_stage(Runner(cfg), "extract") == []
 
 
 @pytest.mark.parametrize("edit", ["crc32c removed", "index crc32c removed", "compressor level"])

@@ -288,3 +288,52 @@ def test_a_non_finite_teacher_is_not_written_as_a_complete_cache(built, tmp_path
     g = zarr.open_group(str(next(wd.glob("extract/*/cache.zarr"))), mode="r")
     assert g.attrs.get("complete") is not True
     assert not list(next(wd.glob("extract/*/cache.zarr")).glob("_complete/*.json"))
+
+
+def test_teacher_layers_listed_in_any_order_are_each_cached_under_their_own_name(built, tmp_path):
+    """extract.layers [-1, 0] (layer 3 first): each cached array holds its own layer's spectra, as in
+    the session's cache made from [0, -1] (timm hands layers back in block order, whatever the ask)."""
+    import numpy as np
+
+    from cache.reader import Cache, cache_path
+
+    _, _, recs = built
+    wd = copy_upstream(recs, tmp_path / "w", ("prepare", "teacher"))
+    rec = Runner(config_from_dict(tiny_tree(**{"extract.layers": [-1, 0]}), workdir=str(wd))).run("extract")["extract"]
+    mine, session = Cache(cache_path(rec)), Cache(cache_path(recs["extract"]))
+    assert [(layer.index, layer.name) for layer in mine.spec.layers] == [(3, "blocks.3"), (0, "blocks.0")]
+    for index in (0, 3):
+        np.testing.assert_array_equal(mine.read_layer("spectra", index, 0, 64),
+                                      session.read_layer("spectra", index, 0, 64))
+
+
+class _Failing:
+    """A map-style dataset whose item 3 raises ``error`` (as a damaged shard or a changed sample does)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> int:
+        if i == 3:
+            raise self.error
+        return i
+
+
+@pytest.mark.parametrize("error", ["PipelineError", "SourceChanged", "ConfigError"])
+def test_an_error_raised_in_a_dataloader_worker_keeps_its_one_line(error):
+    """torch re-raises a worker's exception made anew from "Caught ... Original Traceback ..."; a
+    PipelineError (and each subclass) comes back as the line the CLI prints, not that traceback."""
+    import torch
+
+    from pipeline.config import ConfigError
+    from stages.data import SourceChanged
+
+    cls = {"PipelineError": PipelineError, "SourceChanged": SourceChanged, "ConfigError": ConfigError}[error]
+    line = "/data/cache.zarr/logits: shard 0 is corrupt (chunk 0 checksum mismatch, reading rows 0..63)"
+    with pytest.raises(cls) as caught:
+        list(torch.utils.data.DataLoader(_Failing(cls(line)), batch_size=2, num_workers=1))
+    assert str(caught.value) == line
+    assert str(cls("Caught nothing: a message of its own")) == "Caught nothing: a message of its own"
