@@ -159,7 +159,7 @@ def test_dense_and_packed_caches_hold_the_same_spectra(built, tmp_path):
     assert size[packed] < size[dense] * 0.8
 
 
-def test_pooled_int8_cache_trains_its_width_and_refuses_others(built, tmp_path):
+def test_pooled_int8_cache_trains_its_width_for_every_form_and_refuses_others(built, tmp_path):
     _, _, recs = built
     cfg, runner, recs2 = _extract(recs, tmp_path / "w", **{"extract.compress.pool": 16,
                                                            "extract.compress.quantize": "int8"})
@@ -185,19 +185,26 @@ def test_pooled_int8_cache_trains_its_width_and_refuses_others(built, tmp_path):
     rows = (val.start, val.start + 40)
     assert write_cached_teacher_layers(FeatureStore.create(tmp_path / "f1.zarr"), cache, rows, 256) == []
     assert write_cached_teacher_layers(FeatureStore.create(tmp_path / "f2.zarr"), exact, rows, 256) == [0, 3]
-    # the width-16 student trains from it
-    Runner(cfg, {"students": ["spectral"]}).run("distill")
-    assert (runner.student_dir("spectral") / "final.pt").exists()
-    # a student of another width is refused before training, naming the option
-    narrow = {"name": "narrow", "model": "deit_tiny_patch16_224",
-              "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 8, "depth": 2, "num_heads": 2},
-              "pairs": [[0, 0], [1, 3]], "loss": {"kind": "spectral"}}
+    # the width-16 students train from it: SpectralKD on the spectra, FitNets on their irfft2 (its
+    # regressor maps to the stored 16 channels)
+    def student(name: str, width: int, kind: str) -> dict:
+        return {"name": name, "model": "deit_tiny_patch16_224",
+                "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": width, "depth": 2, "num_heads": 2},
+                "pairs": [[0, 0], [1, 3]], "loss": {"kind": kind}}
+
     tree = tiny_tree(**{"extract.compress.pool": 16, "extract.compress.quantize": "int8"})
-    tree["distill"]["students"].append(narrow)
+    tree["distill"]["students"] += [student("fitnets", 16, "fitnets"), student("narrow", 8, "spectral"),
+                                    student("narrow_fitnets", 8, "fitnets")]
     cfg3 = config_from_dict(tree, workdir=str(tmp_path / "w"))
-    with pytest.raises(PipelineError, match=r"pooled to 16 channels \(extract.compress.pool\).*this one has 8"):
-        Runner(cfg3, {"students": ["narrow"]}).run("distill")
-    assert not (Runner(cfg3).student_dir("narrow") / "final.pt").exists()
+    Runner(cfg3, {"students": ["spectral", "fitnets"]}).run("distill")
+    assert (runner.student_dir("spectral") / "final.pt").exists()
+    final = torch.load(Runner(cfg3).student_dir("fitnets") / "final.pt", weights_only=True)
+    assert [tuple(final["loss_state_dict"][f"regressors.{i}.weight"].shape[:2]) for i in (0, 1)] == [(16, 16)] * 2
+    # a student of another width is refused before training, naming the option, whatever its loss
+    for name in ("narrow", "narrow_fitnets"):
+        with pytest.raises(PipelineError, match=r"pooled to 16 channels \(extract.compress.pool\).*this one has 8"):
+            Runner(cfg3, {"students": [name]}).run("distill")
+        assert not (Runner(cfg3).student_dir(name) / "final.pt").exists()
 
 
 def test_verify_checks_scale_arrays(built, tmp_path):
