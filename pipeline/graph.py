@@ -70,6 +70,22 @@ NOT_READ = {
 }
 
 
+STUDENT_DIGESTS = "identity.students_sha256."
+
+
+def _students_named(changed: list[str], names: list[str]) -> list[str]:
+    """Changed input keys with the file digests of student ``n`` (the summary's and analyze's
+    identity) read as one reason, 'student n changed'."""
+    out = []
+    for c in changed:
+        owner = next((n for n in sorted(names, key=len, reverse=True)
+                      if c == STUDENT_DIGESTS + n or c.startswith(f"{STUDENT_DIGESTS}{n}.")), None)
+        reason = c if owner is None else f"student {owner} changed (trained again, damaged or not built)"
+        if reason not in out:
+            out.append(reason)
+    return out
+
+
 def section_params(cfg: PipelineConfig, stage: str) -> dict:
     """The parameters of ``stage``: the decisive values of its sections, less what it never reads."""
     tree = decisive(cfg)
@@ -483,7 +499,7 @@ class Runner:
                 old = read_json(latest)
             except (OSError, ValueError):
                 old = {}
-            changed = diff(old.get("inputs", {}), inputs)
+            changed = _students_named(diff(old.get("inputs", {}), inputs), [s.name for s in self.cfg.distill.students])
             changed = [c for c in changed if not c.startswith("upstream.")] + [
                 f"upstream {c.split('.', 1)[1]} changed" for c in changed if c.startswith("upstream.")
             ]

@@ -194,8 +194,10 @@ FILE_VALUES = ("data.source", "teacher.checkpoint")
 
 
 def schema_leaves(model, prefix: str = ""):
-    """(dotted path, field) of every leaf of a config model; a list of models is walked at [0], a
-    union of models (a loss's config, tagged by its kind) through each of its models."""
+    """(dotted path, field) of every leaf of a config model; a list of models is walked at [0], an
+    optional model as the model.  A
+    union of models (a loss's config, tagged by its kind) is one leaf here: each of its models'
+    fields is walked by ``test_every_loss_field_changes_its_students_fingerprint``."""
     import typing
 
     from pydantic import BaseModel
@@ -213,7 +215,8 @@ def schema_leaves(model, prefix: str = ""):
         args = [bare(a) for a in typing.get_args(ann)]
         if typing.get_origin(ann) is list and args and is_model(args[0]):
             return [args[0]], "[0]"
-        return list(dict.fromkeys(a for a in args if is_model(a))), ""
+        models = [a for a in args if is_model(a)]
+        return (models, "") if len(models) == 1 else ([], "")  # a model or None; a tagged union is a leaf
 
     seen = set()
     for name, f in model.model_fields.items():
@@ -302,6 +305,7 @@ FIRST_READER = {
     "distill.defaults": "distill/none",  # TINY's first student, which sets none of the defaults itself
     "distill.students": "distill/none",
     "distill.sweep": "distill",  # the summary: grids make students, references decide comparisons
+    "tiers": "tier/t",  # TIER; a renamed tier is another node, counted as a change
     "analyze": "analyze",
 }
 
