@@ -10,12 +10,15 @@ import time
 from pathlib import Path
 
 from . import dist
-from .config import DEFAULT_CONFIG, ConfigError, load_config
-from .errors import PipelineError
+from typing import TYPE_CHECKING
+
+from .errors import ConfigError, PipelineError
 from .fsutil import atomic_write_text
-from .graph import STAGES, Runner, stage_function
-from .nodes import STUDENT, TIER, student_name, tier_name
 from .locking import LockedError
+from .nodes import DEFAULT_CONFIG, STAGES, STUDENT, TIER, student_name, tier_name
+
+if TYPE_CHECKING:  # the config and the graph import torch (a loss's config): init and recipes need neither
+    from .graph import Runner
 
 log = logging.getLogger("pipeline")
 
@@ -131,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in CONFIG_FREE:
             return COMMANDS[args.command](None, args)
+        from .config import load_config
+
         cfg = load_config(args.config, args.overrides, args.workdir, args.upstream_workdirs)
         return COMMANDS[args.command](cfg, args)
     except (ConfigError, PipelineError, LockedError) as e:
@@ -141,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: completed work is kept; rerun to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout has gone (``spectralkd recipes | head``): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
         if args.debug:
             raise
@@ -152,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_status(cfg, args) -> int:
+    from .graph import Runner
+
     _print_status(Runner(cfg))
     return 0
 
@@ -170,6 +180,8 @@ def _check_target(target: str, cfg) -> None:
 
 def cmd_run(cfg, args) -> int:
     """Run a node after its stale upstream nodes; each output is built under its own lock."""
+    from .graph import Runner
+
     t0 = time.time()
     _check_target(args.stage, cfg)
     for name in args.student or []:
@@ -227,6 +239,8 @@ def _fan_out(cfg, args, runner: Runner, forced: set[str]) -> set[str]:
 
 
 def cmd_verify(cfg, args) -> int:
+    from .graph import Runner
+
     from cache.verify import verify_stage
 
     runner = Runner(cfg)
@@ -242,6 +256,8 @@ def cmd_verify(cfg, args) -> int:
 
 
 def cmd_select_layers(cfg, args) -> int:
+    from .graph import Runner, stage_function
+
     runner = Runner(cfg)
     runner.check_models()
     if args.k < 1:

@@ -23,14 +23,9 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 import losses
 
-from .errors import PipelineError
+from .errors import ConfigError
+from .nodes import DEFAULT_CONFIG
 from .schema import Section, operational
-
-DEFAULT_CONFIG = "pipeline.yaml"
-
-
-class ConfigError(PipelineError):
-    """A config problem, reported as one line naming the key path at fault."""
 
 
 def _keys(tree: Any) -> list[str]:

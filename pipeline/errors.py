@@ -17,6 +17,10 @@ class PipelineError(Exception):
         super().__init__(*args)
 
 
+class ConfigError(PipelineError):
+    """A config problem, reported as one line naming the key path at fault."""
+
+
 def worker_message(text: str, cls: type) -> str:
     """The original message inside torch's report of an exception of type ``cls`` raised in a
     DataLoader worker (the end of its traceback, after ``module.Class: ``), else ``text``."""

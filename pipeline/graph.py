@@ -31,11 +31,10 @@ from .fingerprint import diff, file_digest, fingerprint, library_versions
 from .errors import PipelineError
 from .fsutil import atomic_write_json, fresh_dir, read_json, replace_dir
 from .locking import OutputLock, describe_holder, held_by
-from .nodes import FAILED, tier_name, tier_node, student_name, student_node
+from .nodes import FAILED, STAGES, tier_name, tier_node, student_name, student_node
 
 log = logging.getLogger("pipeline")
 
-STAGES = ("prepare", "teacher", "extract", "distill", "analyze")
 SUMMARY_WAIT_S = 600.0  # how long a run waits for another writing the distill summary
 
 

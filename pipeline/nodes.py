@@ -7,6 +7,8 @@ through these, without importing the graph that runs them.
 
 from __future__ import annotations
 
+DEFAULT_CONFIG = "pipeline.yaml"  # the pipeline file a command reads without -c, and init writes
+STAGES = ("prepare", "teacher", "extract", "distill", "analyze")
 STUDENT = "distill/"  # student nodes are named distill/<student name>
 TIER = "tier/"  # derived caches (config ``tiers``) are nodes tier/<tier name>, upstream extract
 FAILED = "failed.json"

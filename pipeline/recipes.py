@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import ConfigError
 
 DATA = "pipeline._recipes"
 

@@ -26,7 +26,8 @@ from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from pipeline.config import PipelineError, config_from_dict
+from pipeline.config import config_from_dict
+from pipeline.errors import PipelineError
 from stages.data import ImageReader, ViewDataset, decode_image
 from stages.pixels import erase, rand_augment_op
 from stages.views import (RA_OPS, RandAugment, ViewPolicy, crop_box, sample_erasing,

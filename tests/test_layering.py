@@ -121,3 +121,19 @@ def test_the_math_imports_no_config_and_cache_no_stage():
 def test_no_stage_module_is_longer_than_about_450_lines():
     long = {f.name: n for f in (ROOT / "stages").glob("*.py") if (n := len(f.read_text().splitlines())) > 460}
     assert not long, long
+
+
+def test_the_config_free_commands_import_no_torch(tmp_path):
+    """``init`` and ``recipes`` answer in a fraction of a second: the CLI imports the config (whose
+    loss configs import torch) and the graph only for the commands that read a pipeline file."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.__main__ import main\n"
+            "assert main(['recipes']) == 0 and main(['init', '-c', 'p.yaml']) == 0\n"
+            "print(sorted(m for m in ('torch', 'pipeline.config', 'pipeline.graph') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "p.yaml").read_text() == (ROOT / "configs" / "default.yaml").read_text()
