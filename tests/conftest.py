@@ -91,6 +91,17 @@ def cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env=e)
 
 
+def run_main(capsys, *args) -> subprocess.CompletedProcess:
+    """The CLI called in this process (as ``cli`` runs it in another): exit code, stdout and stderr
+    (log records go to pytest's handler, not to stderr)."""
+    from pipeline.__main__ import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), rc, out, err)
+
+
 @pytest.fixture(scope="session")
 def built(tmp_path_factory):
     """prepare -> teacher -> extract on the tiny config, once; returns (cfg, runner, records)."""

@@ -153,13 +153,14 @@ def test_analyze_stage_outputs(built):
 
 
 @pytest.mark.slow
-def test_select_layers_cli_prints_pairs(built, tmp_path):
-    from tests.conftest import TINY, cli, write_config
+def test_select_layers_cli_prints_pairs(built, tmp_path, capsys):
+    from tests.conftest import TINY, run_main, write_config
 
     cfg, runner, recs = built
     runner.run("analyze")
     conf = write_config(tmp_path / "p.yaml", TINY)
-    r = cli("select-layers", "-c", str(conf), "--workdir", str(cfg.workdir), "--k", "2", "--student-depth", "2")
+    r = run_main(capsys, "select-layers", "-c", str(conf), "--workdir", str(cfg.workdir), "--k", "2",
+                 "--student-depth", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     line = [l for l in r.stdout.splitlines() if l.startswith("pairs:")][0]
     t = pq.read_table(Path(runner.record("analyze").path) / "intensity.parquet").to_pylist()

@@ -23,7 +23,7 @@ from pipeline.config import config_from_dict
 from pipeline.errors import PipelineError
 from pipeline.graph import Runner
 from pipeline.locking import LockedError, OutputLock
-from tests.conftest import ROOT, TINY, cli, copy_upstream, tiny_tree, write_config
+from tests.conftest import ROOT, TINY, copy_upstream, run_main, tiny_tree, write_config
 
 
 def _bad_shards(recs, tmp: Path) -> tuple[str, str, str]:
@@ -158,19 +158,19 @@ def test_second_run_names_the_lock_holder_and_stale_lock_is_taken_over(tmp_path)
         assert lk.holder()["pid"] == os.getpid() and lk.holder()["what"] == "third"
 
 
-def test_verify_cli_ok_then_names_flipped_shard(built, tmp_path):
+def test_verify_cli_ok_then_names_flipped_shard(built, tmp_path, capsys):
     cfg, runner, recs = built
     wd = tmp_path / "w"
     copy_upstream(recs, wd)
     conf = write_config(tmp_path / "p.yaml", TINY)
-    r = cli("verify", "-c", str(conf), "--workdir", str(wd))
+    r = run_main(capsys, "verify", "-c", str(conf), "--workdir", str(wd))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "verify extract: ok" in r.stdout
     f = next(wd.glob("extract/*/cache.zarr")) / "logits" / "c" / "2" / "0"
     b = bytearray(f.read_bytes())
     b[len(b) // 3] ^= 0x01
     f.write_bytes(bytes(b))
-    r = cli("verify", "-c", str(conf), "--workdir", str(wd))
+    r = run_main(capsys, "verify", "-c", str(conf), "--workdir", str(wd))
     assert r.returncode == 1
     assert "logits: shard 2 (rows 512..767) is corrupt (checksum mismatch)" in r.stdout
 
@@ -250,17 +250,17 @@ def test_edited_zarr_metadata_is_refused(built, tmp_path):
     _refused(cfg2, r"logits/zarr\.json: array is \(\d+, 10\) float16 .* the cache records")
 
 
-def test_truncated_zarr_json_names_the_file(built, tmp_path):
+def test_truncated_zarr_json_names_the_file(built, tmp_path, capsys):
     cfg2, cdir = _damaged_copy(built, tmp_path)
     zj = cdir / "zarr.json"
     zj.write_text(zj.read_text()[:200])
     conf = write_config(tmp_path / "p.yaml", TINY)
-    r = cli("verify", "-c", str(conf), "--workdir", cfg2.workdir)
+    r = run_main(capsys, "verify", "-c", str(conf), "--workdir", cfg2.workdir)
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"{zj}: cannot read the cache's metadata" in r.stdout and "Traceback" not in r.stderr
 
 
-def test_runs_from_another_directory_and_a_moved_workdir(built, tmp_path):
+def test_runs_from_another_directory_and_a_moved_workdir(built, tmp_path, capsys, monkeypatch):
     import pyarrow.parquet as pq
 
     cfg, runner, recs = built
@@ -268,7 +268,8 @@ def test_runs_from_another_directory_and_a_moved_workdir(built, tmp_path):
     copy_upstream(recs, wd)  # a moved workdir: the copies must read the copied shards
     (tmp_path / "elsewhere").mkdir()
     write_config(tmp_path / "p.yaml", tiny_tree(**{"distill.students": TINY["distill"]["students"][:1]}))
-    r = cli("run", "distill", "-c", "../p.yaml", "--workdir", "../w", cwd=tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    r = run_main(capsys, "run", "distill", "-c", "../p.yaml", "--workdir", "../w")
     assert r.returncode == 0, r.stderr[-2000:]
     shards = json.loads(next(wd.glob("prepare/*/shards.json")).read_text())
     assert all(not os.path.isabs(u) for u in shards["train"] + shards["val"])
@@ -276,7 +277,8 @@ def test_runs_from_another_directory_and_a_moved_workdir(built, tmp_path):
     assert urls and all(u.startswith("../../../prepare/") for u in urls), urls
     metrics = pq.read_table(next(wd.glob("distill/students/none-*/metrics.parquet"))).to_pylist()
     assert metrics[0]["loss_total"] > 0 and metrics[0]["val_top1"] > 0
-    r = cli("status", "-c", str(tmp_path / "p.yaml"), "--workdir", str(wd), cwd=ROOT)
+    monkeypatch.chdir(ROOT)
+    r = run_main(capsys, "status", "-c", str(tmp_path / "p.yaml"), "--workdir", str(wd))
     assert r.returncode == 0 and re.search(r"^distill +up to date", r.stdout, re.M), r.stdout
 
 

@@ -19,7 +19,7 @@ from cache.verify import recorded_bytes, recorded_file, verify_stage
 from pipeline.config import config_from_dict
 from pipeline.errors import PipelineError
 from pipeline.graph import Record, Runner
-from tests.conftest import TINY, cli, copy_upstream, write_config
+from tests.conftest import TINY, copy_upstream, run_main, write_config
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +87,13 @@ def test_a_damaged_student_file_is_stale_named_and_refused_by_analyze(analyzed, 
         assert Runner(cfg).state("distill/spectral").status == "stale"
 
 
-def test_swapped_weights_fail_verify_and_the_next_run_restores_them(analyzed, tmp_path):
+def test_swapped_weights_fail_verify_and_the_next_run_restores_them(analyzed, tmp_path, capsys):
     cfg = _copy(analyzed, tmp_path)
     r = Runner(cfg)
     want = {n: torch.load(r.student_dir(n) / "final.pt", weights_only=True)["state_dict"] for n in ("none", "spectral")}
     _damage_student(cfg, "swapped final.pt")
     conf = write_config(tmp_path / "p.yaml", TINY)
-    v = cli("verify", "distill/none", "-c", str(conf), "--workdir", cfg.workdir)
+    v = run_main(capsys, "verify", "distill/none", "-c", str(conf), "--workdir", cfg.workdir)
     assert v.returncode == 1 and f"{r.student_dir('none') / 'final.pt'}: sha256 mismatch" in v.stdout, v.stdout
     Runner(cfg).run("distill")  # each student is rebuilt from its own checkpoint, not trained again
     assert [s.status for s in Runner(cfg).status()][:5] == ["up to date"] * 5

@@ -16,7 +16,7 @@ from pipeline.graph import Runner
 from pipeline.nodes import student_node
 from pipeline.locking import held_by
 from stages.groups import paired_difference, t975
-from tests.conftest import ROOT, TINY, cli, copy_upstream, tiny_tree, write_config
+from tests.conftest import ROOT, TINY, cli, copy_upstream, run_main, tiny_tree, write_config
 
 
 def _metrics(runner: Runner, name: str) -> list[dict]:
@@ -33,7 +33,7 @@ def _popen(*args, env=None) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def test_two_students_train_at_once_and_one_student_is_built_once(built, tmp_path):
+def test_two_students_train_at_once_and_one_student_is_built_once(built, tmp_path, capsys):
     import os
     import signal
 
@@ -57,7 +57,7 @@ def test_two_students_train_at_once_and_one_student_is_built_once(built, tmp_pat
         assert running.status == "running" and re.match(rf"pid {holder.pid} on .*\(run distill/spectral\)",
                                                         running.reasons[0]), running
         assert held_by(out)["pid"] == holder.pid
-        dup = cli("run", "distill", "--student", "spectral", *common)
+        dup = run_main(capsys, "run", "distill", "--student", "spectral", *common)
         assert dup.returncode == 2
         assert re.search(rf"error: .*spectral-\w+: pid {holder.pid} on .*\(run distill/spectral\) is building it",
                          dup.stderr), dup.stderr
@@ -75,10 +75,10 @@ def test_two_students_train_at_once_and_one_student_is_built_once(built, tmp_pat
     summary = pq.read_table(r2.record("distill").path / "summary.parquet").to_pylist()
     assert {r["model"] for r in summary} >= {"none", "spectral"}
     assert [m["epoch"] for m in _metrics(r2, "spectral")] == [0, 1, 2]
-    st = cli("status", *common)
+    st = run_main(capsys, "status", *common)
     assert re.search(r"^distill/none +up to date", st.stdout, re.M) and re.search(r"^distill +up to date", st.stdout,
                                                                                  re.M), st.stdout
-    assert cli("verify", "distill/spectral", *common).returncode == 0
+    assert run_main(capsys, "verify", "distill/spectral", *common).returncode == 0
 
 
 def test_force_one_student_through_the_graph(built, tmp_path, capsys):
@@ -118,14 +118,14 @@ def _sweep_tree(**changes) -> dict:
     return tree
 
 
-def test_sweep_expands_trains_with_jobs_and_summarizes_groups(built, tmp_path):
+def test_sweep_expands_trains_with_jobs_and_summarizes_groups(built, tmp_path, capsys):
     cfg, runner, recs = built
     wd = copy_upstream(recs, tmp_path / "w")
     tree = _sweep_tree()
     conf = write_config(tmp_path / "p.yaml", tree)
     names = [s.name for s in config_from_dict(tree, workdir=str(wd)).distill.students]
     assert names == ["sw-w_fft=0.05-seed=0", "sw-w_fft=0.05-seed=1", "sw-w_fft=0.4-seed=0", "sw-w_fft=0.4-seed=1"]
-    res = cli("run", "distill", "--jobs", "2", "-c", str(conf), "--workdir", str(wd))
+    res = run_main(capsys, "run", "distill", "--jobs", "2", "-c", str(conf), "--workdir", str(wd))
     assert res.returncode == 0, res.stderr[-3000:]
     assert re.search(r"^\[sw-w_fft=0.4-seed=1\] ", res.stdout, re.M)  # each process's lines carry its name
     r = Runner(config_from_dict(tree, workdir=str(wd)))
@@ -146,8 +146,8 @@ def test_sweep_expands_trains_with_jobs_and_summarizes_groups(built, tmp_path):
         ("sw-w_fft=0.4-seed=1", "sw-w_fft=0.4", 1), ("sw-w_fft=0.05-seed=0", "sw-w_fft=0.05", 0)}
     # --force through the fan-out retrains exactly the chosen student
     mtime = {n: (r.student_dir(n) / "final.pt").stat().st_mtime_ns for n in names}
-    res = cli("run", "distill", "--jobs", "2", "--force", "--student", "sw-w_fft=0.4-seed=1", "-c", str(conf),
-              "--workdir", str(wd))
+    res = run_main(capsys, "run", "distill", "--jobs", "2", "--force", "--student", "sw-w_fft=0.4-seed=1",
+                   "-c", str(conf), "--workdir", str(wd))
     assert res.returncode == 0, res.stderr[-2000:]
     changed = {n for n in names if (r.student_dir(n) / "final.pt").stat().st_mtime_ns != mtime[n]}
     assert changed == {"sw-w_fft=0.4-seed=1"}
