@@ -20,6 +20,8 @@ from stages.data import ImageReader, Rows, ViewDataset, build_view, decode_image
 from cache.codec import hermitian_maps
 from cache.reader import cache_path, open_cache
 from stages.shards import Sample, Samples
+from pipeline.config import config_from_dict
+from pipeline.graph import Runner
 from tests.conftest import ROOT, TINY, assert_reproduces_cached_targets, copy_upstream, tiny_tree, write_config
 
 
@@ -82,11 +84,15 @@ def _arrays(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _extract_subprocess(conf: Path, wd: Path, env: dict) -> Path:
-    r = subprocess.run([sys.executable, "-m", "pipeline", "run", "extract", "-c", str(conf), "--workdir", str(wd)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return next(wd.glob("extract/*/cache.zarr"))
+def _extract_one_thread(tree: dict, wd: Path) -> Path:
+    """Extract ``tree`` into ``wd`` in this process with one torch thread, as each extract process
+    below runs (OMP_NUM_THREADS=1): the reference its caches must equal bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return Path(Runner(config_from_dict(tree, workdir=str(wd))).run("extract")["extract"].path) / "cache.zarr"
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
@@ -94,8 +100,9 @@ def test_sigkill_then_resume_equals_uninterrupted(built, tmp_path):
     cfg, runner, recs = built
     conf = write_config(tmp_path / "p.yaml", tiny_tree(**{"extract.batch_size": 16}))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    # the uninterrupted reference: same config, same process setup
-    ref = _arrays(_extract_subprocess(conf, copy_upstream(recs, tmp_path / "ref", ("prepare", "teacher")), env))
+    # the uninterrupted reference
+    ref = _arrays(_extract_one_thread(tiny_tree(**{"extract.batch_size": 16}),
+                                      copy_upstream(recs, tmp_path / "ref", ("prepare", "teacher"))))
     wd = copy_upstream(recs, tmp_path / "w", ("prepare", "teacher"))
     cmd = [sys.executable, "-m", "pipeline", "run", "extract", "-c", str(conf), "--workdir", str(wd)]
     rng = np.random.default_rng(int(time.time()))
@@ -142,7 +149,7 @@ def test_torchrun_two_ranks_equal_one_process(built, tmp_path):
     conf = write_config(tmp_path / "p.yaml", TINY)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     # the 1-process reference with the same per-process thread count as each rank
-    ref = _arrays(_extract_subprocess(conf, copy_upstream(recs, tmp_path / "ref", ("prepare", "teacher")), env))
+    ref = _arrays(_extract_one_thread(TINY, copy_upstream(recs, tmp_path / "ref", ("prepare", "teacher"))))
     wd = copy_upstream(recs, tmp_path / "w", ("prepare", "teacher"))
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
