@@ -153,6 +153,7 @@ def test_a_student_record_without_digests_is_rebuilt(analyzed, tmp_path):
     cfg = _copy(analyzed, tmp_path)
     lock = Runner(cfg).student_dir("none") / "lock.json"
     data = json.loads(lock.read_text())
+    assert set(data["summary"]["sha256"]) == {"final.pt", "metrics.parquet", "snapshots.parquet"}
     del data["summary"]["sha256"]
     lock.write_text(json.dumps(data))
     st = Runner(cfg).state("distill/none")

@@ -214,6 +214,8 @@ def test_non_finite_teacher_fit_is_not_recorded(built, tmp_path):
         Runner(cfg2).run("teacher")
     assert Runner(cfg2).record("teacher") is None
     assert not (Runner(cfg2).out_dir("teacher") / "model.pt").exists()
+    st = Runner(cfg2).state("teacher")  # recorded failed, and retried by the next run
+    assert st.status == "failed" and st.reasons[0].startswith("teacher fit:"), st
 
 
 # ----------------------------------------------------------------------------- case 13: checkpoints
