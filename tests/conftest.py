@@ -102,6 +102,22 @@ def run_main(capsys, *args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(list(args), rc, out, err)
 
 
+def trainer_batch(tr, rows):
+    """The trainer's own batch of cache rows ``rows`` (in that order), as its loader gives it."""
+    import numpy as np
+
+    from stages.batches import CachedBatches
+
+    b = tr.cache.block("train", 0)
+    keep = np.zeros(tr.cache.spec.rows, dtype=bool)
+    keep[rows] = True
+    batches = CachedBatches(tr.targets, tr.dataset, (b.start, b.stop), len(rows), seed=0, shuffle=False,
+                            train_mask=keep)
+    x, y, got_rows, targets = next(iter(batches))
+    assert got_rows.tolist() == sorted(rows.tolist())
+    return x, tr.dataset.label_targets(y, got_rows, tr.cfg.data.num_classes), got_rows, targets
+
+
 @pytest.fixture(scope="session")
 def built(tmp_path_factory):
     """prepare -> teacher -> extract on the tiny config, once; returns (cfg, runner, records)."""

@@ -16,7 +16,7 @@ import torch
 
 import spectralkd
 from pipeline.errors import PipelineError
-from tests.conftest import ROOT, TINY, copy_upstream, write_config
+from tests.conftest import ROOT, TINY, copy_upstream, trainer_batch, write_config
 
 
 def _trainer(cfg, runner, name: str):
@@ -24,20 +24,6 @@ def _trainer(cfg, runner, name: str):
 
     cache = spectralkd.open_cache(cfg)
     return Trainer(cfg, cfg.student(name), cache, Path("/nonexistent"), runner.model_plan)
-
-
-def _pipeline_batch(tr, rows: np.ndarray):
-    """The trainer's own batch of cache rows ``rows`` (in that order), as its loader gives it."""
-    from stages.batches import CachedBatches
-
-    b = tr.cache.block("train", 0)
-    keep = np.zeros(tr.cache.spec.rows, dtype=bool)
-    keep[rows] = True
-    batches = CachedBatches(tr.targets, tr.dataset, (b.start, b.stop), len(rows), seed=0, shuffle=False,
-                            train_mask=keep)
-    x, y, got_rows, targets = next(iter(batches))
-    assert got_rows.tolist() == sorted(rows.tolist())
-    return x, tr.dataset.label_targets(y, got_rows, tr.cfg.data.num_classes), got_rows, targets
 
 
 def test_open_cache_by_config_and_by_path_and_refuses_another_config(built):
@@ -54,7 +40,7 @@ def test_dataset_items_are_the_pipeline_students_rows_pixels_and_targets(built):
     tr = _trainer(cfg, runner, "spectral")
     ds = spectralkd.CacheDataset(tr.cache, cfg.data, layers=tr.t_layers, widths=tr.widths)
     items = [ds[i] for i in range(5)]
-    x, y, rows, targets = _pipeline_batch(tr, np.array([it["row"] for it in items]))
+    x, y, rows, targets = trainer_batch(tr, np.array([it["row"] for it in items]))
     assert rows.tolist() == [it["row"] for it in items]
     torch.testing.assert_close(torch.stack([it["x"] for it in items]), x, rtol=0, atol=0)
     assert torch.equal(torch.stack([it["y"] for it in items]), y)
@@ -62,6 +48,18 @@ def test_dataset_items_are_the_pipeline_students_rows_pixels_and_targets(built):
         torch.testing.assert_close(torch.stack([it["targets"][k] for it in items]), v.float(), rtol=0, atol=0)
     ds.set_epoch(1)  # the next view: other rows of the same images
     assert ds[0]["row"] >= tr.cache.block("train", 1).start
+
+
+def test_dataset_epochs_cycle_through_the_first_k_views(built):
+    cfg, runner, recs = built
+    cache = spectralkd.open_cache(cfg)
+    ds = spectralkd.CacheDataset(cache, cfg.data, views=1)  # K' = 1 of the cache's 2 views
+    first = cache.block("train", 0)
+    for epoch in (0, 1, 2):
+        ds.set_epoch(epoch)
+        assert first.start <= ds[0]["row"] < first.stop
+    with pytest.raises(PipelineError, match=r"CacheDataset views: 3, but .* holds 2 train views .*extract\.views"):
+        spectralkd.CacheDataset(cache, cfg.data, views=3)
 
 
 def test_workers_and_distributed_sampler_see_the_same_items(built):
@@ -161,7 +159,7 @@ def test_examples_first_step_loss_equals_the_trainers(built, tmp_path, script, p
     first = next(s for s in steps if s["step"] == 0 and s.get("rank", 0) == 0)
     assert len([s for s in steps if s["step"] == 0]) == max(1, procs)
     tr = _trainer(cfg, runner, "spectral")
-    x, y, rows, targets = _pipeline_batch(tr, np.array(first["rows"]))
+    x, y, rows, targets = trainer_batch(tr, np.array(first["rows"]))
     order = np.argsort(first["rows"])  # the trainer's batch holds the same rows, in cache order
     assert rows.tolist() == np.array(first["rows"])[order].tolist()
     with torch.no_grad():

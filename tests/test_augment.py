@@ -511,6 +511,28 @@ def test_mixed_label_loss_equals_timms_mixup_target_and_soft_cross_entropy():
     assert ours.item() == pytest.approx(float(-(t * logp).sum(1).mean()), rel=1e-6)
 
 
+def test_the_public_dataset_gives_a_mixed_caches_items_as_the_trainer_batches_them(deit_cache):
+    """spectralkd.CacheDataset on a mixed, erased, RandAugmented cache: each item's view, mixed label
+    and targets equal the pipeline trainer's batch of the same rows."""
+    import spectralkd
+    from cache.reader import open_cache
+    from stages.trainer import Trainer
+    from tests.conftest import trainer_batch
+
+    cfg, recs, _ = deit_cache
+    cache = open_cache(recs["extract"])
+    tr = Trainer(cfg, cfg.student("spectral"), cache, Path("/nonexistent"))
+    ds = spectralkd.CacheDataset(cache, cfg.data, layers=tr.t_layers, widths=tr.widths)
+    items = [ds[i] for i in range(16)]
+    x, y, rows, targets = trainer_batch(tr, np.array([it["row"] for it in items]))
+    assert rows.tolist() == [it["row"] for it in items]
+    assert torch.equal(torch.stack([it["x"] for it in items]), x)
+    got_y = torch.stack([it["y"] for it in items])
+    assert got_y.shape == (16, 10) and torch.equal(got_y, y) and (got_y.max(1).values < 1).any()  # two labels
+    for k, v in targets.items():
+        assert torch.equal(torch.stack([it["targets"][k] for it in items]), v.float()), k
+
+
 def test_a_student_steps_on_a_mixed_cache(deit_cache):
     from cache.reader import open_cache
     from stages.trainer import Trainer
