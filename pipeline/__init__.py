@@ -9,12 +9,12 @@ __all__ = ["ConfigError", "PipelineConfig", "PipelineError", "load_config"]
 
 
 def __getattr__(name: str):
-    if name in ("ConfigError", "PipelineConfig", "load_config"):
+    if name in ("PipelineConfig", "load_config"):
         from . import config
 
         return getattr(config, name)
-    if name == "PipelineError":
-        from .errors import PipelineError
+    if name in ("ConfigError", "PipelineError"):
+        from . import errors
 
-        return PipelineError
+        return getattr(errors, name)
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
