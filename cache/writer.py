@@ -129,7 +129,10 @@ class CacheWriter:
     # ---------------------------------------------------------------- shards
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            # zarr skips a chunk equal to the fill value unless the array was opened with this set (a
+            # write-time setting is ignored); every shard file must exist, as its marker records it
+            with zarr.config.set({"array.write_empty_chunks": True}):
+                self._arrays[name] = self.group[name]
         return self._arrays[name]
 
     def _shard_file(self, name: str, s: int) -> Location:
