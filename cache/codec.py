@@ -112,12 +112,18 @@ def unpack(packed: np.ndarray, height: int, width: int) -> np.ndarray:
     return dense.reshape(*packed.shape[:-1], height, width // 2 + 1, 2)
 
 
+F16_MAX = float(torch.finfo(torch.float16).max)
+
+
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 values and float16 scales of ``x`` (..., N), one scale per leading index: ``absmax / 127``.
     The scale is rounded to float16 first and the values divided by the rounded scale, so the only
-    error is the int8 rounding, at most half a scale."""
+    error is the int8 rounding, at most half a scale.  Values decode to float16: a row whose largest
+    value float16 cannot hold gets an infinite scale, which extract refuses as it refuses such a
+    value in an exact cache (not a finite scale whose decoded values overflow)."""
     x = x.float()
     scale = (x.abs().amax(dim=-1) / INT8_MAX).to(torch.float16)
+    scale = torch.where(scale.float() * INT8_MAX > F16_MAX, torch.inf, scale).to(torch.float16)
     s = scale.float().unsqueeze(-1)
     q = torch.round(x / torch.where(s > 0, s, torch.ones_like(s))).clamp_(-INT8_MAX, INT8_MAX)
     return q.to(torch.int8), scale
