@@ -205,7 +205,7 @@ def report_remote(times: dict, requests: dict, cache, st, none_key: str, k_views
     """GETs per epoch and bytes per row of the remote variants, and their step ratios beside the local ones."""
     import numpy as np
 
-    arrays = ["logits", *(cache.spec.spectrum_parts(cache.layer(t)).values() for t in {p[1] for p in st.layers})]
+    arrays = ["logits", *(cache.spec.spectrum_parts(cache.layer(t)).values() for t in {p[1] for p in st.pairs})]
     names = [arrays[0], *(n for parts in arrays[1:] for n in parts)]
     files = cache.store.files()
     stored = sum(v for k, v in files.items() if k.split("/c/")[0] in names)
