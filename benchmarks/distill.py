@@ -225,8 +225,9 @@ def report_remote(times: dict, requests: dict, cache, st, none_key: str, k_views
         ratio = [s / b for s, b in zip(times[name], times[none_key])]
         local = name.replace(", remote", "")
         local_ratio = [s / b for s, b in zip(times[local], times[none_key])]
-        print(f"  {name + ' / no KD':<40}: {float(np.median(ratio)):.3f}   (local: {local} / no KD "
-              f"{float(np.median(local_ratio)):.3f}; provisional on a loaded machine)")
+        print(f"  {name + ' / no KD':<40}: {float(np.median(ratio)):.3f}   (per round: "
+              f"{', '.join(f'{r:.2f}' for r in ratio)}; local: {local} / no KD {float(np.median(local_ratio)):.3f}; "
+              f"the S3 server shares this machine's cores)")
 
 
 def snapshot_cost(tr, train_epoch_s: float, repeat: int) -> None:
