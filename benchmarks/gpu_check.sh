@@ -27,7 +27,7 @@ python3 -c "import torch, timm, zarr, webdataset; print('torch', torch.__version
 # the realistic case
 JPEG=${JPEG:-/tmp/gpu_check_jpegs_$IMAGES}
 [ -d "$JPEG" ] || python3 benchmarks/make_jpegs.py "$JPEG" --images "$IMAGES" | tee -a "$OUT/gpu.txt"
-STUDENT='[{name: deit-spectral, model: deit_tiny_patch16_224, layers: [[0, 0], [1, 1], [6, 18], [7, 19], [8, 20], [9, 21], [10, 22], [11, 23]], loss: {kind: spectral}}]'
+STUDENT='[{name: deit-spectral, model: deit_tiny_patch16_224, pairs: [[0, 0], [1, 1], [6, 18], [7, 19], [8, 20], [9, 21], [10, 22], [11, 23]], loss: {kind: spectral}}]'
 REAL=(--set data.source=imagefolder --set "data.root=$JPEG" --set data.image_size=224 --set data.val_fraction=0.1
   --set data.samples_per_shard=256 --set 'data.mean=[0.485, 0.456, 0.406]' --set 'data.std=[0.229, 0.224, 0.225]'
   --set 'data.augment={scale: [0.08, 1.0], hflip: 0.5, interpolation: bicubic, auto_augment: rand-m9-mstd0.5-inc1, re_prob: 0.25, re_mode: pixel, mixup: 0.8, cutmix: 1.0}'

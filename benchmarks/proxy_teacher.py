@@ -45,7 +45,7 @@ def proxy_overrides(epochs: int = EPOCHS, checkpoint: str | None = None) -> list
     teacher = "{img_size: 56, patch_size: 4, embed_dim: 128, depth: 8, num_heads: 4, global_pool: avg}"
     student = "{" + ", ".join(f"{k}: {v}" for k, v in STUDENT.items()) + "}"
     students = ("[{name: deit-none, model: deit_tiny_patch16_224, kwargs: %s, loss: {kind: none}}, "
-                "{name: deit-spectral, model: deit_tiny_patch16_224, kwargs: %s, layers: %s, "
+                "{name: deit-spectral, model: deit_tiny_patch16_224, kwargs: %s, pairs: %s, "
                 "loss: {kind: spectral}}]" % (student, student, PAIRS))
     return ["data.image_size=56", "teacher.model=vit_tiny_patch16_224", f"teacher.kwargs={teacher}",
             *([f"teacher.checkpoint={checkpoint}", "teacher.fit=null"] if checkpoint else
