@@ -266,41 +266,27 @@ def dask_task():
 
 def dask_scratch_task():
     """The Dask task of a student in a scratch workdir on its worker: the folder gets ``common`` and
-    ``own`` files, the student runs there (stopped when the run's stop event is set), and the
-    files of its output folder go back with the exit code.  Made inside this function so that
-    cloudpickle sends it by value."""
+    ``own`` files, the student runs there as :func:`dask_task` runs it (stopped when the run's stop
+    event is set), and the files of its output folder go back with the exit code.  Made inside this
+    function so that cloudpickle sends it, and the process runner it calls, by value."""
+    run_student_process = dask_task()
+
     def run_student_in_scratch(argv: list[str], env: dict, common: dict, own: dict, stop_event: str,
                                poll_s: float, kill_after_s: float) -> tuple[int, str, bool, dict]:
-        import signal
-        import subprocess
         import sys
         import tempfile
         from pathlib import Path
 
         from distributed import Event
 
-        stop, stopped = Event(stop_event), False
-        if stop.is_set():
+        if Event(stop_event).is_set():  # nothing to send back: its folder was never touched
             return 130, "stopped before it started", True, {}
         with tempfile.TemporaryDirectory(prefix="spectralkd-student-") as folder:
             for rel, data in {**common, **own}.items():
                 (Path(folder) / rel).parent.mkdir(parents=True, exist_ok=True)
                 (Path(folder) / rel).write_bytes(data)
-            with tempfile.TemporaryFile("w+") as output:
-                proc = subprocess.Popen([sys.executable, *argv], env=env, cwd=folder, stdout=output,
-                                        stderr=subprocess.STDOUT, text=True)
-                while proc.poll() is None:
-                    if stop.wait(timeout=poll_s):
-                        stopped = True
-                        proc.send_signal(signal.SIGTERM)
-                        try:
-                            proc.wait(timeout=kill_after_s)
-                        except subprocess.TimeoutExpired:
-                            proc.kill()
-                        break
-                returncode = proc.wait()
-                output.seek(0)
-                tail = "\n".join(output.read().splitlines()[-20:])
+            returncode, tail, stopped = run_student_process([sys.executable, *argv], env, folder, stop_event,
+                                                            poll_s, kill_after_s)
             work = Path(folder) / "work"
             outputs = {str(p.relative_to(work)): p.read_bytes()
                        for p in (work / "distill" / "students").rglob("*") if p.is_file()}
