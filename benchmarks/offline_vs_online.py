@@ -27,15 +27,12 @@ import argparse
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import yaml
-from _common import ROOT, machine
+from _common import OVERRIDES, ROOT, machine, run_pipeline, runner_of, write_yaml
 
 CONFIG = ROOT / "configs" / "study_offline_vs_online.yaml"
 COMPACT = {"pool": 16, "quantize": "int8"}  # the cheapest setting of benchmarks/cache_size.py within noise
@@ -43,24 +40,6 @@ KINDS = ("none", "logits", "spectral")
 LABEL = {"none": "no KD", "logits": "logits KD", "spectral": "SpectralKD"}
 
 
-OVERRIDES: list[str] = []  # --set values, passed to every pipeline run
-
-
-def pipeline(conf: Path, workdir: Path, upstream: list[Path], *args: str) -> float:
-    """Run ``python -m pipeline`` on ``conf`` in ``workdir``; its wall seconds (fails loudly)."""
-    cmd = [sys.executable, "-m", "pipeline", "-c", str(conf), "--workdir", str(workdir)]
-    for u in upstream:
-        cmd += ["--upstream-workdir", str(u)]
-    for o in OVERRIDES:
-        cmd += ["--set", o]
-    cmd += list(args)
-    print("$", " ".join(cmd[1:]), flush=True)
-    t = time.perf_counter()
-    # the pipeline's log and progress bars (stderr) pass through; its printed summaries (stdout) do not
-    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL)
-    if r.returncode != 0:
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd[1:])} (its error is above)")
-    return time.perf_counter() - t
 
 
 def study_configs(root: Path, seeds: int, more_views: int) -> dict[str, Path]:
@@ -98,18 +77,8 @@ def study_configs(root: Path, seeds: int, more_views: int) -> dict[str, Path]:
     return out
 
 
-def write_yaml(path: Path, tree: dict) -> Path:
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    return path
 
 
-def runner_of(conf: Path, workdir: Path, upstream: list[Path]):
-    from pipeline.config import load_config
-    from pipeline.graph import Runner
-
-    cfg = load_config(conf, OVERRIDES, workdir=str(workdir))
-    cfg.upstream_workdirs = [str(u) for u in upstream]
-    return cfg, Runner(cfg)
 
 
 def students(conf: Path, workdir: Path, upstream: list[Path], source: str) -> list[dict]:
@@ -275,11 +244,11 @@ def main() -> None:
     source = {"main": "cached", "compact": "compact", "more": "cached", "full": "cached"}
     t0 = time.perf_counter()
     conf, wd = confs["main"], root / "main"
-    walls = {"extract": pipeline(conf, wd, lend, "run", "extract"),
-             "distill": pipeline(conf, wd, lend, "run", "distill", "--jobs", str(args.jobs)),
-             "analyze": pipeline(conf, wd, lend, "run", "analyze")}
+    walls = {"extract": run_pipeline(conf, wd, lend, "run", "extract"),
+             "distill": run_pipeline(conf, wd, lend, "run", "distill", "--jobs", str(args.jobs)),
+             "analyze": run_pipeline(conf, wd, lend, "run", "analyze")}
     for name in [n for n in confs if n != "main"]:
-        walls[name] = pipeline(confs[name], root / name, upstream[name], "run", "analyze", "--jobs", str(args.jobs))
+        walls[name] = run_pipeline(confs[name], root / name, upstream[name], "run", "analyze", "--jobs", str(args.jobs))
     total = time.perf_counter() - t0
     rows = [r for name in confs for r in students(confs[name], root / name, upstream[name], source[name])]
     gs = groups(rows)

@@ -27,44 +27,21 @@ import argparse
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import yaml
-from _common import ROOT, machine
+from _common import OVERRIDES, ROOT, machine, run_pipeline, runner_of, write_yaml
 
 CONFIG = ROOT / "configs" / "study_losses.yaml"
 COMPACT = {"pool": 16, "quantize": "int8"}  # the students' width; the cheapest setting of benchmarks/cache_size.py
 SOURCES = {"main": "cache", "compact": "compact cache (pool 16 + int8)"}
 BASELINES = {"none": "no KD", "spectral": "SpectralKD"}
 
-OVERRIDES: list[str] = []  # --set values, passed to every pipeline run
 
 
-def pipeline(conf: Path, workdir: Path, upstream: list[Path], *args: str) -> float:
-    """Run ``python -m pipeline`` on ``conf`` in ``workdir``; its wall seconds (fails loudly)."""
-    cmd = [sys.executable, "-m", "pipeline", "-c", str(conf), "--workdir", str(workdir)]
-    for u in upstream:
-        cmd += ["--upstream-workdir", str(u)]
-    for o in OVERRIDES:
-        cmd += ["--set", o]
-    cmd += list(args)
-    print("$", " ".join(cmd[1:]), flush=True)
-    t = time.perf_counter()
-    # the pipeline's log and progress bars (stderr) pass through; its printed summaries (stdout) do not
-    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL)
-    if r.returncode != 0:
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd[1:])} (its error is above)")
-    return time.perf_counter() - t
 
-
-def write_yaml(path: Path, tree: dict) -> Path:
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    return path
 
 
 def reads_layers(base: dict) -> bool:
@@ -100,13 +77,6 @@ def study_configs(root: Path, seeds: int, methods: list[str] | None, compact: bo
     return out
 
 
-def runner_of(conf: Path, workdir: Path, upstream: list[Path]):
-    from pipeline.config import load_config
-    from pipeline.graph import Runner
-
-    cfg = load_config(conf, OVERRIDES, workdir=str(workdir))
-    cfg.upstream_workdirs = [str(u) for u in upstream]
-    return cfg, Runner(cfg)
 
 
 def what_it_read(st) -> str:
@@ -223,8 +193,8 @@ def main() -> None:
     t0 = time.perf_counter()
     walls = {}
     for name, conf in confs.items():
-        walls[f"{name} extract"] = pipeline(conf, root / name, upstream[name], "run", "extract")
-        walls[f"{name} distill"] = pipeline(conf, root / name, upstream[name], "run", "distill", "--jobs",
+        walls[f"{name} extract"] = run_pipeline(conf, root / name, upstream[name], "run", "extract")
+        walls[f"{name} distill"] = run_pipeline(conf, root / name, upstream[name], "run", "distill", "--jobs",
                                             str(args.jobs))
     total = time.perf_counter() - t0
     rows = [r for name in confs for r in students(confs[name], root / name, upstream[name], SOURCES[name])]
